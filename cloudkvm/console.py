@@ -1,0 +1,45 @@
+"""The serial console's host side: copies guest output to a file/fd, keeps a tail, lets callers wait for text."""
+import os
+import threading
+import time
+
+
+class ConsoleLog:
+    """Guest console bytes: forwarded to `fd` (if any) and kept in a bounded in-memory tail."""
+
+    TAIL_LIMIT = 1 << 20
+
+    def __init__(self, fd: int | None = None, tail_limit: int = TAIL_LIMIT):
+        self.fd = fd
+        self.tail_limit = tail_limit
+        self._tail = bytearray()
+        self._total = 0
+        self._cond = threading.Condition()
+
+    def write(self, data: bytes) -> None:
+        if self.fd is not None:
+            try:
+                os.write(self.fd, data)
+            except OSError:
+                self.fd = None  # the reader went away; keep the VM running
+        with self._cond:
+            self._tail += data
+            self._total += len(data)
+            if len(self._tail) > self.tail_limit:
+                del self._tail[:len(self._tail) - self.tail_limit]
+            self._cond.notify_all()
+
+    def text(self) -> str:
+        with self._cond:
+            return self._tail.decode("utf-8", "replace")
+
+    def wait_for(self, needle: bytes, timeout: float) -> bool:
+        """Block until `needle` appears in the tail (True) or `timeout` seconds pass (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while needle not in self._tail:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True

@@ -1,0 +1,63 @@
+"""An address bus (port I/O or MMIO): non-overlapping ranges, each served by one device."""
+import bisect
+from typing import Protocol
+
+
+class Device(Protocol):
+    """What a bus device implements. Offsets are relative to the device's base; values are little-endian ints."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class BusConflict(ValueError):
+    """Two devices were placed on overlapping ranges (a board layout bug)."""
+
+
+class Bus:
+    """Ranges [base, base+size) mapped to devices; lookup is a bisect plus a small per-address memo."""
+
+    MEMO_LIMIT = 4096
+
+    def __init__(self, name: str, sink_ports: int = 0):
+        self.name = name
+        # One flag per port for devices that say `c_sink = True`: the C run loop completes their accesses
+        # (writes dropped, reads all ones) without returning to Python. Only port-I/O buses have it.
+        self.sink_table = bytearray(sink_ports) if sink_ports else None
+        self._bases: list[int] = []
+        self._entries: list[tuple[int, int, Device, str]] = []  # (base, size, device, label), sorted by base
+        self._memo: dict[int, tuple[int, Device] | None] = {}
+
+    def add(self, base: int, size: int, device: Device, label: str = "") -> None:
+        if size <= 0:
+            raise BusConflict(f"{self.name}: {label or device!r} has an empty range")
+        i = bisect.bisect_left(self._bases, base)
+        if i > 0 and self._entries[i - 1][0] + self._entries[i - 1][1] > base:
+            raise BusConflict(f"{self.name}: {label} at 0x{base:x} overlaps {self._entries[i - 1][3]}")
+        if i < len(self._entries) and base + size > self._entries[i][0]:
+            raise BusConflict(f"{self.name}: {label} at 0x{base:x} overlaps {self._entries[i][3]}")
+        self._bases.insert(i, base)
+        self._entries.insert(i, (base, size, device, label or type(device).__name__))
+        self._memo.clear()
+        if getattr(device, "c_sink", False) and self.sink_table is not None and base + size <= len(self.sink_table):
+            self.sink_table[base:base + size] = b"\x01" * size
+
+    def lookup(self, addr: int) -> tuple[int, Device] | None:
+        """(offset, device) serving `addr`, or None when nothing is mapped there."""
+        try:
+            return self._memo[addr]
+        except KeyError:
+            pass
+        i = bisect.bisect_right(self._bases, addr) - 1
+        hit = None
+        if i >= 0:
+            base, size, device, _ = self._entries[i]
+            if addr < base + size:
+                hit = (addr - base, device)
+        if len(self._memo) < self.MEMO_LIMIT:
+            self._memo[addr] = hit
+        return hit
+
+    def ranges(self) -> list[tuple[int, int, str]]:
+        return [(base, size, label) for base, size, _, label in self._entries]

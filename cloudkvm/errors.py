@@ -1,0 +1,23 @@
+"""The user-error family: a one-line message plus a hint; the CLI turns these into exit code 2."""
+
+
+class CloudkvmError(Exception):
+    """A user-facing error: what is wrong (naming the file, field or offset) and how to fix it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
+
+class KvmUnavailable(CloudkvmError):
+    """/dev/kvm is missing, not permitted, or speaks an API we do not know."""
+
+
+class GuestMemoryError(Exception):
+    """A guest-supplied address or length falls outside guest RAM (never a user error: the guest is wrong)."""

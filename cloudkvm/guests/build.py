@@ -1,0 +1,54 @@
+"""Builds purpose-made guests from assembly with the system toolchain (gcc, ld, objcopy) into flat binaries."""
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ..errors import CloudkvmError
+from .debian import cache_dir
+
+GUEST_SOURCES = Path(__file__).parent
+BUILD_RECIPE_VERSION = "1"  # bump when the commands below change, so cached binaries are rebuilt
+
+
+def _inputs_digest(source: Path, include_dirs: list[Path], load_addr: int) -> str:
+    h = hashlib.sha256(f"{BUILD_RECIPE_VERSION}:{load_addr:x}".encode())
+    h.update(source.read_bytes())
+    for d in include_dirs:
+        for inc in sorted(d.glob("*.inc")):
+            h.update(inc.name.encode() + inc.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def build_flat(source: Path, load_addr: int = 0x100000, include_dirs: list[Path] | None = None,
+               cache: Path | None = None) -> Path:
+    """Assemble `source` (.S, GNU as syntax, x86_64) linked at `load_addr`; cached by the inputs' hash."""
+    source = Path(source)
+    include_dirs = [source.parent, GUEST_SOURCES] + list(include_dirs or [])
+    out_dir = (cache or cache_dir()) / "guests"
+    out = out_dir / f"{source.stem}-{_inputs_digest(source, include_dirs, load_addr)}.bin"
+    if out.exists():
+        return out
+    for tool in ("gcc", "ld", "objcopy"):
+        if shutil.which(tool) is None:
+            raise CloudkvmError(f"building {source.name} needs '{tool}'", "apt-get install gcc binutils")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cloudkvm-guest-") as tmp:
+        obj, elf, flat = Path(tmp, "g.o"), Path(tmp, "g.elf"), Path(tmp, "g.bin")
+        incs = [f"-I{d}" for d in include_dirs]
+        steps = [["gcc", "-c", "-nostdlib", "-ffreestanding", *incs, "-o", str(obj), str(source)],
+                 ["ld", "-nostdlib", "-static", f"-Ttext=0x{load_addr:x}", "-e", "_start", "-o", str(elf), str(obj)],
+                 ["objcopy", "-O", "binary", str(elf), str(flat)]]
+        for cmd in steps:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                errors = [ln for ln in proc.stderr.splitlines() if "rror" in ln] or proc.stderr.splitlines()[-1:]
+                raise CloudkvmError(f"building {source.name} failed: {errors[0] if errors else cmd[0]}",
+                                    "fix the guest source")
+        fd, tmp_out = tempfile.mkstemp(dir=out_dir, prefix=".build-")
+        os.close(fd)
+        shutil.copyfile(flat, tmp_out)
+        os.replace(tmp_out, out)
+    return out

@@ -1,0 +1,48 @@
+"""Detects hosts whose KVM needs workarounds (e.g. the software `kvm_pvm` module) and says so once."""
+import logging
+import os
+from dataclasses import dataclass, field
+
+log = logging.getLogger("cloudkvm.hostquirks")
+SYS_MODULE = "/sys/module"
+
+
+@dataclass(frozen=True)
+class HostQuirks:
+    """What this host's KVM cannot do, as actions a board applies: CPUID bits to hide, kernel parameters to add."""
+
+    name: str = ""
+    cpuid_hide: tuple[str, ...] = ()
+    linux_cmdline: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def active(self) -> bool:
+        return bool(self.name)
+
+
+# kvm_pvm interprets guest CPL0 code; its emulator stops on `lock cmpxchg16b` and `xrstor` (see docs/host-quirks.md).
+PVM_QUIRKS = HostQuirks(
+    name="kvm_pvm",
+    cpuid_hide=("cx16",),
+    linux_cmdline=("noxsave",),
+    notes=("software KVM (kvm_pvm): guest kernel code is interpreted, expect slow guest kernels",),
+)
+
+_announced: set[str] = set()
+
+
+def detect(sys_module: str = SYS_MODULE) -> HostQuirks:
+    """The quirks this host needs (empty when none)."""
+    if os.path.isdir(os.path.join(sys_module, "kvm_pvm")):
+        return PVM_QUIRKS
+    return HostQuirks()
+
+
+def announce(quirks: HostQuirks) -> None:
+    """Log the active quirks once per process."""
+    if quirks.active and quirks.name not in _announced:
+        _announced.add(quirks.name)
+        log.warning("host quirks for %s: hiding CPUID %s; adding '%s' to Linux command lines "
+                    "(turn off with host_quirks: false)", quirks.name, ",".join(quirks.cpuid_hide) or "-",
+                    " ".join(quirks.linux_cmdline) or "-")

@@ -1,0 +1,170 @@
+"""Turns a machine spec into a running VM: board + memory + devices + vCPU threads + I/O thread."""
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import hostquirks
+from .boards.x86 import X86Board
+from .boards.x86_cpu import CpuPolicy
+from .console import ConsoleLog
+from .devices.bus import Bus
+from .errors import CloudkvmError
+from .iothread import IoThread
+from .kvm.memory import GuestMemory
+from .kvm.native import lib
+from .kvm.system import Kvm
+from .kvm.vm import Vm
+from .vcpu_loop import VcpuLoop, VmResult
+
+log = logging.getLogger("cloudkvm.machine")
+
+KICK_SIGNAL = signal.SIGRTMIN + 1
+MiB = 1 << 20
+
+
+@dataclass
+class FlatBinary:
+    """A raw binary loaded at `load_addr`; every vCPU starts at `entry` in 64-bit mode (test guests)."""
+
+    path: Path
+    load_addr: int = 0x100000
+    entry: int | None = None
+
+
+@dataclass
+class MachineSpec:
+    """What to build. `console_fd` receives serial output (None: keep it in memory only)."""
+
+    payload: FlatBinary
+    board: str = "x86"
+    cpus: int = 1
+    memory: int = 256 * MiB
+    cpu: CpuPolicy = field(default_factory=CpuPolicy)
+    host_quirks: bool = True
+    unmapped_mmio: str = "stop"  # "stop": end the VM with a report; "ignore": log once, reads see all ones
+    console_fd: int | None = None
+    console_input_fd: int | None = None
+
+
+BOARDS = {"x86": X86Board}
+
+
+class Machine:
+    """One VM. Build it, optionally add devices, then `run()` until it ends; the result says how."""
+
+    def __init__(self, spec: MachineSpec, kvm: Kvm | None = None):
+        if spec.board not in BOARDS:
+            raise CloudkvmError(f"board '{spec.board}' is not available", "choose one of: " + ", ".join(BOARDS))
+        if spec.cpus < 1:
+            raise CloudkvmError(f"cpus must be at least 1 (got {spec.cpus})", "set cpus: 1 or more")
+        if spec.unmapped_mmio not in ("stop", "ignore"):
+            raise CloudkvmError(f"unmapped_mmio must be 'stop' or 'ignore' (got {spec.unmapped_mmio!r})")
+        self.spec = spec
+        self.kvm = kvm or Kvm()
+        if spec.cpus > self.kvm.max_vcpus():
+            raise CloudkvmError(f"cpus: {spec.cpus} is more than this host's KVM allows ({self.kvm.max_vcpus()})")
+        self.quirks = hostquirks.detect() if spec.host_quirks else hostquirks.HostQuirks()
+        hostquirks.announce(self.quirks)
+        self.board = BOARDS[spec.board](spec.cpus, spec.cpu, self.quirks)
+        self.unmapped_mmio = spec.unmapped_mmio
+        self.console = ConsoleLog(spec.console_fd)
+        self.stopping = threading.Event()
+        self.result: VmResult | None = None
+        self._result_lock = threading.Lock()
+        self.pio_bus, self.mmio_bus = Bus("pio", sink_ports=0x10000), Bus("mmio")
+        self.io = IoThread()
+        self.vm = Vm(self.kvm)
+        self.memory = GuestMemory(self.board.memory_layout(spec.memory))
+        self.vm.add_memory(self.memory)
+        self.board.create_chips(self.vm)
+        self.board.create_devices(self.vm, self.pio_bus, self.mmio_bus, self)
+        self.vcpus = [self.vm.create_vcpu(i) for i in range(spec.cpus)]
+        for vcpu in self.vcpus:
+            vcpu.memory = self.memory
+        self.loops = [VcpuLoop(v, self) for v in self.vcpus]
+        self._threads: list[threading.Thread] = []
+        self._load_payload()
+
+    def _load_payload(self) -> None:
+        payload = self.spec.payload
+        try:
+            image = Path(payload.path).read_bytes()
+        except OSError as exc:
+            raise CloudkvmError(f"{payload.path}: cannot read the payload: {exc.strerror}") from None
+        entry = payload.entry if payload.entry is not None else payload.load_addr
+        self.board.boot_flat(self.kvm, self.vcpus, self.memory, image, payload.load_addr, entry)
+
+    def add_mmio_device(self, base: int, size: int, device, label: str = "") -> None:
+        self.mmio_bus.add(base, size, device, label)
+
+    # --- called from vCPU / device threads --------------------------------------------------------------------
+    def end(self, result: VmResult) -> None:
+        """Record how the VM ended (the first report wins) and stop every vCPU."""
+        with self._result_lock:
+            if self.result is None:
+                self.result = result
+        self.stopping.set()
+        self._kick_all()
+
+    def guest_power(self, reason: str, detail: str) -> None:
+        self.end(VmResult(reason, detail))
+
+    def _kick_all(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.run.immediate_exit = 1
+        for thread in self._threads:
+            if thread.ident is not None and thread.is_alive() and thread is not threading.current_thread():
+                try:
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+    def run(self, timeout: float | None = None) -> VmResult:
+        """Run until the guest powers off, resets, faults, or `timeout` seconds pass."""
+        lib.ckvm_install_kick_handler(KICK_SIGNAL)
+        if self.spec.console_input_fd is not None:
+            self.io.add_reader(self.spec.console_input_fd, self._console_input)
+        self.io.start()
+        self._threads = [threading.Thread(target=loop.run, name=f"vcpu{loop.vcpu.index}", daemon=True)
+                         for loop in self.loops]
+        for thread in self._threads:
+            thread.start()
+        try:
+            if not self.stopping.wait(timeout):
+                self.end(VmResult("timeout", f"still running after {timeout:g} s"))
+        except KeyboardInterrupt:
+            self.end(VmResult("stopped", "interrupted by the user"))
+        for thread in self._threads:
+            while thread.is_alive():
+                self._kick_all()
+                thread.join(0.05)
+        self.io.stop()
+        return self.result
+
+    def _console_input(self) -> None:
+        data = os.read(self.spec.console_input_fd, 4096)
+        if data:
+            self.board.serial_input(data)
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vm.close()
+        self.memory.close()
+        self.kvm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run(spec: MachineSpec, timeout: float | None = None) -> VmResult:
+    """Build the VM described by `spec`, run it to its end, release it, and say how it ended."""
+    with Machine(spec) as machine:
+        return machine.run(timeout)

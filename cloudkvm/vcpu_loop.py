@@ -1,0 +1,183 @@
+"""The per-vCPU thread body: KVM_RUN, decode the exit, dispatch to the PIO/MMIO bus, report how the VM ended."""
+import errno
+import logging
+from dataclasses import dataclass
+
+from .devices.bus import Bus
+from .kvm.native import ffi, lib
+
+log = logging.getLogger("cloudkvm.vcpu")
+
+EXIT_IO, EXIT_MMIO = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO
+IO_OUT = lib.KVM_EXIT_IO_OUT
+_EXIT_NAMES = {getattr(lib, n): n[len("KVM_EXIT_"):].lower() for n in dir(lib)
+               if n.startswith("KVM_EXIT_") and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
+_SUBERRORS = {lib.KVM_INTERNAL_ERROR_EMULATION: "emulation failure",
+              lib.KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
+              lib.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
+              lib.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason"}
+_SYSTEM_EVENTS = {lib.KVM_SYSTEM_EVENT_SHUTDOWN: "poweroff", lib.KVM_SYSTEM_EVENT_RESET: "reset",
+                  lib.KVM_SYSTEM_EVENT_CRASH: "guest-crash"}
+
+
+@dataclass
+class VmResult:
+    """How a VM ended. `reason` is one word; `detail` says what happened in a sentence."""
+
+    reason: str
+    detail: str = ""
+    cpu: int | None = None
+    rip: int | None = None
+
+    @property
+    def clean(self) -> bool:
+        return self.reason in ("poweroff", "reset", "stopped")
+
+    def __str__(self) -> str:
+        where = f" on vCPU {self.cpu}" if self.cpu is not None else ""
+        rip = f" at RIP 0x{self.rip:x}" if self.rip is not None else ""
+        return f"{self.reason}{where}{rip}" + (f": {self.detail}" if self.detail else "")
+
+
+class VcpuLoop:
+    """Runs one vCPU until the machine stops. `host` provides the buses, the board hooks and `end(result)`."""
+
+    def __init__(self, vcpu, host):
+        self.vcpu = vcpu
+        self.host = host
+        self.exits = 0
+        self._warned: set = set()
+
+    def run(self) -> None:
+        vcpu, host = self.vcpu, self.host
+        run, io, mmio, page = vcpu.run, vcpu.io, vcpu.mmio, vcpu.run_page
+        run_loop, fd = lib.ckvm_run_loop, vcpu.fd
+        sink = ffi.from_buffer(host.pio_bus.sink_table)
+        exits = ffi.new("uint64_t *")
+        pio_lookup, mmio_lookup = host.pio_bus.lookup, host.mmio_bus.lookup
+        stopping = host.stopping
+        try:
+            while not stopping.is_set():
+                rc = run_loop(fd, run, sink, exits)
+                if rc < 0:
+                    if rc in (-errno.EINTR, -errno.EAGAIN):
+                        run.immediate_exit = 0
+                        continue
+                    host.end(VmResult("error", f"KVM_RUN failed: {errno.errorcode.get(-rc, -rc)}", vcpu.index))
+                    return
+                reason = run.exit_reason
+                if reason == EXIT_IO:
+                    size, off = io.size, io.data_offset
+                    hit = pio_lookup(io.port)
+                    if size == 1 and io.count == 1 and io.direction == IO_OUT:  # the common case: outb
+                        if hit is not None:
+                            self._write(hit, 1, page[off], io.port)
+                    elif io.direction == IO_OUT:
+                        for i in range(io.count):
+                            start = off + i * size
+                            value = int.from_bytes(page[start:start + size], "little")
+                            if hit is not None:
+                                self._write(hit, size, value, io.port)
+                    else:
+                        for i in range(io.count):
+                            start = off + i * size
+                            value = self._read(hit, size, io.port) if hit is not None else (1 << (8 * size)) - 1
+                            page[start:start + size] = value.to_bytes(size, "little")
+                elif reason == EXIT_MMIO:
+                    addr, size = mmio.phys_addr, mmio.len
+                    hit = mmio_lookup(addr)
+                    if hit is None:
+                        if self._unmapped_mmio(addr, size, bool(mmio.is_write)):
+                            return
+                        continue
+                    if mmio.is_write:
+                        value = int.from_bytes(bytes(mmio.data[0:size]), "little")
+                        self._write(hit, size, value, addr)
+                    else:
+                        mmio.data[0:size] = self._read(hit, size, addr).to_bytes(size, "little")
+                elif not self._other_exit(reason):
+                    return
+        except Exception as exc:  # a bug of ours must end this VM with a report, not hang it
+            log.exception("vCPU %d crashed", vcpu.index)
+            host.end(VmResult("error", f"VMM error: {type(exc).__name__}: {exc}", vcpu.index))
+        finally:
+            self.exits = exits[0]
+
+    def _read(self, hit, size: int, addr: int) -> int:
+        offset, device = hit
+        try:
+            return device.read(offset, size) & ((1 << (8 * size)) - 1)
+        except Exception:
+            self._warn(("read", addr), "device %r failed a %d-byte read at 0x%x", device, size, addr)
+            return (1 << (8 * size)) - 1
+
+    def _write(self, hit, size: int, value: int, addr: int) -> None:
+        offset, device = hit
+        try:
+            device.write(offset, size, value)
+        except Exception:
+            self._warn(("write", addr), "device %r failed a %d-byte write at 0x%x", device, size, addr)
+
+    def _warn(self, key, fmt: str, *args) -> None:
+        if key not in self._warned and len(self._warned) < 256:
+            self._warned.add(key)
+            log.warning(fmt, *args, exc_info=True)
+
+    def _unmapped_mmio(self, addr: int, size: int, is_write: bool) -> bool:
+        """Returns True when the access ended the VM (policy 'stop'); otherwise reads see all ones."""
+        kind = "write to" if is_write else "read from"
+        if self.host.unmapped_mmio == "stop":
+            self.host.end(VmResult("unmapped-mmio", f"{size}-byte {kind} unmapped MMIO 0x{addr:x}",
+                                   self.vcpu.index, self.host.board.rip(self.vcpu)))
+            return True
+        self._warn(("mmio", addr & ~0xFFF), "vCPU %d: %d-byte %s unmapped MMIO 0x%x ignored",
+                   self.vcpu.index, size, kind, addr)
+        if not is_write:
+            self.vcpu.mmio.data[0:size] = b"\xff" * size
+        return False
+
+    def _other_exit(self, reason: int) -> bool:
+        """Handles the rare exits. Returns False when the vCPU must stop."""
+        vcpu, host, run = self.vcpu, self.host, self.vcpu.run
+        if reason == lib.KVM_EXIT_INTR:
+            return True
+        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            if host.board.handle_internal_error(vcpu):
+                return True
+            host.end(self.describe_internal_error())
+            return False
+        if reason == lib.KVM_EXIT_SHUTDOWN:
+            host.end(VmResult("triple-fault", "the guest triple-faulted (x86 shutdown)", vcpu.index,
+                              host.board.rip(vcpu)))
+            return False
+        if reason == lib.KVM_EXIT_SYSTEM_EVENT:
+            kind = _SYSTEM_EVENTS.get(run.system_event.type, f"system-event-{run.system_event.type}")
+            host.end(VmResult(kind, "requested by the guest", vcpu.index))
+            return False
+        if reason == lib.KVM_EXIT_HLT:
+            host.end(VmResult("halted", "the guest halted with no interrupt controller to wake it", vcpu.index,
+                              host.board.rip(vcpu)))
+            return False
+        if reason == lib.KVM_EXIT_FAIL_ENTRY:
+            host.end(VmResult("fail-entry", f"hardware entry failure 0x{run.fail_entry.hardware_entry_failure_reason:x}",
+                              vcpu.index))
+            return False
+        name = _EXIT_NAMES.get(reason, str(reason))
+        host.end(VmResult("unhandled-exit", f"KVM exit '{name}' ({reason})", vcpu.index, host.board.rip(vcpu)))
+        return False
+
+    def describe_internal_error(self) -> VmResult:
+        """An internal error as a report: suberror, RIP, and the instruction bytes KVM gave us."""
+        vcpu, run = self.vcpu, self.vcpu.run
+        internal = run.internal
+        sub = internal.suberror
+        detail = _SUBERRORS.get(sub, f"suberror {sub}")
+        rip = self.host.board.rip(vcpu)
+        if sub == lib.KVM_INTERNAL_ERROR_EMULATION:
+            insn = self.host.board.instruction_bytes(vcpu)
+            if insn:
+                detail += ", instruction bytes " + insn.hex(" ")
+        elif internal.ndata:
+            detail += ", data " + " ".join(f"0x{internal.data[i]:x}" for i in range(min(internal.ndata, 16)))
+        return VmResult("emulation-failure" if sub == lib.KVM_INTERNAL_ERROR_EMULATION else "internal-error",
+                        detail, vcpu.index, rip)

@@ -1,0 +1,162 @@
+"""Purpose-built x86_64 guests on real KVM: SMP, irqfd and MSI interrupts, MMIO, serial input, and every way a
+VM can end (power off, reset, triple fault, garbage, unmapped MMIO, timeout)."""
+import os
+import threading
+
+import pytest
+
+from cloudkvm.devices.irq import IrqFd
+from cloudkvm.guests.build import GUEST_SOURCES, build_flat
+from guest_runner import run_guest
+
+DOORBELL = 0xD000_0000
+
+
+class Doorbell:
+    """A test MMIO device: a guest write to it calls `ring()`."""
+
+    def __init__(self, ring):
+        self.ring = ring
+        self.rung = 0
+
+    def read(self, offset, size):
+        return 0
+
+    def write(self, offset, size, value):
+        self.rung += 1
+        self.ring()
+
+
+class Recorder:
+    """A test MMIO device: offset 0 reads `value`; every write is recorded as (offset, size, value)."""
+
+    def __init__(self, value):
+        self.value = value
+        self.writes = []
+
+    def read(self, offset, size):
+        return self.value if offset == 0 else 0
+
+    def write(self, offset, size, value):
+        self.writes.append((offset, size, value))
+
+
+def test_demo_guest_prints_from_both_vcpus_and_powers_off():
+    run = run_guest(build_flat(GUEST_SOURCES / "hello.S"), cpus=2)
+    assert run.result.reason == "poweroff", run.result
+    assert "hello from vCPU 0 of 2" in run.console
+    assert "hello from vCPU 1 of 2" in run.console
+    assert run.console.index("all vCPUs said hello") > run.console.index("hello from vCPU 1")
+
+
+def test_two_vcpus_print_take_an_irqfd_interrupt_and_power_off(guest_binary):
+    bells = []
+
+    def setup(machine):
+        irq = IrqFd(machine.vm, 5)
+        bell = Doorbell(irq.trigger)
+        bells.append(bell)
+        machine.add_mmio_device(DOORBELL, 0x1000, bell, "doorbell")
+
+    run = run_guest(guest_binary("smp_irq"), cpus=2, setup=setup)
+    assert run.result.reason == "poweroff", run.result
+    assert run.result.detail == "ACPI S5 sleep"
+    assert "smp_irq: vCPU 0 up" in run.console and "smp_irq: vCPU 1 up" in run.console
+    assert "vector 0x30 received" in run.console
+    assert bells[0].rung == 1
+
+
+def test_msi_route_set_with_gsi_routing_reaches_the_guest(guest_binary):
+    """GSI 24 routed as an MSI to APIC 0 vector 0x30 (KVM_SET_GSI_ROUTING), fired through an irqfd."""
+    def setup(machine):
+        routes = [{"gsi": pin, "irqchip": 2, "pin": pin} for pin in range(24)]  # IOAPIC pins stay as they were
+        routes += [{"gsi": pin, "irqchip": 0 if pin < 8 else 1, "pin": pin % 8} for pin in range(16) if pin != 2]
+        routes.append({"gsi": 24, "msi": (0xFEE0_0000, 0x30)})
+        machine.vm.set_gsi_routing(routes)
+        irq = IrqFd(machine.vm, 24)
+        machine.add_mmio_device(DOORBELL, 0x1000, Doorbell(irq.trigger), "doorbell")
+
+    run = run_guest(guest_binary("smp_irq"), cpus=1, setup=setup)
+    assert run.result.reason == "poweroff", run.result
+    assert "vector 0x30 received" in run.console
+
+
+def test_mmio_reads_and_writes_of_every_size_reach_the_device(guest_binary):
+    device = Recorder(0x41424344)
+    run = run_guest(guest_binary("mmio"), setup=lambda m: m.add_mmio_device(DOORBELL, 0x1000, device, "recorder"))
+    assert run.result.reason == "poweroff", run.result
+    assert "mmio: read 0x41424344" in run.console
+    assert device.writes == [(8, 1, 0x45), (8, 2, 0x4345), (8, 4, 0x41424345), (8, 8, 0x4142434541424345)]
+
+
+def test_write_to_unmapped_mmio_ends_the_vm_with_a_report(guest_binary):
+    run = run_guest(guest_binary("unmapped_mmio"))
+    assert run.result.reason == "unmapped-mmio", run.result
+    assert "0xe0000000" in run.result.detail and "write" in run.result.detail
+    assert run.result.rip is not None and run.result.cpu == 0
+    assert "the write returned" not in run.console
+
+
+def test_unmapped_mmio_can_be_ignored_instead(guest_binary):
+    run = run_guest(guest_binary("unmapped_mmio"), unmapped_mmio="ignore")
+    assert run.result.reason == "poweroff", run.result
+    assert "the write returned" in run.console
+
+
+def test_garbage_instructions_end_the_vm_with_a_report(guest_binary):
+    run = run_guest(guest_binary("garbage"))
+    assert run.result.reason in ("triple-fault", "emulation-failure", "internal-error"), run.result
+    assert run.result.rip is not None
+    assert "executing junk" in run.console
+
+
+def test_triple_fault_ends_the_vm_with_a_report(guest_binary):
+    run = run_guest(guest_binary("triple_fault"))
+    assert run.result.reason == "triple-fault", run.result
+    assert run.result.rip is not None and "triple-faulted" in str(run.result)
+
+
+def test_i8042_reset_ends_the_vm_as_a_reset(guest_binary):
+    run = run_guest(guest_binary("reset"))
+    assert run.result.reason == "reset", run.result
+    assert "i8042" in run.result.detail
+
+
+def test_host_input_reaches_the_guest_through_uart_interrupts(guest_binary):
+    read_fd, write_fd = os.pipe()
+    try:
+        def setup(machine):
+            def feed():
+                if machine.console.wait_for(b"serial_echo: ready", 30):
+                    os.write(write_fd, b"hello q")
+            threading.Thread(target=feed, daemon=True).start()
+
+        run = run_guest(guest_binary("serial_echo"), setup=setup, console_input_fd=read_fd)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert run.result.reason == "poweroff", run.result
+    assert "HELLO Q" in run.console and "serial_echo: bye" in run.console
+
+
+def test_a_guest_that_never_ends_is_stopped_at_the_timeout(guest_binary):
+    """serial_echo halts waiting for input that never comes: the vCPU sleeps in the kernel and must be kicked."""
+    run = run_guest(guest_binary("serial_echo"), timeout=1.5)
+    assert run.result.reason == "timeout", run.result
+    assert "serial_echo: ready" in run.console
+
+
+@pytest.mark.parametrize("cpus", [1, 4])
+def test_cpuid_reports_the_topology_and_hides_features(guest_binary, cpus):
+    """The guest does not read CPUID here; the VMM-side table is checked through KVM_GET_CPUID2-free means."""
+    from cloudkvm.boards.x86_cpu import CpuPolicy
+    from cloudkvm.kvm.system import Kvm
+
+    kvm = Kvm()
+    try:
+        table = CpuPolicy(hide=["cx16"]).cpuid_for(kvm.supported_cpuid(), apic_id=cpus - 1, ncpus=cpus)
+    finally:
+        kvm.close()
+    leaf1 = next(e for e in table if e["function"] == 1)
+    assert leaf1["ecx"] & (1 << 13) == 0 and leaf1["ecx"] & (1 << 31)
+    assert leaf1["ebx"] >> 24 == cpus - 1 and (leaf1["ebx"] >> 16) & 0xFF == cpus
