@@ -30,8 +30,7 @@ CMD_KBD_DISABLE = 0xAD  # disable the keyboard interface
 CMD_KBD_ENABLE = 0xAE  # enable the keyboard interface
 CMD_READ_OUTPUT = 0xD0  # read the output port
 CMD_WRITE_OUTPUT = 0xD1  # write the output port (next data byte)
-CMD_PULSE_FIRST = 0xF0  # 0xF0-0xFF pulse output-port bits 0-3 low where the command's bit is 0
-CMD_PULSE_RESET = 0xFE  # the pulse command that asserts only the reset line
+CMD_PULSE_FIRST = 0xF0  # 0xF0-0xFF pulse output-port bits 0-3 low where the command's bit is 0 (0xFE: reset)
 
 SELF_TEST_OK = 0x55  # self-test passed (IBM PC AT Tech. Ref.)
 INTERFACE_OK = 0x00  # interface test: no error (IBM PC AT Tech. Ref.)

@@ -1,0 +1,4 @@
+"""`python -m cloudkvm` runs the CLI."""
+from .cli import main
+
+main()

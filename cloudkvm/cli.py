@@ -1,0 +1,66 @@
+"""The `cloudkvm` command line (typer): parse, call, render. Logic lives in the modules it calls."""
+import logging
+import sys
+
+import typer
+
+from .errors import CloudkvmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="cloudkvm: run cloud-image VMs on /dev/kvm, with cloudkvm itself as the VMM.")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="cloudkvm: %(message)s", stream=sys.stderr)
+
+
+@app.command()
+def demo(cpus: int = typer.Option(2, help="vCPUs to start"),
+         memory: int = typer.Option(64, help="guest RAM in MiB"),
+         timeout: float = typer.Option(60.0, help="seconds before the VM is stopped"),
+         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run the built-in demo guest: every vCPU says hello on the serial console, then the VM powers off."""
+    from .guests.build import GUEST_SOURCES, build_flat
+    from .machine import FlatBinary, MachineSpec, run
+
+    _setup_logging(verbose)
+    spec = MachineSpec(payload=FlatBinary(build_flat(GUEST_SOURCES / "hello.S")), cpus=cpus,
+                       memory=memory << 20, console_fd=sys.stdout.fileno())
+    result = run(spec, timeout=timeout)
+    typer.echo(f"cloudkvm: VM ended: {result}", err=True)
+    raise typer.Exit(0 if result.clean else 1)
+
+
+@app.command()
+def doctor() -> None:
+    """Say whether this host can run VMs and which host quirks apply."""
+    from . import hostquirks
+    from .kvm.system import Kvm
+
+    kvm = Kvm()
+    try:
+        typer.echo(f"/dev/kvm: API {kvm.api_version}, up to {kvm.max_vcpus()} vCPUs")
+    finally:
+        kvm.close()
+    quirks = hostquirks.detect()
+    if quirks.active:
+        typer.echo(f"host quirks: {quirks.name}: hide CPUID {', '.join(quirks.cpuid_hide)}; "
+                   f"Linux command line += {' '.join(quirks.linux_cmdline)}")
+        for note in quirks.notes:
+            typer.echo(f"note: {note}")
+    else:
+        typer.echo("host quirks: none")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app()
+    except CloudkvmError as exc:
+        print(f"cloudkvm: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
