@@ -56,6 +56,13 @@ class Vcpu:
     def set_fpu(self, fpu) -> None:
         ioctl(self.fd, lib.KVM_SET_FPU, fpu)
 
+    def get_xsave(self):
+        """KVM_GET_XSAVE: the XSAVE area (its legacy region holds MXCSR, which KVM_GET/SET_FPU do not carry)."""
+        return self._get(lib.KVM_GET_XSAVE, "struct kvm_xsave *")
+
+    def set_xsave(self, xsave) -> None:
+        ioctl(self.fd, lib.KVM_SET_XSAVE, xsave)
+
     def get_lapic(self) -> bytes:
         return bytes(ffi.buffer(self._get(lib.KVM_GET_LAPIC, "struct kvm_lapic_state *")))
 

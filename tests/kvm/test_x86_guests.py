@@ -160,3 +160,29 @@ def test_cpuid_reports_the_topology_and_hides_features(guest_binary, cpus):
     leaf1 = next(e for e in table if e["function"] == 1)
     assert leaf1["ecx"] & (1 << 13) == 0 and leaf1["ecx"] & (1 << 31)
     assert leaf1["ebx"] >> 24 == cpus - 1 and (leaf1["ebx"] >> 16) & 0xFF == cpus
+
+
+def test_instructions_the_host_emulator_rejects_are_completed_with_the_right_effects(guest_binary):
+    """On kvm_pvm `int3` (and others) stop with an emulation failure; the board completes them. Elsewhere the
+    guest runs natively; either way it checks every effect itself."""
+    from cloudkvm.machine import FlatBinary, Machine, MachineSpec
+
+    with Machine(MachineSpec(payload=FlatBinary(guest_binary("quirks")))) as machine:
+        result = machine.run(timeout=60)
+        completed = dict(machine.board.completed)
+        active = machine.quirks.active
+        console = machine.console.text()
+    assert result.reason == "poweroff", (result, console)
+    assert "quirks: all ok" in console
+    if active:
+        assert completed.get("int3") == 1, completed
+
+
+def test_without_host_quirks_an_emulation_failure_is_reported_with_instruction_bytes(guest_binary):
+    from cloudkvm.hostquirks import detect
+
+    if not detect().active:
+        pytest.skip("this host's KVM emulates int3 itself; no emulation failure to report")
+    run = run_guest(guest_binary("quirks"), host_quirks=False)
+    assert run.result.reason == "emulation-failure", run.result
+    assert "instruction bytes cc" in run.result.detail and run.result.rip is not None
