@@ -56,7 +56,7 @@ int main(int argc, char **argv)
     fclose(f);
     if (n == 0) die("empty guest");
 
-    uint64_t gdt[4] = { 0, 0x00af9b000000ffffull, 0x00cf93000000ffffull, 0x008f8b000000ffffull };
+    uint64_t gdt[5] = { 0, 0, 0x00af9b000000ffffull, 0x00cf93000000ffffull, 0x008f8b000000ffffull };
     memcpy(mem + GDT, gdt, sizeof(gdt));
     uint64_t *pml4 = (uint64_t *)(mem + PT), *pdpt = (uint64_t *)(mem + PT + 0x1000);
     pml4[0] = (PT + 0x1000) | 3;
@@ -78,9 +78,9 @@ int main(int argc, char **argv)
 
     struct kvm_sregs sregs;
     if (ioctl(cpu, KVM_GET_SREGS, &sregs) < 0) die("KVM_GET_SREGS");
-    sregs.cs = seg(0x08, 11, 1, 0, 1);
-    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = seg(0x10, 3, 0, 1, 1);
-    sregs.tr = seg(0x18, 11, 0, 0, 0);
+    sregs.cs = seg(0x10, 11, 1, 0, 1);
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = seg(0x18, 3, 0, 1, 1);
+    sregs.tr = seg(0x20, 11, 0, 0, 0);
     sregs.gdt.base = GDT; sregs.gdt.limit = sizeof(gdt) - 1;
     sregs.idt.base = 0x520; sregs.idt.limit = 0;
     sregs.cr0 = 0x80010033; sregs.cr3 = PT; sregs.cr4 = 0x620; sregs.efer = 0x501;

@@ -1,6 +1,8 @@
 """The `cloudkvm` command line (typer): parse, call, render. Logic lives in the modules it calls."""
 import logging
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -33,6 +35,30 @@ def demo(cpus: int = typer.Option(2, help="vCPUs to start"),
 
 
 @app.command()
+def boot(kernel: Path = typer.Option(..., "--kernel", "-k", help="bzImage or vmlinux ELF"),
+         initrd: Optional[Path] = typer.Option(None, "--initrd", "-i", help="initramfs/initrd image"),
+         append: str = typer.Option("console=ttyS0", "--append", "-a", help="kernel command line"),
+         cpus: int = typer.Option(1, help="vCPUs"),
+         memory: str = typer.Option("512M", help="guest RAM: 512M, 2G, 4096 (MiB)"),
+         timeout: Optional[float] = typer.Option(None, help="stop the VM after this many seconds"),
+         host_quirks: bool = typer.Option(True, help="apply this host's KVM workarounds"),
+         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Boot a Linux kernel directly, in the foreground, with the serial console on this terminal (Ctrl-A x quits)."""
+    from .machine import LinuxBoot, MachineSpec, run
+    from .terminal import raw_terminal
+    from .units import parse_size
+
+    _setup_logging(verbose)
+    spec = MachineSpec(payload=LinuxBoot(kernel, initrd, append), cpus=cpus, memory=parse_size(memory, "--memory"),
+                       host_quirks=host_quirks, console_fd=sys.stdout.fileno(),
+                       console_input_fd=sys.stdin.fileno(), console_escape=True)
+    with raw_terminal(sys.stdin.fileno()):
+        result = run(spec, timeout=timeout)
+    typer.echo(f"\ncloudkvm: VM ended: {result}", err=True)
+    raise typer.Exit(0 if result.clean else 1)
+
+
+@app.command()
 def doctor() -> None:
     """Say whether this host can run VMs and which host quirks apply."""
     from . import hostquirks
@@ -45,8 +71,10 @@ def doctor() -> None:
         kvm.close()
     quirks = hostquirks.detect()
     if quirks.active:
-        typer.echo(f"host quirks: {quirks.name}: hide CPUID {', '.join(quirks.cpuid_hide)}; "
-                   f"Linux command line += {' '.join(quirks.linux_cmdline)}")
+        typer.echo(f"host quirks: {quirks.name}")
+        typer.echo(f"  CPUID features hidden: {', '.join(quirks.cpuid_hide)}")
+        typer.echo(f"  Linux command line += {' '.join(quirks.linux_cmdline)}")
+        typer.echo("  instructions completed by the VMM: int3, fwait, ldmxcsr, stmxcsr, movd/movq xmm")
         for note in quirks.notes:
             typer.echo(f"note: {note}")
     else:

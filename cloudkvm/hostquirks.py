@@ -21,11 +21,16 @@ class HostQuirks:
         return bool(self.name)
 
 
-# kvm_pvm interprets guest CPL0 code; its emulator stops on `lock cmpxchg16b` and `xrstor` (see docs/host-quirks.md).
+# kvm_pvm interprets guest CPL0 code; its emulator stops on `lock cmpxchg16b`, `xrstor`, `clac`, `popcnt` and
+# more (docs/host-quirks.md). Features it cannot run are hidden in CPUID (one mechanism for every guest; Linux's
+# own `clearcpuid=` takes only 127 characters) and, where Linux ignores CPUID (XSAVE), with a kernel parameter.
+PVM_HIDDEN_FEATURES = ("cx16", "smap", "smep", "umip", "pcid", "invpcid", "fsgsbase", "popcnt", "bmi1", "bmi2",
+                       "abm", "movbe", "rdrand", "rdseed", "erms", "fsrm", "avx", "avx2", "avx512f", "aes",
+                       "pclmulqdq", "sha_ni", "adx", "rdpid", "clflushopt", "clwb", "xsaveopt", "xsavec", "xsaves")
 PVM_QUIRKS = HostQuirks(
     name="kvm_pvm",
-    cpuid_hide=("cx16",),
-    linux_cmdline=("noxsave",),
+    cpuid_hide=PVM_HIDDEN_FEATURES,
+    linux_cmdline=("noxsave", "nopti"),
     notes=("software KVM (kvm_pvm): guest kernel code is interpreted, expect slow guest kernels",),
 )
 
@@ -43,6 +48,6 @@ def announce(quirks: HostQuirks) -> None:
     """Log the active quirks once per process."""
     if quirks.active and quirks.name not in _announced:
         _announced.add(quirks.name)
-        log.warning("host quirks for %s: hiding CPUID %s; adding '%s' to Linux command lines "
-                    "(turn off with host_quirks: false)", quirks.name, ",".join(quirks.cpuid_hide) or "-",
-                    " ".join(quirks.linux_cmdline) or "-")
+        log.warning("host quirks for %s: hiding %d CPUID features, adding '%s' to Linux command lines, "
+                    "completing instructions its emulator rejects (details: cloudkvm doctor; turn off with "
+                    "host_quirks: false)", quirks.name, len(quirks.cpuid_hide), " ".join(quirks.linux_cmdline))

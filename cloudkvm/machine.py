@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import hostquirks
 from .boards.x86 import X86Board
+from .boot import linux_x86
 from .boards.x86_cpu import CpuPolicy
 from .console import ConsoleLog
 from .devices.bus import Bus
@@ -17,6 +18,7 @@ from .kvm.memory import GuestMemory
 from .kvm.native import lib
 from .kvm.system import Kvm
 from .kvm.vm import Vm
+from .terminal import EscapeFilter
 from .vcpu_loop import VcpuLoop, VmResult
 
 log = logging.getLogger("cloudkvm.machine")
@@ -35,10 +37,19 @@ class FlatBinary:
 
 
 @dataclass
+class LinuxBoot:
+    """Direct kernel boot: a bzImage or vmlinux ELF, an optional initrd, and the kernel command line."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = "console=ttyS0"
+
+
+@dataclass
 class MachineSpec:
     """What to build. `console_fd` receives serial output (None: keep it in memory only)."""
 
-    payload: FlatBinary
+    payload: FlatBinary | LinuxBoot
     board: str = "x86"
     cpus: int = 1
     memory: int = 256 * MiB
@@ -47,9 +58,28 @@ class MachineSpec:
     unmapped_mmio: str = "stop"  # "stop": end the VM with a report; "ignore": log once, reads see all ones
     console_fd: int | None = None
     console_input_fd: int | None = None
+    console_escape: bool = False  # Ctrl-A x on the console input stops the VM
 
 
 BOARDS = {"x86": X86Board}
+
+
+def check_payload(payload: FlatBinary | LinuxBoot) -> None:
+    """Refuse a missing, empty or malformed payload before anything is created (one-line CloudkvmError)."""
+    paths = [("kernel", payload.kernel), ("initrd", payload.initrd)] if isinstance(payload, LinuxBoot) \
+        else [("payload", payload.path)]
+    for what, path in paths:
+        if path is None:
+            continue
+        try:
+            size = os.stat(path).st_size
+        except OSError as exc:
+            raise CloudkvmError(f"{path}: cannot read the {what}: {exc.strerror}", f"check the {what} path") from None
+        if size == 0:
+            raise CloudkvmError(f"{path}: the {what} file is empty", f"pass a real {what}")
+    if isinstance(payload, LinuxBoot):
+        with open(payload.kernel, "rb") as f:
+            linux_x86.parse_kernel(f.read(), str(payload.kernel))
 
 
 class Machine:
@@ -63,6 +93,7 @@ class Machine:
         if spec.unmapped_mmio not in ("stop", "ignore"):
             raise CloudkvmError(f"unmapped_mmio must be 'stop' or 'ignore' (got {spec.unmapped_mmio!r})")
         self.spec = spec
+        check_payload(spec.payload)
         self.kvm = kvm or Kvm()
         if spec.cpus > self.kvm.max_vcpus():
             raise CloudkvmError(f"cpus: {spec.cpus} is more than this host's KVM allows ({self.kvm.max_vcpus()})")
@@ -86,10 +117,21 @@ class Machine:
             vcpu.memory = self.memory
         self.loops = [VcpuLoop(v, self) for v in self.vcpus]
         self._threads: list[threading.Thread] = []
-        self._load_payload()
+        self.boot_info: dict = {}
+        self._escape = EscapeFilter(lambda: self.end(VmResult("stopped", "Ctrl-A x on the console"))) \
+            if spec.console_escape else None
+        try:
+            self._load_payload()
+        except BaseException:
+            self.close()
+            raise
 
     def _load_payload(self) -> None:
         payload = self.spec.payload
+        if isinstance(payload, LinuxBoot):
+            self.boot_info = self.board.boot_linux(self.kvm, self.vcpus, self.memory, payload.kernel,
+                                                   payload.initrd, payload.cmdline)
+            return
         try:
             image = Path(payload.path).read_bytes()
         except OSError as exc:
@@ -147,6 +189,11 @@ class Machine:
 
     def _console_input(self) -> None:
         data = os.read(self.spec.console_input_fd, 4096)
+        if not data:
+            self.io.remove_reader(self.spec.console_input_fd)
+            return
+        if self._escape is not None:
+            data = self._escape(data)
         if data:
             self.board.serial_input(data)
 

@@ -2,7 +2,9 @@
 import logging
 import mmap
 
+from ..boot import linux_x86
 from ..boot import x86_longmode as lm
+from ..boot.acpi import AcpiConfig, VirtioMmioSlot, build_tables
 from ..devices.acpi_power import AcpiPowerControl
 from ..devices.bus import Bus
 from ..devices.cmos_rtc import CmosRtc
@@ -10,7 +12,7 @@ from ..devices.i8042 import I8042
 from ..devices.irq import KvmIrqLine
 from ..devices.legacy import PciConfigNoDevices, PortSink
 from ..devices.uart16550 import Uart16550
-from ..errors import GuestMemoryError
+from ..errors import CloudkvmError, GuestMemoryError
 from ..hostquirks import HostQuirks
 from ..kvm.native import ffi, lib
 from .x86_complete import complete
@@ -28,6 +30,7 @@ CMDLINE_MAX = 0x10000
 FLAT_STACKS_TOP = 0x80000        # flat test payloads: vCPU n starts with RSP = top - n * FLAT_STACK_SIZE
 FLAT_STACK_SIZE = 0x1000
 EBDA_START = 0x9FC00             # [EBDA_START, 1 MiB) is reserved in the e820 map
+ACPI_TABLES_ADDR = 0xE0000       # RSDP and tables, in the reserved BIOS area where Linux also scans for the RSDP
 HIGH_MEMORY = 0x100000           # 1 MiB: kernels and flat payloads load here
 MMIO_GAP_START = 0xC000_0000     # [3 GiB, 4 GiB) holds no RAM: device MMIO, IOAPIC, LAPIC
 MMIO_GAP_END = 0x1_0000_0000
@@ -52,6 +55,16 @@ MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING = 0x1A0, 1 << 0
 MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB = 0x2FF, (1 << 11) | 6
 APIC_LVT_LINT0, APIC_LVT_LINT1 = 0x350, 0x360  # SDM Vol. 3A §11.5.1
 APIC_MODE_EXTINT, APIC_MODE_NMI = 0x7 << 8, 0x4 << 8
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        data = open(path, "rb").read()
+    except OSError as exc:
+        raise CloudkvmError(f"{path}: cannot read the {what}: {exc.strerror}", f"check the {what} path") from None
+    if not data:
+        raise CloudkvmError(f"{path}: the {what} file is empty", f"pass a real {what}")
+    return data
 
 
 def memory_layout(memory: int) -> list[tuple[int, int]]:
@@ -156,6 +169,79 @@ class X86Board:
             self.enter_long_mode(vcpu, entry, rsp=FLAT_STACKS_TOP - vcpu.index * FLAT_STACK_SIZE,
                                  rsi=len(vcpus), rdi=vcpu.index)
             vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+
+    def e820_map(self, memory) -> list[tuple[int, int, int]]:
+        """RAM below the EBDA, the reserved BIOS hole up to 1 MiB, then every RAM region (ACPI 6.4 §15)."""
+        table = []
+        for region in memory.regions:
+            if region.gpa == 0:
+                table.append((0, EBDA_START, linux_x86.E820_RAM))
+                table.append((EBDA_START, HIGH_MEMORY - EBDA_START, linux_x86.E820_RESERVED))
+                table.append((HIGH_MEMORY, region.size - HIGH_MEMORY, linux_x86.E820_RAM))
+            else:
+                table.append((region.gpa, region.size, linux_x86.E820_RAM))
+        return table
+
+    def acpi_config(self, virtio_slots: list[VirtioMmioSlot]) -> AcpiConfig:
+        return AcpiConfig(cpus=self.cpus, ioapic_addr=IOAPIC_ADDR, lapic_addr=LAPIC_ADDR,
+                          sleep_control_port=ACPI_POWER_PORT, sleep_status_port=ACPI_POWER_PORT + 1,
+                          reset_port=ACPI_POWER_PORT + 2, com1=(COM1_PORT, COM1_IRQ), virtio_mmio=virtio_slots)
+
+    def linux_cmdline(self, cmdline: str) -> str:
+        """The user's command line plus the host quirks' Linux parameters (said once in the log)."""
+        extra = [p for p in self.quirks.linux_cmdline if p.split("=")[0] not in {a.split("=")[0] for a in
+                                                                                cmdline.split()}]
+        return " ".join([cmdline.strip(), *extra]).strip()
+
+    def boot_linux(self, kvm, vcpus, memory, kernel_path, initrd_path, cmdline: str,
+                   virtio_slots: list[VirtioMmioSlot] = ()) -> dict:
+        """Linux x86 boot protocol, 64-bit entry (boot.rst §"64-bit Boot Protocol"): host-decompressed vmlinux
+        at its physical addresses, zero page, command line, initrd, ACPI tables; vCPU 0 enters startup_64 with
+        RSI = zero page, the others wait for INIT/SIPI from the guest. Returns what was placed where."""
+        kernel_path = str(kernel_path)
+        try:
+            original = linux_x86.parse_kernel(_read(kernel_path, "kernel"), kernel_path)
+            elf_path = linux_x86.vmlinux_cache(kernel_path)
+            image = original if original.kind == "elf" else linux_x86.parse_kernel(
+                _read(str(elf_path), "kernel"), f"{kernel_path} (decompressed)")
+        except MemoryError:
+            raise CloudkvmError(f"{kernel_path}: too large to load", "is this really a kernel?") from None
+        header = original.header if original.kind == "bzimage" else linux_x86.SetupHeader.for_elf(
+            image.kernel_alignment, image.load_address, image.init_size)
+        segments = linux_x86.load_elf_segments(image)
+        kernel_end = max(gpa + len(data) for gpa, data in segments)
+        ram_top = memory.regions[0].end
+        if kernel_end + (2 << 20) > ram_top:
+            raise CloudkvmError(f"{kernel_path}: the kernel needs {kernel_end >> 20} MiB of low memory, the VM has "
+                                f"{ram_top >> 20} MiB", "give the VM more memory")
+        for gpa, data in segments:
+            memory.write(gpa, data)
+        line = self.linux_cmdline(cmdline)
+        encoded = line.encode()
+        if len(encoded) >= min(CMDLINE_MAX, header.effective_cmdline_size + 1):
+            raise CloudkvmError(f"the kernel command line is {len(encoded)} bytes, the kernel takes "
+                                f"{header.effective_cmdline_size}", "shorten the command line")
+        memory.write(CMDLINE_ADDR, encoded + b"\0")
+        initrd = None
+        if initrd_path:
+            data = _read(str(initrd_path), "initrd")
+            addr = linux_x86.initrd_placement(len(data), ram_top, header.effective_initrd_addr_max,
+                                              max(kernel_end, original.kernel_end))
+            memory.write(addr, data)
+            initrd = (addr, len(data))
+        tables = build_tables(self.acpi_config(list(virtio_slots)), ACPI_TABLES_ADDR)
+        for gpa, blob in tables.blobs:
+            memory.write(gpa, blob)
+        zero_page = linux_x86.build_boot_params(header, self.e820_map(memory), CMDLINE_ADDR, len(encoded),
+                                                initrd, tables.rsdp_addr)
+        memory.write(BOOT_PARAMS_ADDR, zero_page)
+        self.write_long_mode_tables(memory)
+        for vcpu in vcpus:
+            self.setup_cpuid(kvm, vcpu)
+            self.setup_lapic(vcpu)
+        self.enter_long_mode(vcpus[0], image.entry, rsi=BOOT_PARAMS_ADDR)
+        return {"entry": image.entry, "cmdline": line, "initrd": initrd, "rsdp": tables.rsdp_addr,
+                "vmlinux": str(elf_path)}
 
     # --- reporting --------------------------------------------------------------------------------------------
     def rip(self, vcpu) -> int | None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloudkvm.cache import cache_dir
 from cloudkvm.errors import CloudkvmError
 
 PAGE = 0x1000
@@ -604,15 +605,13 @@ def decompress_payload(image: KernelImage, limit: int = MAX_VMLINUX_SIZE) -> byt
 def vmlinux_cache(kernel_path: str | os.PathLike) -> Path:
     """The decompressed vmlinux of a bzImage, cached as <cache>/vmlinux/<sha256[:24]>.elf (an ELF input is
     returned as is)."""
-    from cloudkvm.guests import debian
-
     path = Path(kernel_path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise CloudkvmError(f"cannot read kernel {path}: {exc.strerror or exc}", "check the path and permissions") \
             from None
-    cached = debian.cache_dir() / "vmlinux" / f"{hashlib.sha256(data).hexdigest()[:24]}.elf"
+    cached = cache_dir() / "vmlinux" / f"{hashlib.sha256(data).hexdigest()[:24]}.elf"
     if cached.is_file():
         return cached
     image = parse_kernel(data, str(path))

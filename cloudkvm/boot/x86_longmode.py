@@ -10,9 +10,9 @@ CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1 << 0, 1 << 1, 1 << 4, 1 << 5,
 CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 1 << 5, 1 << 9, 1 << 10  # SDM §2.5
 EFER_SCE, EFER_LME, EFER_LMA = 1 << 0, 1 << 8, 1 << 10  # SDM §2.2.1
 
-# GDT layout (selectors 0x08 code, 0x10 data, 0x18 TSS); the Linux boot protocol asks for __BOOT_CS=0x10 and
-# __BOOT_DS=0x18 only for the 32-bit entry, the 64-bit entry accepts any flat 64-bit code segment.
-GDT_CODE64, GDT_DATA, GDT_TSS = 1, 2, 3
+# GDT layout: selectors 0x10 code, 0x18 data, 0x20 TSS — boot.rst's 64-bit protocol asks for a GDT with flat
+# __BOOT_CS (0x10) and __BOOT_DS (0x18) descriptors, CS = __BOOT_CS and DS/ES/SS = __BOOT_DS.
+GDT_CODE64, GDT_DATA, GDT_TSS = 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ def descriptor(flags: int, base: int, limit: int) -> int:
 
 
 GDT = (
+    0,
     0,
     descriptor(0xA09B, 0, 0xFFFFF),  # 64-bit code, present, DPL0, execute/read, accessed, G=1, L=1
     descriptor(0xC093, 0, 0xFFFFF),  # data, present, DPL0, read/write, accessed, G=1, D/B=1

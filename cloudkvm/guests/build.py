@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import CloudkvmError
-from .debian import cache_dir
+from ..cache import cache_dir
 
 GUEST_SOURCES = Path(__file__).parent
 BUILD_RECIPE_VERSION = "1"  # bump when the commands below change, so cached binaries are rebuilt

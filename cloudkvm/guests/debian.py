@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cloudkvm.boot.cpio import NewcWriter
+from cloudkvm.cache import cache_dir
 from cloudkvm.errors import CloudkvmError
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
@@ -33,15 +34,6 @@ poweroff -f
 _LAYOUT_VERSION = 1
 _APT_HINT = "run apt-get update (as root) and check that deb.debian.org is reachable"
 _APT_TIMEOUT = 900
-
-
-def cache_dir() -> Path:
-    """$CLOUDKVM_CACHE, else $XDG_CACHE_HOME/cloudkvm, else ~/.cache/cloudkvm."""
-    if os.environ.get("CLOUDKVM_CACHE"):
-        return Path(os.environ["CLOUDKVM_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "cloudkvm"
-    return Path.home() / ".cache" / "cloudkvm"
 
 
 def _debian_dir(cache: Path | None) -> Path:

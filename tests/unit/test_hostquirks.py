@@ -34,8 +34,8 @@ def test_kvm_pvm_module_is_detected(sys_module):
     assert q is PVM_QUIRKS
     assert q.active
     assert q.name == "kvm_pvm"
-    assert q.cpuid_hide == ("cx16",)
-    assert q.linux_cmdline == ("noxsave",)
+    assert "cx16" in q.cpuid_hide            # lock cmpxchg16b stops its emulator
+    assert "noxsave" in q.linux_cmdline      # so does xrstor
     assert q.notes and "kvm_pvm" in q.notes[0]
 
 

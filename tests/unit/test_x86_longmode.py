@@ -32,16 +32,16 @@ def test_well_known_flat_descriptors():
 
 
 def test_gdt_table_holds_the_well_known_values():
-    assert lm.GDT == (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x008F8B000000FFFF)
-    assert (lm.GDT_CODE64, lm.GDT_DATA, lm.GDT_TSS) == (1, 2, 3)
+    assert lm.GDT == (0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x008F8B000000FFFF)
+    assert (lm.GDT_CODE64, lm.GDT_DATA, lm.GDT_TSS) == (2, 3, 4)
 
 
 def test_gdt_bytes_is_the_little_endian_table():
     raw = lm.gdt_bytes()
     assert len(raw) == 8 * len(lm.GDT)
-    assert raw[:8] == bytes(8)
-    assert raw[8:16] == bytes.fromhex("ffff0000009baf00")
-    assert struct.unpack("<4Q", raw) == lm.GDT
+    assert raw[:16] == bytes(16)
+    assert raw[16:24] == bytes.fromhex("ffff0000009baf00")
+    assert struct.unpack("<5Q", raw) == lm.GDT
 
 
 def test_descriptor_places_base_and_limit_fields():
@@ -64,13 +64,13 @@ def test_descriptor_matches_the_byte_layout(base, limit, access, nibble):
 
 def test_code_data_and_tss_segments():
     code = lm.segment_from_descriptor(lm.GDT_CODE64)
-    assert code == lm.Segment(base=0, limit=0xFFFFFFFF, selector=0x08, type=0xB, present=1, dpl=0, db=0, s=1,
+    assert code == lm.Segment(base=0, limit=0xFFFFFFFF, selector=0x10, type=0xB, present=1, dpl=0, db=0, s=1,
                               l=1, g=1)
     data = lm.segment_from_descriptor(lm.GDT_DATA)
-    assert data == lm.Segment(base=0, limit=0xFFFFFFFF, selector=0x10, type=0x3, present=1, dpl=0, db=1, s=1,
+    assert data == lm.Segment(base=0, limit=0xFFFFFFFF, selector=0x18, type=0x3, present=1, dpl=0, db=1, s=1,
                               l=0, g=1)
     tss = lm.segment_from_descriptor(lm.GDT_TSS)
-    assert tss == lm.Segment(base=0, limit=0xFFFFFFFF, selector=0x18, type=0xB, present=1, dpl=0, db=0, s=0,
+    assert tss == lm.Segment(base=0, limit=0xFFFFFFFF, selector=0x20, type=0xB, present=1, dpl=0, db=0, s=0,
                              l=0, g=1)
 
 
@@ -82,7 +82,7 @@ def test_null_descriptor_is_not_present_and_unusable_for_kvm():
 
 def test_as_kvm_has_every_kvm_segment_field():
     k = lm.segment_from_descriptor(lm.GDT_CODE64).as_kvm()
-    assert k == {"base": 0, "limit": 0xFFFFFFFF, "selector": 8, "type": 0xB, "present": 1, "dpl": 0, "db": 0,
+    assert k == {"base": 0, "limit": 0xFFFFFFFF, "selector": 0x10, "type": 0xB, "present": 1, "dpl": 0, "db": 0,
                  "s": 1, "l": 1, "g": 1, "avl": 0, "unusable": 0}
 
 
