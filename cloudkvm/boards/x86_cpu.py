@@ -64,13 +64,13 @@ class CpuPolicy:
         for entry in entries:
             fn, sub = entry["function"], entry["index"]
             if fn == 1:
-                entry["ebx"] = (entry["ebx"] & 0x0000FFFF) | (min(ncpus, 255) << 16) | (apic_id << 24)
+                entry["ebx"] = (entry["ebx"] & 0x0000FFFF) | (min(ncpus, 255) << 16) | ((apic_id & 0xFF) << 24)
                 if "hypervisor" not in hidden:
                     entry["ecx"] |= 1 << 31
-                if ncpus > 1:
+                if ncpus > 1 and "ht" not in hidden:
                     entry["edx"] |= 1 << 28  # HTT: the logical-processor count in EBX[23:16] is valid
             elif fn == 4 and entry["eax"] & 0x1F:  # deterministic cache parameters: cores per package
-                entry["eax"] = (entry["eax"] & 0x03FFFFFF) | ((ncpus - 1) << 26)
+                entry["eax"] = (entry["eax"] & 0x03FFFFFF) | (min(ncpus - 1, 63) << 26)  # a 6-bit field
                 entry["eax"] &= ~(0xFFF << 14)  # each cache is private to one core (no SMT siblings)
             elif fn == 0xB:  # x2APIC topology (SDM Vol. 3A §9.9): level 0 = SMT (1 thread), level 1 = core
                 entry["flags"] |= 1  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX

@@ -29,7 +29,12 @@ class Kvm:
         except PermissionError:
             raise KvmUnavailable(f"{path}: permission denied",
                                  "add your user to the 'kvm' group or run as root") from None
-        version = ioctl(self.fd, lib.KVM_GET_API_VERSION)
+        try:
+            version = ioctl(self.fd, lib.KVM_GET_API_VERSION)
+        except OSError as exc:
+            os.close(self.fd)
+            raise KvmUnavailable(f"{path} is not a KVM device ({exc.strerror})",
+                                 "point cloudkvm at /dev/kvm") from None
         if version != lib.KVM_API_VERSION:
             os.close(self.fd)
             raise KvmUnavailable(f"{path} speaks KVM API {version}, expected {lib.KVM_API_VERSION}",

@@ -55,7 +55,8 @@ def test_similar_module_names_do_not_trigger(sys_module):
 
 
 def test_pvm_quirks_hide_only_known_cpu_features():
-    check_feature_names(list(PVM_QUIRKS.cpuid_hide))
+    check_feature_names(list(PVM_QUIRKS.cpuid_hide))  # a typo here would make every kvm_pvm VM fail to start
+    assert len(set(PVM_QUIRKS.cpuid_hide)) == len(PVM_QUIRKS.cpuid_hide)
 
 
 def test_quirks_are_immutable():
@@ -76,7 +77,7 @@ def test_announce_logs_once(caplog):
     assert len(recs) == 1
     assert recs[0].levelno == logging.WARNING
     msg = recs[0].getMessage()
-    assert "kvm_pvm" in msg and "cx16" in msg and "noxsave" in msg
+    assert "kvm_pvm" in msg and "noxsave" in msg  # names the quirk set and what it adds to Linux command lines
 
 
 def test_announce_logs_nothing_for_inactive_quirks(caplog):
@@ -96,5 +97,4 @@ def test_each_quirk_set_is_announced_once(caplog):
     recs = _records(caplog)
     assert len(recs) == 2
     assert "kvm_pvm" in recs[0].getMessage()
-    assert "other" in recs[1].getMessage()
-    assert "hiding CPUID -" in recs[1].getMessage()  # nothing to hide is said as '-'
+    assert "other" in recs[1].getMessage() and "kvm_pvm" not in recs[1].getMessage()

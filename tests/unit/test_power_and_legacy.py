@@ -53,6 +53,10 @@ def test_only_the_low_byte_counts(acpi):
     assert calls.poweroff == 1
     dev.write(SLEEP_CONTROL, 4, slp(5) << 8)  # S5 in the second byte is not a sleep request
     assert calls.poweroff == 1
+    dev.write(RESET, 2, 0xFF00 | RESET_VALUE)  # the 8-bit reset register ignores the upper byte
+    assert calls.reset == 1
+    dev.write(RESET, 2, RESET_VALUE << 8)
+    assert calls.reset == 1
 
 
 @pytest.mark.parametrize("typ", [0, 1, 2, 3, 4, 6, 7])

@@ -162,8 +162,6 @@ def test_hiding_one_feature_clears_exactly_its_bit_and_dependents(name, ncpus):
     assert out == expected_after_hiding([name], ncpus - 1, ncpus)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cpuid_for sets HTT for ncpus > 1 after applying `hide`, so "
-                                       "hide: [ht] has no effect on SMP VMs (unlike hide: [hypervisor])")
 def test_hiding_ht_is_honoured_on_smp():
     out = CpuPolicy(hide=["ht"]).cpuid_for(supported(), apic_id=0, ncpus=4)
     assert entry(out, 1)["edx"] & HTT == 0
@@ -260,9 +258,6 @@ def test_known_names_pass_the_check():
 
 # --- register width --------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: leaf 4 EAX[31:26] is a 6-bit field but cpuid_for shifts ncpus-1 in "
-                                       "unmasked, so a VM of more than 64 vCPUs gets a >32-bit EAX and "
-                                       "KVM_SET_CPUID2 (cffi __u32) raises OverflowError")
 def test_registers_stay_32_bit_with_more_than_64_cpus():
     out = CpuPolicy().cpuid_for(supported(), apic_id=64, ncpus=65)
     for e in out:
@@ -270,8 +265,6 @@ def test_registers_stay_32_bit_with_more_than_64_cpus():
             assert 0 <= e[reg] <= ALL, (hex(e["function"]), reg, hex(e[reg]))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: leaf 1 EBX[31:24] is 8 bits but cpuid_for shifts the APIC id in "
-                                       "unmasked, so vCPU 256+ gets a >32-bit EBX (KVM allows 1024 vCPUs)")
 def test_leaf1_ebx_stays_32_bit_for_apic_ids_above_255():
     out = CpuPolicy().cpuid_for(supported(), apic_id=256, ncpus=300)
     assert 0 <= entry(out, 1)["ebx"] <= ALL
