@@ -58,6 +58,23 @@ def boot(kernel: Path = typer.Option(..., "--kernel", "-k", help="bzImage or vml
     raise typer.Exit(0 if result.clean else 1)
 
 
+inspect_app = typer.Typer(no_args_is_help=True, help="Show what a VM would be given, without running one.")
+app.add_typer(inspect_app, name="inspect")
+
+
+@inspect_app.command("acpi")
+def inspect_acpi(output: Path = typer.Option(..., "--output", "-o", help="folder for the .dat files"),
+                 cpus: int = typer.Option(1, help="vCPUs"),
+                 memory: str = typer.Option("512M", help="guest RAM (the tables do not depend on it yet)")) -> None:
+    """Write the ACPI tables an x86 VM gets (rsdp.dat, xsdt.dat, facp.dat, apic.dat, dsdt.dat) for `iasl -d`."""
+    from .boards.x86 import write_acpi_tables
+    from .units import parse_size
+
+    parse_size(memory, "--memory")
+    for path in write_acpi_tables(output, cpus):
+        typer.echo(str(path))
+
+
 @app.command()
 def doctor() -> None:
     """Say whether this host can run VMs and which host quirks apply."""

@@ -14,6 +14,7 @@ class HostQuirks:
     name: str = ""
     cpuid_hide: tuple[str, ...] = ()
     linux_cmdline: tuple[str, ...] = ()
+    linux_clearcpuid: bool = False  # also tell Linux (clearcpuid=) about cpuid_hide: this KVM ignores most of it
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -22,8 +23,8 @@ class HostQuirks:
 
 
 # kvm_pvm interprets guest CPL0 code; its emulator stops on `lock cmpxchg16b`, `xrstor`, `clac`, `popcnt` and
-# more (docs/host-quirks.md). Features it cannot run are hidden in CPUID (one mechanism for every guest; Linux's
-# own `clearcpuid=` takes only 127 characters) and, where Linux ignores CPUID (XSAVE), with a kernel parameter.
+# more (docs/host-quirks.md). Its guests see mostly the host's CPUID whatever KVM_SET_CPUID2 says (the cx16 bit
+# is honoured, popcnt/smap/umip are not), so Linux guests are also told with clearcpuid=, and XSAVE with noxsave.
 PVM_HIDDEN_FEATURES = ("cx16", "smap", "smep", "umip", "pcid", "invpcid", "fsgsbase", "popcnt", "bmi1", "bmi2",
                        "abm", "movbe", "rdrand", "rdseed", "erms", "fsrm", "avx", "avx2", "avx512f", "aes",
                        "pclmulqdq", "sha_ni", "adx", "rdpid", "clflushopt", "clwb", "xsaveopt", "xsavec", "xsaves")
@@ -31,6 +32,7 @@ PVM_QUIRKS = HostQuirks(
     name="kvm_pvm",
     cpuid_hide=PVM_HIDDEN_FEATURES,
     linux_cmdline=("noxsave", "nopti"),
+    linux_clearcpuid=True,
     notes=("software KVM (kvm_pvm): guest kernel code is interpreted, expect slow guest kernels",),
 )
 

@@ -16,7 +16,7 @@ from ..errors import CloudkvmError, GuestMemoryError
 from ..hostquirks import HostQuirks
 from ..kvm.native import ffi, lib
 from .x86_complete import complete
-from .x86_cpu import CpuPolicy
+from .x86_cpu import CpuPolicy, linux_clearcpuid
 
 log = logging.getLogger("cloudkvm.x86")
 
@@ -65,6 +65,27 @@ def _read(path: str, what: str) -> bytes:
     if not data:
         raise CloudkvmError(f"{path}: the {what} file is empty", f"pass a real {what}")
     return data
+
+
+def write_acpi_tables(folder, cpus: int, virtio_slots: list[VirtioMmioSlot] = ()) -> list:
+    """The tables an x86 VM with `cpus` vCPUs gets, one `<name>.dat` file each (as `iasl -d` reads them)."""
+    from pathlib import Path
+
+    if not 1 <= cpus <= 255:
+        raise CloudkvmError(f"--cpus {cpus}: an x86 VM has 1 to 255 vCPUs", "pick a count in that range")
+    board = X86Board(cpus, CpuPolicy(), HostQuirks())
+    tables = build_tables(board.acpi_config(list(virtio_slots)), ACPI_TABLES_ADDR)
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, blob in tables.tables.items():
+            path = folder / f"{name.lower()}.dat"
+            path.write_bytes(blob)
+            paths.append(path)
+    except OSError as exc:
+        raise CloudkvmError(f"{folder}: cannot write the tables: {exc.strerror}", "pick a writable folder") from None
+    return paths
 
 
 def memory_layout(memory: int) -> list[tuple[int, int]]:
@@ -189,8 +210,11 @@ class X86Board:
 
     def linux_cmdline(self, cmdline: str) -> str:
         """The user's command line plus the host quirks' Linux parameters (said once in the log)."""
-        extra = [p for p in self.quirks.linux_cmdline if p.split("=")[0] not in {a.split("=")[0] for a in
-                                                                                cmdline.split()}]
+        params = list(self.quirks.linux_cmdline)
+        if self.quirks.linux_clearcpuid:
+            params.append(linux_clearcpuid(self.quirks.cpuid_hide))
+        given = {a.split("=")[0] for a in cmdline.split()}
+        extra = [p for p in params if p and p.split("=")[0] not in given]
         return " ".join([cmdline.strip(), *extra]).strip()
 
     def boot_linux(self, kvm, vcpus, memory, kernel_path, initrd_path, cmdline: str,

@@ -23,6 +23,10 @@ FEATURES: dict[str, tuple[int, int, str, int]] = {
     "abm": (0x80000001, 0, "ecx", 5), "pdpe1gb": (0x80000001, 0, "edx", 26), "rdtscp": (0x80000001, 0, "edx", 27),
     "kvmclock": (0x40000001, 0, "eax", 3), "kvmclock_legacy": (0x40000001, 0, "eax", 0),
 }
+# Linux's capability word for each CPUID register we name (arch/x86/include/asm/cpufeatures.h, `enum cpuid_leafs`):
+# clearcpuid= takes word * 32 + bit, which also fits its 127-character limit where names would not.
+LINUX_CAP_WORDS = {(1, 0, "edx"): 0, (0x80000001, 0, "edx"): 1, (1, 0, "ecx"): 4, (0x80000001, 0, "ecx"): 6,
+                   (7, 0, "ebx"): 9, (0xD, 1, "eax"): 10, (7, 0, "ecx"): 16, (7, 0, "edx"): 18}
 DEPENDENTS = {"xsave": ("avx", "avx2", "avx512f", "xsaveopt", "xsavec", "xsaves", "fma", "f16c"),
               "kvmclock": ("kvmclock_legacy",)}
 
@@ -34,6 +38,17 @@ def check_feature_names(names: list[str], where: str = "cpu.hide") -> None:
             close = difflib.get_close_matches(name, FEATURES, n=1)
             hint = f"did you mean '{close[0]}'?" if close else "known: " + ", ".join(sorted(FEATURES))
             raise CloudkvmError(f"{where}: unknown CPU feature '{name}'", hint)
+
+
+def linux_clearcpuid(names) -> str:
+    """`clearcpuid=` for Linux hiding `names` (those with a Linux capability word), or "" when none has one."""
+    bits = []
+    for name in names:
+        leaf, sub, reg, bit = FEATURES[name]
+        word = LINUX_CAP_WORDS.get((leaf, sub, reg))
+        if word is not None:
+            bits.append(word * 32 + bit)
+    return "clearcpuid=" + ",".join(str(b) for b in sorted(set(bits))) if bits else ""
 
 
 @dataclass

@@ -1,0 +1,60 @@
+"""Debian's stock cloud kernel booted directly (64-bit entry, host-decompressed vmlinux, ACPI, 2 vCPUs),
+checked at early-boot milestones in its own log; a full boot to the initramfs' init is `slow`."""
+import re
+import threading
+
+import pytest
+
+from cloudkvm.guests.debian import INIT_MARKER, default_guest
+from cloudkvm.machine import LinuxBoot, Machine, MachineSpec
+from cloudkvm.vcpu_loop import VmResult
+
+CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0 lpj=4000000 tsc=reliable no_timer_check nowatchdog"
+E820_LINE = re.compile(r"BIOS-e820: \[mem 0x([0-9a-f]{16})-0x([0-9a-f]{16})\] (\w+)")
+E820_NAMES = {1: "usable", 2: "reserved", 3: "ACPI", 4: "ACPI"}
+
+
+def boot_until(needles: list[bytes], cpus: int, timeout: float, memory: int = 512 << 20):
+    """Boot the default Debian guest until every needle is in the console (then stop it) or `timeout`."""
+    kernel, initrd = default_guest()
+    spec = MachineSpec(payload=LinuxBoot(kernel, initrd, CMDLINE), cpus=cpus, memory=memory)
+    with Machine(spec) as machine:
+        def watch():
+            if all(machine.console.wait_for(n, timeout) for n in needles):
+                machine.end(VmResult("stopped", "milestones reached"))
+        threading.Thread(target=watch, daemon=True).start()
+        result = machine.run(timeout=timeout + 5)
+        return result, machine.console.text(), machine.board.e820_map(machine.memory)
+
+
+@pytest.fixture(scope="module")
+def early_boot():
+    needles = [b"ACPI: DSDT", b"smpboot: Allowing 2 CPUs"]
+    return boot_until(needles, cpus=2, timeout=400)
+
+
+def test_the_kernel_prints_the_e820_map_we_gave(early_boot):
+    result, console, e820 = early_boot
+    assert "Linux version 6.1" in console, (result, console[-2000:])
+    printed = [(int(a, 16), int(b, 16) - int(a, 16) + 1, kind) for a, b, kind in E820_LINE.findall(console)]
+    assert printed == [(addr, size, E820_NAMES[t]) for addr, size, t in e820], console[-3000:]
+
+
+def test_the_kernel_finds_every_acpi_table(early_boot):
+    result, console, _ = early_boot
+    for table in ("RSDP", "XSDT", "FACP", "APIC", "DSDT"):
+        assert re.search(rf"ACPI: {table} 0x00000000000E[0-9A-F]{{4}}", console), (table, console[-3000:])
+
+
+def test_the_kernel_allows_two_cpus_from_the_madt(early_boot):
+    result, console, _ = early_boot
+    assert "ACPI: Using ACPI (MADT) for SMP configuration information" in console
+    assert "smpboot: Allowing 2 CPUs, 0 hotplug CPUs" in console
+    assert result.reason == "stopped", result
+
+
+@pytest.mark.slow
+def test_full_boot_reaches_the_initramfs_init():
+    result, console, _ = boot_until([INIT_MARKER.encode()], cpus=2, timeout=3600)
+    assert INIT_MARKER in console, (result, console[-3000:])
+    assert "smpboot: Total of 2 processors activated" in console

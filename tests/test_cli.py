@@ -1,0 +1,71 @@
+"""The command line as a user meets it: exit codes, one-line errors, the files it writes."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cloudkvm.kvm.system import kvm_available
+
+
+def cloudkvm(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "cloudkvm", *args], capture_output=True, text=True, timeout=300,
+                          **kw)
+
+
+def one_line_error(proc):
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc
+    assert len(lines) == 1 and lines[0].startswith("cloudkvm: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("content,expect", [
+    (b"", "is empty"),
+    (b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x02\x00\xb7\x00" + bytes(44), "aarch64"),
+    (bytes(0x1F0), "truncated"),
+    (bytes(0x1FE) + b"\x55\xaa" + b"\xeb\x66" + b"HdrS" + b"\x00\x02" + bytes(0x300), "protocol"),
+], ids=["empty", "arm64-elf", "truncated", "old-protocol"])
+def test_boot_refuses_a_malformed_kernel_with_one_line_and_exit_2(tmp_path, content, expect):
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(content)
+    line = one_line_error(cloudkvm("boot", "--kernel", str(kernel)))
+    assert str(kernel) in line and expect in line
+
+
+def test_boot_refuses_a_missing_kernel_and_initrd(tmp_path):
+    assert "No such file" in one_line_error(cloudkvm("boot", "--kernel", str(tmp_path / "nope")))
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"x")
+    line = one_line_error(cloudkvm("boot", "--kernel", str(kernel), "--initrd", str(tmp_path / "nope")))
+    assert "initrd" in line
+
+
+def test_bad_memory_size_is_a_one_line_error(tmp_path):
+    assert "--memory" in one_line_error(cloudkvm("boot", "--kernel", "/dev/null", "--memory", "lots"))
+
+
+def test_unknown_command_exits_2():
+    assert cloudkvm("frobnicate").returncode == 2
+
+
+def test_inspect_acpi_writes_tables_that_iasl_disassembles(tmp_path):
+    proc = cloudkvm("inspect", "acpi", "--cpus", "4", "-o", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["apic.dat", "dsdt.dat", "facp.dat", "rsdp.dat", "xsdt.dat"]
+    if shutil.which("iasl") is None:
+        pytest.skip("iasl is not installed (apt-get install acpica-tools)")
+    for table in ("apic", "dsdt", "facp", "xsdt"):
+        out = subprocess.run(["iasl", "-d", f"{table}.dat"], cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 0 and "Error" not in out.stdout + out.stderr, out
+    assert (tmp_path / "apic.dsl").read_text().count("Processor Local APIC") == 4
+
+
+@pytest.mark.skipif(not kvm_available()[0], reason=f"/dev/kvm unavailable: {kvm_available()[1]}")
+def test_demo_runs_the_built_in_guest_and_exits_0():
+    proc = cloudkvm("demo", "--cpus", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "hello from vCPU 0 of 2" in proc.stdout and "hello from vCPU 1 of 2" in proc.stdout
+    assert "VM ended: poweroff" in proc.stderr
