@@ -29,7 +29,7 @@ def boot_until(needles: list[bytes], cpus: int, timeout: float, memory: int = 51
 
 @pytest.fixture(scope="module")
 def early_boot():
-    needles = [b"ACPI: DSDT", b"smpboot: Allowing 2 CPUs"]
+    needles = [b"ACPI: DSDT", b"smpboot: Allowing 2 CPUs, 0 hotplug CPUs"]
     return boot_until(needles, cpus=2, timeout=400)
 
 
