@@ -45,5 +45,6 @@ def guest_binary():
     from cloudkvm.guests.build import build_flat
 
     def build(name: str) -> Path:
-        return build_flat(GUESTS / f"{name}.S")
+        source = GUESTS / f"{name}.S"
+        return build_flat(source if source.exists() else GUESTS / f"{name}.c")
     return build

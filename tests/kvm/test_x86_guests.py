@@ -186,3 +186,10 @@ def test_without_host_quirks_an_emulation_failure_is_reported_with_instruction_b
     run = run_guest(guest_binary("quirks"), host_quirks=False)
     assert run.result.reason == "emulation-failure", run.result
     assert "instruction bytes cc" in run.result.detail and run.result.rip is not None
+
+
+def test_freestanding_c_guests_run_on_every_vcpu(guest_binary):
+    run = run_guest(guest_binary("c_hello"), cpus=2)
+    assert run.result.reason == "poweroff", run.result
+    assert "c_hello: vCPU 0 of 2" in run.console and "c_hello: vCPU 1 of 2" in run.console
+    assert "c_hello: libc ok" in run.console and "c_hello: 0x0242ffca" in run.console
