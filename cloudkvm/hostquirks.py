@@ -14,7 +14,7 @@ class HostQuirks:
     name: str = ""
     cpuid_hide: tuple[str, ...] = ()
     linux_cmdline: tuple[str, ...] = ()
-    linux_clearcpuid: bool = False  # also tell Linux (clearcpuid=) about cpuid_hide: this KVM ignores most of it
+    linux_clearcpuid: tuple[str, ...] = ()  # features to clear in Linux too (clearcpuid=): the KVM ignores CPUID
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -25,14 +25,18 @@ class HostQuirks:
 # kvm_pvm interprets guest CPL0 code; its emulator stops on `lock cmpxchg16b`, `xrstor`, `clac`, `popcnt` and
 # more (docs/host-quirks.md). Its guests see mostly the host's CPUID whatever KVM_SET_CPUID2 says (the cx16 bit
 # is honoured, popcnt/smap/umip are not), so Linux guests are also told with clearcpuid=, and XSAVE with noxsave.
-PVM_HIDDEN_FEATURES = ("cx16", "smap", "smep", "umip", "pcid", "invpcid", "fsgsbase", "popcnt", "bmi1", "bmi2",
-                       "abm", "movbe", "rdrand", "rdseed", "erms", "fsrm", "avx", "avx2", "avx512f", "aes",
-                       "pclmulqdq", "sha_ni", "adx", "rdpid", "clflushopt", "clwb", "xsaveopt", "xsavec", "xsaves")
+# sse3/ssse3/sse4: Linux's boot-time users (blake2s_compress_ssse3 for the RNG) run SSE code at CPL0.
+PVM_LINUX_CLEARED = ("cx16", "smap", "smep", "umip", "pcid", "invpcid", "fsgsbase", "popcnt", "bmi1", "bmi2",
+                     "abm", "movbe", "rdrand", "rdseed", "erms", "fsrm", "avx", "avx2", "avx512f", "aes",
+                     "pclmulqdq", "sha_ni", "adx", "rdpid", "clflushopt", "clwb", "sse3", "ssse3", "sse4_1",
+                     "sse4_2")
+# xsave* are cleared in Linux by noxsave (their parent), so they stay out of the 127-character clearcpuid=.
+PVM_HIDDEN_FEATURES = PVM_LINUX_CLEARED + ("xsaveopt", "xsavec", "xsaves")
 PVM_QUIRKS = HostQuirks(
     name="kvm_pvm",
     cpuid_hide=PVM_HIDDEN_FEATURES,
     linux_cmdline=("noxsave", "nopti"),
-    linux_clearcpuid=True,
+    linux_clearcpuid=PVM_LINUX_CLEARED,
     notes=("software KVM (kvm_pvm): guest kernel code is interpreted, expect slow guest kernels",),
 )
 

@@ -212,7 +212,7 @@ class X86Board:
         """The user's command line plus the host quirks' Linux parameters (said once in the log)."""
         params = list(self.quirks.linux_cmdline)
         if self.quirks.linux_clearcpuid:
-            params.append(linux_clearcpuid(self.quirks.cpuid_hide))
+            params.append(linux_clearcpuid(self.quirks.linux_clearcpuid))
         given = {a.split("=")[0] for a in cmdline.split()}
         extra = [p for p in params if p and p.split("=")[0] not in given]
         return " ".join([cmdline.strip(), *extra]).strip()

@@ -40,15 +40,22 @@ def check_feature_names(names: list[str], where: str = "cpu.hide") -> None:
             raise CloudkvmError(f"{where}: unknown CPU feature '{name}'", hint)
 
 
+LINUX_CLEARCPUID_MAX = 127  # Linux copies clearcpuid's value into a 128-byte buffer (cpu_parse_early_param)
+
+
 def linux_clearcpuid(names) -> str:
-    """`clearcpuid=` for Linux hiding `names` (those with a Linux capability word), or "" when none has one."""
+    """`clearcpuid=` for Linux hiding `names` (those with a Linux capability word), or "" when none has one.
+    Raises ValueError when the value would not fit Linux's buffer (it would silently drop the rest)."""
     bits = []
     for name in names:
         leaf, sub, reg, bit = FEATURES[name]
         word = LINUX_CAP_WORDS.get((leaf, sub, reg))
         if word is not None:
             bits.append(word * 32 + bit)
-    return "clearcpuid=" + ",".join(str(b) for b in sorted(set(bits))) if bits else ""
+    value = ",".join(str(b) for b in sorted(set(bits)))
+    if len(value) > LINUX_CLEARCPUID_MAX:
+        raise ValueError(f"clearcpuid= would be {len(value)} characters; Linux reads {LINUX_CLEARCPUID_MAX}")
+    return f"clearcpuid={value}" if value else ""
 
 
 @dataclass

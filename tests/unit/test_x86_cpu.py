@@ -268,3 +268,28 @@ def test_registers_stay_32_bit_with_more_than_64_cpus():
 def test_leaf1_ebx_stays_32_bit_for_apic_ids_above_255():
     out = CpuPolicy().cpuid_for(supported(), apic_id=256, ncpus=300)
     assert 0 <= entry(out, 1)["ebx"] <= ALL
+
+
+def test_linux_clearcpuid_uses_linux_capability_numbers():
+    from cloudkvm.boards.x86_cpu import linux_clearcpuid
+
+    # word 4 = CPUID.1:ECX (cx16 = bit 13, popcnt = bit 23); word 9 = CPUID.7.0:EBX (smap = bit 20)
+    assert linux_clearcpuid(["popcnt", "cx16", "smap"]) == "clearcpuid=141,151,308"
+    assert linux_clearcpuid(["kvmclock"]) == ""  # no Linux capability word for KVM's leaves
+
+
+def test_linux_clearcpuid_refuses_what_linux_would_truncate():
+    from cloudkvm.boards.x86_cpu import FEATURES, linux_clearcpuid
+
+    with pytest.raises(ValueError, match="127"):
+        linux_clearcpuid(list(FEATURES))
+
+
+def test_the_pvm_quirk_list_fits_linux_and_covers_the_observed_stops():
+    from cloudkvm.boards.x86_cpu import linux_clearcpuid
+    from cloudkvm.hostquirks import PVM_QUIRKS
+
+    value = linux_clearcpuid(PVM_QUIRKS.linux_clearcpuid)
+    assert len(value) - len("clearcpuid=") <= 127
+    for name in ("cx16", "smap", "popcnt", "ssse3"):  # the stops seen on kvm_pvm
+        assert name in PVM_QUIRKS.linux_clearcpuid

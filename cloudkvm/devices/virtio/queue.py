@@ -1,0 +1,278 @@
+"""The split virtqueue, device side (virtio 1.2 §2.7): pop validated descriptor chains, push used elements.
+
+The driver owns the descriptor table and the available ring; we only read them, and only through `GuestMemory`,
+so nothing a driver writes there can make us touch memory outside guest RAM. Every chain is validated before a
+device sees it; a chain we cannot accept raises `BadChain`, a ring we cannot trust raises `BadQueue`.
+"""
+import struct
+from dataclasses import dataclass, field
+
+from ...kvm.memory import GuestMemory
+
+# virtio 1.2 §2.7.5 struct virtq_desc flags.
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+# virtio 1.2 §2.7.6 struct virtq_avail flags.
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+# virtio 1.2 §2.7.8 struct virtq_used flags.
+VIRTQ_USED_F_NO_NOTIFY = 1
+# virtio 1.2 §6 reserved feature bits (Linux calls the first two VIRTIO_RING_F_*).
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_RING_F_INDIRECT_DESC = VIRTIO_F_INDIRECT_DESC
+VIRTIO_RING_F_EVENT_IDX = VIRTIO_F_EVENT_IDX
+
+# virtio 1.2 §2.7: "The maximum Queue Size value is 32768"; alignment and size of each part (table in §2.7).
+MAX_QUEUE_SIZE = 32768
+DESC_SIZE = 16
+DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
+# virtio 1.2 §2.7.5: "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes in total".
+MAX_CHAIN_BYTES = 1 << 32
+
+_DESC = struct.Struct("<QIHH")      # addr, len, flags, next
+_USED_ELEM = struct.Struct("<II")   # id, len
+
+
+def desc_table_size(size: int) -> int:
+    return DESC_SIZE * size
+
+
+def avail_ring_size(size: int) -> int:
+    return 6 + 2 * size   # flags, idx, ring[size], used_event
+
+
+def used_ring_size(size: int) -> int:
+    return 6 + 8 * size   # flags, idx, ring[size] of (id, len), avail_event
+
+
+class VirtqueueError(Exception):
+    """Something the driver put in a virtqueue that the device will not accept."""
+
+    def __init__(self, reason: str, kind: str):
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind    # a short category, stable across occurrences (used to log each kind once)
+
+
+class BadChain(VirtqueueError):
+    """One descriptor chain is invalid.
+
+    `head` is the chain's head index when it is a valid index (the chain can then be returned on the used ring),
+    else None. `segments` is the whole chain, unvalidated, when its structure could be walked to the end and only
+    a buffer was wrong (outside RAM, readable after writable): a device may then still write an error status into
+    the last writable byte (through GuestMemory, which refuses anything outside RAM). Otherwise None.
+    """
+
+    def __init__(self, reason: str, kind: str, head: int | None = None,
+                 segments: list[tuple[int, int, bool]] | None = None):
+        super().__init__(reason, kind)
+        self.head = head
+        self.segments = segments
+
+
+class BadQueue(VirtqueueError):
+    """The ring itself cannot be trusted (bad layout, avail idx moved too far): the device needs a reset."""
+
+
+@dataclass(slots=True)
+class Chain:
+    """A validated descriptor chain: device-readable segments first, then device-writable ones.
+
+    Each segment is (guest-physical address, length, is_write); every one lies inside guest RAM and has a non-zero
+    length (zero-length descriptors carry nothing and are dropped).
+    """
+
+    head: int
+    segments: list[tuple[int, int, bool]] = field(default_factory=list)
+
+    @property
+    def readable(self) -> list[tuple[int, int]]:
+        return [(gpa, length) for gpa, length, w in self.segments if not w]
+
+    @property
+    def writable(self) -> list[tuple[int, int]]:
+        return [(gpa, length) for gpa, length, w in self.segments if w]
+
+    @property
+    def readable_len(self) -> int:
+        return sum(length for _, length, w in self.segments if not w)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(length for _, length, w in self.segments if w)
+
+
+class Virtqueue:
+    """One split virtqueue. The transport sets `size`, the three addresses and `ready`; devices `pop`/`push`.
+
+    Not thread-safe by itself: the transport serialises every use under its lock.
+    """
+
+    def __init__(self, memory: GuestMemory, max_size: int, index: int = 0):
+        if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue max size {max_size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        self.memory = memory
+        self.max_size = max_size
+        self.index = index
+        self.event_idx = False      # VIRTIO_F_EVENT_IDX negotiated
+        self.indirect = False       # VIRTIO_F_INDIRECT_DESC negotiated
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.desc_table = 0         # Descriptor Area
+        self.avail_ring = 0         # Driver Area
+        self.used_ring = 0          # Device Area
+        self.ready = False
+        self.last_avail = 0         # next avail ring entry we will consume (free-running u16)
+        self.used_idx = 0           # our copy of used->idx (free-running u16)
+        self._avail_idx = 0         # avail->idx as read at the start of the current batch
+        self._signalled_used = 0    # used_idx when needs_interrupt last decided
+
+    # ---- set-up (transport) ------------------------------------------------------------------------------------
+
+    def check_layout(self) -> None:
+        """Raise BadQueue unless size and the three areas are valid: power of two, aligned, wholly inside RAM."""
+        size = self.size
+        if not 1 <= size <= self.max_size or size & (size - 1):
+            raise BadQueue(f"queue {self.index}: size {size} is not a power of two in 1..{self.max_size}", "size")
+        for name, gpa, align, length in (("descriptor table", self.desc_table, DESC_ALIGN, desc_table_size(size)),
+                                         ("driver area", self.avail_ring, AVAIL_ALIGN, avail_ring_size(size)),
+                                         ("device area", self.used_ring, USED_ALIGN, used_ring_size(size))):
+            if gpa % align:   # virtio 1.2 §2.7.1: the driver MUST align each part
+                raise BadQueue(f"queue {self.index}: {name} 0x{gpa:x} is not {align}-byte aligned", "align")
+            if not self.memory.contains(gpa, length):
+                raise BadQueue(f"queue {self.index}: {name} 0x{gpa:x}+0x{length:x} is outside guest RAM", "layout")
+
+    def activate(self) -> None:
+        """Start from the indices the driver starts from (0); the used ring's idx is ours to initialise."""
+        self.check_layout()
+        self.last_avail = self._avail_idx = 0
+        self.used_idx = self._signalled_used = 0
+        self.memory.write_u16(self.used_ring + 2, 0)
+        self.ready = True
+
+    # ---- the device side ---------------------------------------------------------------------------------------
+
+    def pop(self) -> Chain | None:
+        """The next available descriptor chain, validated, or None when the driver has made nothing more available.
+
+        Raises BadChain (that one chain is bad; the queue moves on past it) or BadQueue (the ring is broken).
+        """
+        if self.last_avail == self._avail_idx:
+            if not self._refill():
+                return None
+        slot = self.last_avail % self.size
+        head = self.memory.read_u16(self.avail_ring + 4 + 2 * slot)
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if head >= self.size:
+            raise BadChain(f"queue {self.index}: avail ring head {head} is out of range (size {self.size})",
+                           "head-out-of-range")
+        return self._walk(head)
+
+    def _refill(self) -> bool:
+        """Read avail->idx once for a new batch; False when nothing new is available."""
+        mem = self.memory
+        if self.event_idx:
+            # virtio 1.2 §2.7.10: avail_event asks the driver to notify once it adds entry `last_avail`. Written
+            # before re-reading idx, so a buffer added meanwhile is either seen now or notified.
+            mem.write_u16(self.used_ring + 4 + 8 * self.size, self.last_avail)
+        idx = mem.read_u16(self.avail_ring + 2)
+        pending = (idx - self.last_avail) & 0xFFFF
+        if pending > self.size:
+            raise BadQueue(f"queue {self.index}: avail idx moved from {self.last_avail} to {idx}, more than the "
+                           f"queue size {self.size}", "avail-idx")
+        self._avail_idx = idx
+        return pending != 0
+
+    def _walk(self, head: int) -> Chain:
+        mem = self.memory
+        table, entries = self.desc_table, self.size
+        in_indirect = False
+        idx = head
+        seen: set[int] = set()
+        segments: list[tuple[int, int, bool]] = []
+        count = total = 0
+        writing = False
+        problem: tuple[str, str] | None = None    # a buffer-level fault: the chain is still walked to its end
+
+        def bad(reason: str, kind: str) -> BadChain:
+            return BadChain(f"queue {self.index} chain {head}: {reason}", kind, head)
+
+        while True:
+            if idx >= entries:
+                where = "indirect table" if in_indirect else "descriptor table"
+                raise bad(f"next index {idx} is outside the {where} ({entries} entries)", "next-out-of-range")
+            if idx in seen:
+                raise bad(f"descriptor {idx} is visited twice (a loop)", "loop")
+            seen.add(idx)
+            addr, length, flags, nxt = _DESC.unpack(mem.read(table + DESC_SIZE * idx, DESC_SIZE))
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                # virtio 1.2 §2.7.5.3.1: only with the feature, never inside an indirect table, never with NEXT.
+                if not self.indirect:
+                    raise bad("INDIRECT flag without VIRTIO_F_INDIRECT_DESC negotiated", "indirect-not-negotiated")
+                if in_indirect:
+                    raise bad("indirect descriptor inside an indirect table", "nested-indirect")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise bad("indirect descriptor with the NEXT flag", "indirect-next")
+                if length == 0 or length % DESC_SIZE:
+                    raise bad(f"indirect table length {length} is not a non-zero multiple of 16", "indirect-len")
+                if not mem.contains(addr, length):
+                    raise bad(f"indirect table 0x{addr:x}+0x{length:x} is outside guest RAM", "outside-ram")
+                table, entries = addr, length // DESC_SIZE
+                in_indirect = True
+                idx = 0
+                seen = set()
+                continue     # the WRITE flag of the descriptor naming the table is ignored (§2.7.5.3.2)
+            count += 1
+            if count > self.size:   # §2.7.5.3.1: no chain longer than the queue size (indirect ones included)
+                raise bad(f"more than {self.size} descriptors (the queue size)", "too-long")
+            is_write = bool(flags & VIRTQ_DESC_F_WRITE)
+            if is_write:
+                writing = True
+            elif writing and problem is None:   # §2.7.4.2: device-writable elements come last
+                problem = ("a device-readable descriptor follows a device-writable one", "order")
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise bad("more than 2^32 bytes in total", "too-large")
+            if length:
+                if problem is None and not mem.contains(addr, length):
+                    problem = (f"buffer 0x{addr:x}+0x{length:x} is outside guest RAM", "outside-ram")
+                segments.append((addr, length, is_write))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            idx = nxt
+        if problem is not None:
+            exc = bad(*problem)
+            exc.segments = segments
+            raise exc
+        return Chain(head, segments)
+
+    def push(self, head: int, written_len: int) -> None:
+        """Return chain `head` to the driver: the used element first, then used->idx (§2.7.8.2)."""
+        if not 0 <= head < self.size:
+            raise ValueError(f"queue {self.index}: head {head} is not a descriptor index")
+        slot = self.used_idx % self.size
+        self.memory.write(self.used_ring + 4 + 8 * slot, _USED_ELEM.pack(head, min(max(written_len, 0), 0xFFFFFFFF)))
+        # On x86 stores are not reordered with other stores; Python issues them in program order.
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.memory.write_u16(self.used_ring + 2, self.used_idx)
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants a used buffer notification for what was pushed since the last call."""
+        new, old = self.used_idx, self._signalled_used
+        if new == old:
+            return False
+        self._signalled_used = new
+        if self.event_idx:
+            # virtio 1.2 §2.7.7.2: notify when used idx passes used_event; the wrap-safe test of whether
+            # used_event lies in [old, new) (the same comparison the spec's virtio_ring.h helper makes).
+            used_event = self.memory.read_u16(self.avail_ring + 4 + 2 * self.size)
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not self.memory.read_u16(self.avail_ring) & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def __repr__(self) -> str:
+        return (f"Virtqueue(index={self.index}, size={self.size}, ready={self.ready}, desc=0x{self.desc_table:x}, "
+                f"avail=0x{self.avail_ring:x}, used=0x{self.used_ring:x})")
+

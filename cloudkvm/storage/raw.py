@@ -1,0 +1,124 @@
+"""Raw disk images: the virtual disk is the file, byte for byte.
+
+pread/pwrite are os.pread/os.pwrite; flush is fdatasync; discard punches a hole (fallocate PUNCH_HOLE|KEEP_SIZE,
+skipped where the file system cannot); write_zeroes uses fallocate ZERO_RANGE, then PUNCH_HOLE (holes read as
+zeros), then falls back to writing zeros. Block devices work too (their size comes from seeking to the end).
+"""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+from ..errors import CloudkvmError
+from ._util import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, check_range, fallocate,
+                    lock_image, pread_full, pwrite_full)
+from .errors import ReadOnlyDisk
+
+_ZERO_CHUNK = 1 << 20
+
+
+class RawDisk:
+    format = "raw"
+
+    def __init__(self, path: str | os.PathLike, read_only: bool = False):
+        from . import open_error
+        self.path = os.fspath(path)
+        self.read_only = read_only
+        try:
+            fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as err:
+            raise open_error(self.path, err, read_only) from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise CloudkvmError(f"{self.path}: is a folder, not a disk image", "name the image file")
+            self._is_block = stat.S_ISBLK(st.st_mode)
+            self.size = os.lseek(fd, 0, os.SEEK_END) if self._is_block else st.st_size
+            lock_image(fd, self.path, read_only)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._can_punch = True
+        self._can_zero_range = True
+
+    # -- the Disk protocol -------------------------------------------------------------------------------------
+    def pread(self, length: int, offset: int) -> bytes:
+        check_range(self, length, offset)
+        return pread_full(self._fd, length, offset)
+
+    def pwrite(self, data, offset: int) -> None:
+        if self.read_only:
+            raise ReadOnlyDisk(f"{self.path}: disk opened read-only")
+        check_range(self, memoryview(data).nbytes, offset)
+        pwrite_full(self._fd, data, offset)
+
+    def flush(self) -> None:
+        if not self.read_only:
+            os.fdatasync(self._fd)
+
+    def discard(self, length: int, offset: int) -> None:
+        if self.read_only:
+            raise ReadOnlyDisk(f"{self.path}: disk opened read-only")
+        check_range(self, length, offset)
+        if self._can_punch and not self._is_block:
+            with self._lock:
+                self._can_punch = fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def write_zeroes(self, length: int, offset: int) -> None:
+        if self.read_only:
+            raise ReadOnlyDisk(f"{self.path}: disk opened read-only")
+        check_range(self, length, offset)
+        if length == 0:
+            return
+        if not self._is_block:
+            with self._lock:
+                if self._can_zero_range:
+                    self._can_zero_range = fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                                                      offset, length)
+                    if self._can_zero_range:
+                        return
+                if self._can_punch:
+                    self._can_punch = fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                                offset, length)
+                    if self._can_punch:
+                        return
+        zeros = bytes(min(length, _ZERO_CHUNK))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            pwrite_full(self._fd, zeros[:n] if n < len(zeros) else zeros, offset)
+            offset += n
+
+    def grow(self, new_size: int) -> None:
+        """Make the virtual disk `new_size` bytes (growing only; the new space reads as zeros)."""
+        if self.read_only:
+            raise ReadOnlyDisk(f"{self.path}: disk opened read-only")
+        if new_size < self.size:
+            raise CloudkvmError(f"{self.path}: cannot shrink the disk from {self.size} to {new_size} bytes",
+                                "only growing is supported")
+        if self._is_block:
+            raise CloudkvmError(f"{self.path}: cannot resize a block device", "resize the device itself")
+        with self._lock:
+            os.ftruncate(self._fd, new_size)
+            self.size = new_size
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                if not self.read_only:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RawDisk({self.path!r}, size={self.size}, read_only={self.read_only})"
