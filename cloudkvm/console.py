@@ -15,6 +15,17 @@ class ConsoleLog:
         self._tail = bytearray()
         self._total = 0
         self._cond = threading.Condition()
+        self._listeners: list = []
+
+    def add_listener(self, fn) -> None:
+        """`fn(bytes)` is called with every later chunk of output (e.g. an attached `cloudkvm console`)."""
+        with self._cond:
+            self._listeners.append(fn)
+
+    def remove_listener(self, fn) -> None:
+        with self._cond:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
 
     def write(self, data: bytes) -> None:
         if self.fd is not None:
@@ -28,6 +39,9 @@ class ConsoleLog:
             if len(self._tail) > self.tail_limit:
                 del self._tail[:len(self._tail) - self.tail_limit]
             self._cond.notify_all()
+            listeners = list(self._listeners)
+        for fn in listeners:
+            fn(data)
 
     def text(self) -> str:
         with self._cond:

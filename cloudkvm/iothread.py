@@ -21,15 +21,22 @@ class IoThread:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self.call_soon(lambda: self._sel.register(fd, selectors.EVENT_READ, callback))
+        self._now_or_soon(lambda: self._sel.register(fd, selectors.EVENT_READ, callback))
 
     def remove_reader(self, fd: int) -> None:
+        """Stop watching `fd`. On the I/O thread this happens at once, so the fd can be closed right after."""
         def remove():
             try:
                 self._sel.unregister(fd)
             except (KeyError, ValueError):
                 pass
-        self.call_soon(remove)
+        self._now_or_soon(remove)
+
+    def _now_or_soon(self, fn: Callable[[], None]) -> None:
+        if threading.current_thread() is self._thread:
+            fn()
+        else:
+            self.call_soon(fn)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         self._calls.append(fn)

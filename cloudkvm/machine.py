@@ -151,6 +151,10 @@ class Machine:
         self.stopping.set()
         self._kick_all()
 
+    def request_shutdown(self) -> bool:
+        """Ask the guest to power off (x86: the ACPI power button). False when the board has no such way."""
+        return self.board.request_shutdown(self.vm)
+
     def guest_power(self, reason: str, detail: str) -> None:
         self.end(VmResult(reason, detail))
 

@@ -48,7 +48,8 @@ RTC_PORT = 0x70
 POST_PORT = 0x80
 PCI_CONFIG_PORT = 0xCF8
 ACPI_POWER_PORT = 0x600          # sleep control 0x600, sleep status 0x601, reset 0x602
-FIRST_FREE_GSI = 5               # GSIs from here on are free for virtio-mmio devices (edge)
+POWER_BUTTON_GSI = 9             # ACPI Generic Event Device: an edge here is "power button pressed" (the PC SCI line)
+VIRTIO_GSIS = (5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)  # free IOAPIC pins, edge
 
 # --- MSRs set at reset (Intel SDM Vol. 4) ---------------------------------------------------------------------
 MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING = 0x1A0, 1 << 0
@@ -206,7 +207,14 @@ class X86Board:
     def acpi_config(self, virtio_slots: list[VirtioMmioSlot]) -> AcpiConfig:
         return AcpiConfig(cpus=self.cpus, ioapic_addr=IOAPIC_ADDR, lapic_addr=LAPIC_ADDR,
                           sleep_control_port=ACPI_POWER_PORT, sleep_status_port=ACPI_POWER_PORT + 1,
-                          reset_port=ACPI_POWER_PORT + 2, com1=(COM1_PORT, COM1_IRQ), virtio_mmio=virtio_slots)
+                          reset_port=ACPI_POWER_PORT + 2, com1=(COM1_PORT, COM1_IRQ), virtio_mmio=virtio_slots,
+                          power_button_gsi=POWER_BUTTON_GSI)
+
+    def request_shutdown(self, vm) -> bool:
+        """Press the ACPI power button: an edge on the GED's GSI (the guest's OS decides to power off)."""
+        vm.irq_line(POWER_BUTTON_GSI, 1)
+        vm.irq_line(POWER_BUTTON_GSI, 0)
+        return True
 
     def linux_cmdline(self, cmdline: str) -> str:
         """The user's command line plus the host quirks' Linux parameters (said once in the log)."""

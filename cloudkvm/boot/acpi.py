@@ -109,6 +109,7 @@ class AcpiConfig:
     s5_slp_typ: int = 5
     com1: tuple[int, int] | None = (0x3F8, 4)  # (I/O port, ISA IRQ)
     virtio_mmio: list[VirtioMmioSlot] = field(default_factory=list)
+    power_button_gsi: int | None = None  # a Generic Event Device that notifies the power button on this GSI
     oem_id: bytes = b"CLDKVM"
     oem_table_id: bytes = b"CLOUDKVM"
 
@@ -207,6 +208,11 @@ def build_madt(cfg: AcpiConfig) -> bytes:
     return _sdt(b"APIC", MADT_REVISION, b"".join(parts), cfg)
 
 
+POWER_BUTTON_HID = "PNP0C0C"  # §4.8.2.2.1.2: control-method power button
+GED_HID = "ACPI0013"  # §5.6.9: Generic Event Device
+NOTIFY_POWER_BUTTON = 0x80  # §5.6.6 Table 5.187: power button pressed (device-specific notification 0x80)
+
+
 def build_dsdt(cfg: AcpiConfig) -> bytes:
     """DSDT: \\_SB_ with COM1 and the virtio-mmio devices, and \\_S5_ (§5.2.11.1, §7.4.2)."""
     devices = []
@@ -229,6 +235,20 @@ def build_dsdt(cfg: AcpiConfig) -> bytes:
             aml.name("_CRS", aml.resource_template(
                 aml.memory32_fixed(slot.base, slot.size, read_write=True),
                 aml.extended_interrupt(slot.gsi, consumer=True, edge=True, active_low=False, shared=False))),
+        ))
+    if cfg.power_button_gsi is not None:
+        gsi = cfg.power_button_gsi
+        devices.append(aml.device("PWRB", aml.name("_HID", aml.eisa_id(POWER_BUTTON_HID)),  # §4.8.2.2.1.2
+                                  aml.name("_UID", 0)))
+        devices.append(aml.device(
+            "GED0",
+            aml.name("_HID", GED_HID),  # §5.6.9 Generic Event Device
+            aml.name("_UID", 0),
+            aml.name("_CRS", aml.resource_template(
+                aml.extended_interrupt(gsi, consumer=True, edge=True, active_low=False, shared=False))),
+            # §5.6.9.3: the OS calls _EVT with the GSI that fired; ours means "power button pressed" (0x80)
+            aml.method("_EVT", aml.if_(aml.lequal(aml.arg(0), gsi),
+                                       aml.notify("\\_SB_.PWRB", NOTIFY_POWER_BUTTON)), args=1, serialized=True),
         ))
     body = aml.scope("\\_SB_", *devices) + aml.name("\\_S5_", aml.package(cfg.s5_slp_typ, 0, 0, 0))
     return _sdt(b"DSDT", DSDT_REVISION, body, cfg)

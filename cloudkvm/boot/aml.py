@@ -28,6 +28,10 @@ ROOT_CHAR = 0x5C  # §20.2.2 RootChar '\'
 PARENT_PREFIX_CHAR = 0x5E  # §20.2.2 ParentPrefixChar '^'
 NULL_NAME = 0x00  # §20.2.2 NullName
 RETURN_OP = 0xA4  # §20.2.5.3 ReturnOp
+IF_OP = 0xA0  # §20.2.5.3 IfOp
+NOTIFY_OP = 0x86  # §20.2.5.3 NotifyOp
+LEQUAL_OP = 0x93  # §20.2.5.4 LEqualOp
+ARG0_OP = 0x68  # §20.2.6.1 Arg0Op (Arg1..Arg6 follow)
 
 PKG_LENGTH_MAX = (1 << 28) - 1  # §20.2.4 PkgLength: at most 28 bits in the 4-byte form
 _LEAD_CHARS = string.ascii_uppercase + "_"  # §20.2.2 LeadNameChar
@@ -175,6 +179,28 @@ def method(path: str, *terms: bytes, args: int = 0, serialized: bool = False, sy
 def return_(value: Aml) -> bytes:
     """DefReturn: ReturnOp ArgObject."""
     return bytes([RETURN_OP]) + term(value)
+
+
+def arg(n: int) -> bytes:
+    """ArgObj: Arg0..Arg6."""
+    if not 0 <= n <= 6:
+        raise ValueError("AML methods have Arg0..Arg6")
+    return bytes([ARG0_OP + n])
+
+
+def lequal(left: Aml, right: Aml) -> bytes:
+    """DefLEqual: LEqualOp Operand Operand."""
+    return bytes([LEQUAL_OP]) + term(left) + term(right)
+
+
+def if_(predicate: bytes, *terms: bytes) -> bytes:
+    """DefIfElse without Else: IfOp PkgLength Predicate TermList."""
+    return bytes([IF_OP]) + with_pkg_length(predicate + b"".join(terms))
+
+
+def notify(path: str, value: int) -> bytes:
+    """DefNotify: NotifyOp NotifyObject(SuperName) NotifyValue."""
+    return bytes([NOTIFY_OP]) + name_string(path) + term(value)
 
 
 # --- Resource descriptors (§6.4) ---------------------------------------------------

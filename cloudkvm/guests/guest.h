@@ -34,6 +34,22 @@ static inline void putdec(u64 v)
     puts(&buf[i]);
 }
 
+/* Interrupts: an IDT of 64-bit gates, the local APIC and IOAPIC at the board's addresses (x86.py). */
+#define LAPIC 0xfee00000ul
+#define IOAPIC 0xfec00000ul
+struct interrupt_frame;
+typedef void (*isr_t)(struct interrupt_frame *);
+void idt_set_gate(u8 vector, isr_t handler);
+void idt_load(void);
+void pic_mask_all(void);
+void lapic_enable(void);
+void ioapic_route(u8 pin, u8 vector, int level_triggered);
+static inline void lapic_eoi(void) { mmio_write32(LAPIC + 0xb0, 0); }
+static inline void sti(void) { __asm__ __volatile__("sti"); }
+static inline void cli(void) { __asm__ __volatile__("cli"); }
+static inline void sti_hlt(void) { __asm__ __volatile__("sti; hlt; cli" ::: "memory"); }
+static inline void acpi_poweroff(void) { outb(0x600, (5 << 2) | (1 << 5)); }
+
 void *memset(void *d, int c, size_t n);
 void *memcpy(void *d, const void *s, size_t n);
 int memcmp(const void *a, const void *b, size_t n);

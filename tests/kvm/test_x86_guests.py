@@ -193,3 +193,15 @@ def test_freestanding_c_guests_run_on_every_vcpu(guest_binary):
     assert run.result.reason == "poweroff", run.result
     assert "c_hello: vCPU 0 of 2" in run.console and "c_hello: vCPU 1 of 2" in run.console
     assert "c_hello: libc ok" in run.console and "c_hello: 0x0242ffca" in run.console
+
+
+def test_shutdown_request_presses_the_acpi_power_button(guest_binary):
+    def setup(machine):
+        def press():
+            if machine.console.wait_for(b"power_button: ready", 30):
+                assert machine.request_shutdown()
+        threading.Thread(target=press, daemon=True).start()
+
+    run = run_guest(guest_binary("power_button"), setup=setup)
+    assert run.result.reason == "poweroff", (run.result, run.console)
+    assert "power_button: pressed, powering off" in run.console

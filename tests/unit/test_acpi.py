@@ -361,3 +361,21 @@ def test_acpiexec_loads_tables_and_evaluates(tmp_path):
     assert re.search(r"Address : D0002000\s*Address Length : 00000200", out)
     assert re.search(r"Triggering : Edge\s*Polarity : ActiveHigh\s*Sharing : Exclusive", out)
     assert "Dword00 : 0000000B" in out
+
+
+def test_power_button_ged_disassembles_and_notifies_the_button(tmp_path):
+    """A Generic Event Device (ACPI0013) whose _EVT notifies the PNP0C0C power button for its GSI."""
+    from cloudkvm.boot.acpi import AcpiConfig, build_tables
+
+    dsdt = build_tables(AcpiConfig(cpus=1, power_button_gsi=9), 0xE0000).tables["DSDT"]
+    assert sum(dsdt) % 256 == 0
+    if shutil.which("iasl") is None:
+        pytest.skip("iasl is not installed (apt-get install acpica-tools)")
+    (tmp_path / "dsdt.dat").write_bytes(dsdt)
+    out = subprocess.run(["iasl", "-d", "dsdt.dat"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and "Error" not in out.stdout + out.stderr
+    dsl = (tmp_path / "dsdt.dsl").read_text()
+    assert 'EisaId ("PNP0C0C")' in dsl and '"ACPI0013"' in dsl
+    assert "Method (_EVT, 1, Serialized)" in dsl and "If ((Arg0 == 0x09))" in dsl
+    assert "Notify (\\_SB.PWRB, 0x80)" in dsl
+    assert "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )" in dsl and "0x00000009," in dsl

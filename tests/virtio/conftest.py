@@ -1,4 +1,5 @@
 """Fixtures for the virtio tests: guest memory (an mmap, no KVM), a transport with a device, and the test driver."""
+import logging
 import sys
 from pathlib import Path
 
@@ -11,6 +12,20 @@ sys.path.insert(0, str(Path(__file__).parent))   # the helper module beside this
 from virtio_driver import MiB, FakeDisk, Rig  # noqa: E402
 
 RAM = 4 * MiB
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_errors: the test expects ERROR log records from the virtio code")
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_exceptions(caplog, request):
+    """The transport catches everything; an ERROR record means one of our own exceptions was swallowed."""
+    caplog.set_level(logging.WARNING, logger="cloudkvm.virtio")
+    yield
+    if request.node.get_closest_marker("allow_errors") is None:
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("cloudkvm.virtio")]
+        assert errors == [], [r.getMessage() for r in errors]
 
 
 @pytest.fixture

@@ -281,12 +281,12 @@ class MmioDriver:
 class Rig:
     """One device behind a transport, its driver, and the interrupts it raised."""
 
-    def __init__(self, memory, device):
+    def __init__(self, memory, device, alloc_end: int | None = None):
         self.memory = memory
         self.device = device
         self.irqs = 0
         self.transport = VirtioMmioTransport(device, memory, self._irq, name=device.name)
-        self.alloc = Allocator(memory, 0x1000, memory.regions[-1].end)
+        self.alloc = Allocator(memory, 0x1000, alloc_end or memory.regions[-1].end)
         self.driver = MmioDriver(self.transport, memory, self.alloc)
 
     def _irq(self) -> None:

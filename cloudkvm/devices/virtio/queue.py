@@ -234,8 +234,8 @@ class Virtqueue:
             elif writing and problem is None:   # §2.7.4.2: device-writable elements come last
                 problem = ("a device-readable descriptor follows a device-writable one", "order")
             total += length
-            if total > MAX_CHAIN_BYTES:
-                raise bad("more than 2^32 bytes in total", "too-large")
+            if total > MAX_CHAIN_BYTES and problem is None:
+                problem = ("more than 2^32 bytes in total", "too-large")
             if length:
                 if problem is None and not mem.contains(addr, length):
                     problem = (f"buffer 0x{addr:x}+0x{length:x} is outside guest RAM", "outside-ram")

@@ -1,0 +1,83 @@
+"""Daemonizing a VM: double fork, new session, pid file, logs in the instance folder, a readiness pipe."""
+import logging
+import os
+import select
+import sys
+import time
+import traceback
+from typing import Callable
+
+from .instances import Instance
+
+READY, FAILED = "running", "error"
+
+
+def spawn(instance: Instance, target: Callable[[Callable[[str], None]], int], wait: float = 60.0) -> tuple[str, int]:
+    """Run `target(ready)` in a daemon (double fork, setsid, stdio to the instance's vmm.log).
+
+    The daemon calls `ready("running")` once the VM runs, or the failure is reported from its exception.
+    Returns ("running", pid) or ("error: ...", pid) once the daemon says so, or ("timeout", pid)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # first child: leave the caller's session, fork again so the daemon is not a session leader
+        try:
+            os.close(r)
+            os.setsid()
+            if os.fork():
+                os._exit(0)
+            _daemon_main(instance, target, w)
+        finally:
+            os._exit(1)
+    os.close(w)
+    os.waitpid(pid, 0)
+    message, deadline = b"", time.monotonic() + wait
+    try:
+        while b"\n" not in message:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                return "timeout", instance.pid() or 0
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            message += chunk
+    finally:
+        os.close(r)
+    text = message.decode(errors="replace").strip() or "error: the daemon exited before the VM started"
+    return text, instance.pid() or 0
+
+
+def _daemon_main(instance: Instance, target, ready_fd: int) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    logfd = os.open(instance.vmm_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    os.close(devnull)
+    os.close(logfd)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s cloudkvm[%(process)d] %(levelname)s %(message)s")
+    instance.pid_file.write_text(f"{os.getpid()}\n")
+    said = []
+
+    def ready(state: str) -> None:
+        if not said:
+            said.append(state)
+            os.write(ready_fd, (state + "\n").encode())
+            os.close(ready_fd)
+
+    code = 1
+    try:
+        code = target(ready)
+    except BaseException as exc:  # noqa: BLE001  (the daemon must report, whatever went wrong)
+        logging.error("the VM failed: %s", exc)
+        traceback.print_exc()
+        if not said:
+            ready(f"{FAILED}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    finally:
+        if not said:
+            ready(f"{FAILED}: the VM ended before it was running")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -1,0 +1,803 @@
+"""VM profiles: the pydantic model of a profile, YAML loading with `file:line:col` errors, `base:` inheritance,
+`${VAR}` / `${VAR:-default}` expansion, and the JSON Schema editors use (`profiles/schema.json`).
+
+Loading a file goes: YAML compose (every node keeps its position) -> `${VAR}` expansion -> paths resolved against
+the file's own folder -> its `base:` profiles loaded the same way and merged under it (maps merge key by key, lists
+concatenate base first, the child wins on scalars) -> pydantic validation -> (optionally) the files exist.
+The first problem found becomes one `CloudkvmError("<file>:<line>:<col>: <field.path>: <message>", hint)`.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import ipaddress
+import json
+import os
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
+
+import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      WithJsonSchema, model_validator)
+
+from .boards.x86_cpu import FEATURES, check_feature_names
+from .errors import CloudkvmError
+from .units import parse_size
+
+MiB = 1 << 20
+GiB = 1 << 30
+MIN_MEMORY = 16 * MiB
+DEFAULT_MEMORY = "512M"
+DEFAULT_NET = "10.0.2.0/24"  # QEMU/libslirp's default user network
+DEFAULT_FORWARD_HOST_IP = "127.0.0.1"  # safer than QEMU's hostfwd default (all interfaces)
+ARCH_MACHINE = {"x86_64": "x86", "aarch64": "virt"}
+MACHINE_SERIAL = {"x86": "ttyS0", "virt": "ttyAMA0"}  # 16550 on x86; PL011 on virt
+PROFILE_FIELD_ORDER = ("base", "name", "arch", "machine", "cpu", "cpus", "memory", "boot", "disks", "network",
+                       "console", "daemonize", "host_quirks")
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "profiles" / "schema.json"
+_SCHEMA_HINT = "see profiles/schema.json for the profile format"
+# Where paths appear in a profile (resolved against the folder of the file they are written in).
+_PATH_FIELDS = (("boot", "kernel"), ("boot", "initrd"), ("console", "log"), ("disks", int, "file"))
+_CHECKED_FILES = (("boot", "kernel"), ("boot", "initrd"), ("disks", int, "file"))
+
+
+def host_arch() -> str:
+    """This host's architecture as a profile `arch` (x86_64 when the host is neither x86_64 nor aarch64)."""
+    machine = platform.machine().lower()
+    return {"aarch64": "aarch64", "arm64": "aarch64"}.get(machine, "x86_64")
+
+
+class FieldError(ValueError):
+    """A validator's complaint about a place below the field being validated (`loc`), with a hint."""
+
+    def __init__(self, message: str, loc: tuple = (), hint: str = ""):
+        super().__init__(message)
+        self.loc = tuple(loc)
+        self.hint = hint
+
+
+# ---------------------------------------------------------------------------------------------------- field types
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, not {str(value).lower()}")
+    return value
+
+
+def _size(what: str):
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"expected a size such as 512M, 4G or 4096 (MiB), not {_show(value)}")
+        try:
+            return parse_size(value if isinstance(value, int) else str(value), what)
+        except CloudkvmError as exc:
+            raise FieldError(exc.message.split(": ", 1)[-1], hint=exc.hint) from None
+    return parse
+
+
+def _path(value: Any, info: ValidationInfo) -> Path:
+    if not isinstance(value, (str, Path)):
+        raise ValueError(f"expected a path, not {_show(value)}")
+    if str(value).strip() == "":
+        raise ValueError("the path is empty")
+    path = Path(os.path.expanduser(str(value)))
+    base_dir = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return Path(os.path.normpath(path)) if path.is_absolute() else path
+
+
+def _ipv4(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an IPv4 address, not {_show(value)}")
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValueError(f"'{value}' is not an IPv4 address") from None
+
+
+def _name(value: Any) -> Any:
+    if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+        raise FieldError(f"'{value}' is not a valid name",
+                         hint="use up to 63 letters, digits, '.', '_' and '-' (it names the instance folder)")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Port = Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=65535)]
+ProfilePath = Annotated[Path, BeforeValidator(_path, json_schema_input_type=str)]
+IPv4 = Annotated[str, BeforeValidator(_ipv4)]
+SizeText = Union[int, Annotated[str, Field(pattern=r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]?)([iI]?[bB])?\s*$")]]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------------- the models
+
+class CpuSpec(_Model):
+    """The vCPU model: `host` (what KVM supports), minus the features named in `hide`."""
+
+    model: Literal["host"] = Field("host", description="CPU model; only `host` (KVM's supported CPUID) for now")
+    hide: list[Annotated[str, WithJsonSchema({"type": "string", "enum": sorted(FEATURES)})]] = Field(
+        default_factory=list, description="x86 CPU features to hide from the guest (e.g. cx16, avx512f)")
+
+
+def _cpu_shorthand(value: Any) -> Any:
+    return {"model": value} if isinstance(value, str) else value
+
+
+class Boot(_Model):
+    """Direct Linux boot: kernel, optional initramfs and the kernel command line."""
+
+    kernel: ProfilePath = Field(description="kernel image (bzImage or vmlinux on x86_64, Image on aarch64)")
+    initrd: ProfilePath | None = Field(None, description="initramfs / initrd image")
+    cmdline: str = Field("", description="kernel command line")
+
+
+class Disk(_Model):
+    """A disk image given to the guest."""
+
+    file: ProfilePath = Field(description="disk image file")
+    format: Literal["qcow2", "raw"] | None = Field(None, description="image format; probed when omitted")
+    overlay: bool = Field(False, description="write into a per-instance copy-on-write overlay, never the original")
+    size: Annotated[int, BeforeValidator(_size("size"), json_schema_input_type=SizeText)] | None = Field(
+        None, description="grow the disk to this size (e.g. 20G; a bare number means MiB)")
+    read_only: bool = Field(False, description="the guest cannot write to the disk")
+    interface: Literal["virtio-blk"] = Field("virtio-blk", description="how the guest sees the disk")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Disk":
+        if self.size is not None and self.read_only and not self.overlay:
+            raise FieldError("a read-only disk cannot be grown", ("size",),
+                             "drop size, or set overlay: true to grow a copy-on-write overlay")
+        return self
+
+
+_FORWARD = re.compile(r"^(?P<proto>[A-Za-z]*):(?P<host_ip>[^:]*):(?P<host_port>[^-]*)-"
+                      r"(?P<guest_ip>[^:]*):(?P<guest_port>.*)$")
+FORWARD_PATTERN = r"^(tcp|udp):([0-9.]*):[0-9]+-([0-9.]*):[0-9]+$"
+_FORWARD_HINT = "write PROTO:[HOSTIP]:HOSTPORT-[GUESTIP]:GUESTPORT, e.g. tcp:127.0.0.1:2222-:22"
+
+
+def parse_forward(text: str) -> dict:
+    """`tcp|udp:[HOSTIP]:HOSTPORT-[GUESTIP]:GUESTPORT` (QEMU's hostfwd form) as a `Forward` dict."""
+    match = _FORWARD.match(text.strip())
+    if not match:
+        raise FieldError(f"cannot read the forward '{text}'", hint=_FORWARD_HINT)
+    parts = match.groupdict()
+    if not parts["proto"]:
+        raise FieldError(f"the forward '{text}' names no protocol", hint=_FORWARD_HINT)
+    out: dict[str, Any] = {"proto": parts["proto"].lower()}
+    for key in ("host_ip", "guest_ip"):
+        if parts[key]:
+            out[key] = parts[key]
+    for key in ("host_port", "guest_port"):
+        port = parts[key].strip()
+        if not port.isdigit():
+            raise FieldError(f"the forward '{text}' has no valid {key.replace('_', ' ')} ('{port}')",
+                             hint=_FORWARD_HINT)
+        out[key] = int(port)
+    return out
+
+
+def _forward_shorthand(value: Any) -> Any:
+    return parse_forward(value) if isinstance(value, str) else value
+
+
+class Forward(_Model):
+    """A host port forwarded into the guest (user networking)."""
+
+    proto: Literal["tcp", "udp"] = Field("tcp", description="tcp or udp")
+    host_ip: IPv4 = Field(DEFAULT_FORWARD_HOST_IP, description="host address to listen on (default 127.0.0.1)")
+    host_port: Port = Field(description="host port to listen on")
+    guest_ip: IPv4 | None = Field(None, description="guest address (default: the guest's DHCP address)")
+    guest_port: Port = Field(description="guest port to connect to")
+
+    def spec(self) -> str:
+        """The `tcp:127.0.0.1:2222-:22` form (also QEMU's hostfwd value)."""
+        return f"{self.proto}:{self.host_ip}:{self.host_port}-{self.guest_ip or ''}:{self.guest_port}"
+
+
+ForwardField = Annotated[Forward, BeforeValidator(
+    _forward_shorthand, json_schema_input_type=Union[Annotated[str, Field(pattern=FORWARD_PATTERN)], Forward])]
+
+
+def _ipv4_net(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an IPv4 network such as 10.0.2.0/24, not {_show(value)}")
+    try:
+        net = ipaddress.IPv4Network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"'{value}' is not an IPv4 network: {exc}") from None
+    if net.prefixlen > 28:
+        raise ValueError(f"'{value}' is too small for user networking (at most /28)")
+    return str(net)
+
+
+class Network(_Model):
+    """Guest networking: `none`, or `user` (libslirp NAT) with host port forwards."""
+
+    mode: Literal["none", "user"] = Field("none", description="none, or user (NAT through the host)")
+    forwards: list[ForwardField] = Field(
+        default_factory=list, description="host ports forwarded into the guest: tcp:127.0.0.1:2222-:22 or a map")
+    net: Annotated[str, BeforeValidator(_ipv4_net)] = Field(DEFAULT_NET, description="the guest network")
+    restrict: bool = Field(False, description="isolate the guest: no connections out of the user network")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Network":
+        if self.forwards and self.mode != "user":
+            raise FieldError("port forwards need mode: user", ("forwards",), "set network: {mode: user, ...}")
+        net = ipaddress.IPv4Network(self.net)
+        seen: list[tuple[int, Forward]] = []
+        for index, fwd in enumerate(self.forwards):
+            if fwd.guest_ip is not None and ipaddress.IPv4Address(fwd.guest_ip) not in net:
+                raise FieldError(f"guest address {fwd.guest_ip} is outside the guest network {self.net}",
+                                 ("forwards", index, "guest_ip"), "omit guest_ip to use the guest's DHCP address")
+            for other_index, other in seen:
+                overlap = "0.0.0.0" in (fwd.host_ip, other.host_ip) or fwd.host_ip == other.host_ip
+                if fwd.proto == other.proto and fwd.host_port == other.host_port and overlap:
+                    raise FieldError(f"host port {fwd.proto}:{fwd.host_ip}:{fwd.host_port} is already forwarded "
+                                     f"by forwards[{other_index}]", ("forwards", index),
+                                     "use a different host port for each forward")
+            seen.append((index, fwd))
+        return self
+
+
+def _network_shorthand(value: Any) -> Any:
+    return {"mode": value} if isinstance(value, str) else value
+
+
+class Console(_Model):
+    """The serial console."""
+
+    log: ProfilePath | None = Field(None, description="file for the serial output (default: the instance folder)")
+    serial: Literal["ttyS0", "ttyAMA0"] | None = Field(
+        None, description="the guest's console device; derived from machine (x86: ttyS0, virt: ttyAMA0)")
+
+
+class Profile(_Model):
+    """A VM: what to boot, on which board, with which disks, network and console."""
+
+    name: Annotated[str, BeforeValidator(_name)] = Field(description="the VM's name (names its instance folder)")
+    arch: Literal["x86_64", "aarch64"] = Field(default_factory=host_arch,
+                                               description="guest architecture (default: the host's)")
+    machine: Literal["x86", "virt"] | None = Field(None, description="board; derived from arch (x86_64: x86, "
+                                                                      "aarch64: virt)")
+    cpu: Annotated[CpuSpec, BeforeValidator(_cpu_shorthand, json_schema_input_type=Union[Literal["host"], CpuSpec])] \
+        = Field("host", validate_default=True, description="`host`, or {model: host, hide: [features]}")
+    cpus: Annotated[Int, Field(ge=1, le=255)] = Field(1, description="vCPUs (1..255)")
+    memory: Annotated[int, BeforeValidator(_size("memory"), json_schema_input_type=SizeText)] = Field(
+        DEFAULT_MEMORY, validate_default=True, description="guest RAM: 512M, 4G, 4GiB or 4096 (MiB); at least 16M")
+    boot: Boot = Field(description="direct kernel boot")
+    disks: list[Disk] = Field(default_factory=list, description="disks, in the order the guest sees them")
+    network: Annotated[Network, BeforeValidator(
+        _network_shorthand, json_schema_input_type=Union[Literal["none", "user"], Network])] = Field(
+        "none", validate_default=True, description="`none`, `user`, or {mode: user, forwards: [...]}")
+    console: Console = Field(default_factory=Console, description="the serial console")
+    daemonize: bool = Field(True, description="run in the background")
+    host_quirks: bool = Field(True, description="apply this host's KVM workarounds (see docs/host-quirks.md)")
+
+    _source: str | None = PrivateAttr(None)
+    _positions: dict = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Profile":
+        board = ARCH_MACHINE[self.arch]
+        if self.machine is None:
+            self.machine = board
+        elif self.machine != board:
+            raise FieldError(f"machine '{self.machine}' does not fit arch {self.arch}", ("machine",),
+                             f"use machine: {board} for {self.arch} (or omit machine)")
+        if self.memory < MIN_MEMORY:
+            raise FieldError(f"{size_text(self.memory)} is too little memory (at least 16M)", ("memory",),
+                             "write e.g. memory: 512M")
+        if self.memory % MiB:
+            raise FieldError(f"{self.memory} bytes is not a whole number of MiB", ("memory",), "write e.g. 512M")
+        for index, name in enumerate(self.cpu.hide):
+            if self.arch != "x86_64":
+                raise FieldError(f"hiding CPU features is only supported on x86_64, not {self.arch}",
+                                 ("cpu", "hide", index), "remove cpu.hide")
+            try:
+                check_feature_names([name])
+            except CloudkvmError as exc:
+                raise FieldError(f"unknown CPU feature '{name}'", ("cpu", "hide", index), exc.hint) from None
+        serial = MACHINE_SERIAL[self.machine]
+        if self.console.serial is None:
+            self.console.serial = serial
+        elif self.console.serial != serial:
+            raise FieldError(f"the {self.machine} board's console is {serial}, not {self.console.serial}",
+                             ("console", "serial"), f"use serial: {serial} (or omit it)")
+        return self
+
+    @property
+    def source(self) -> str | None:
+        """The profile file this was loaded from (None when validated from a dict)."""
+        return self._source
+
+    def where(self, *loc: str | int) -> str:
+        """`file:line:col` where a field (e.g. `where("disks", 0, "file")`) was written, for later errors."""
+        pos = _locate(self._positions, tuple(loc))
+        return str(pos) if pos else (self._source or "<profile>")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "a map"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def size_text(size: int) -> str:
+    """The shortest exact `parse_size` text for a byte count: 4G, 512M, 1536K."""
+    for unit, factor in (("T", 1 << 40), ("G", GiB), ("M", MiB), ("K", 1 << 10)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    raise ValueError(f"{size} bytes is not a whole number of KiB")
+
+
+def field_path(loc: tuple) -> str:
+    """`('network', 'forwards', 1, 'host_port')` -> `network.forwards[1].host_port`."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+@dataclass(frozen=True)
+class _Pos:
+    file: str
+    line: int  # 1-based
+    col: int  # 1-based
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass
+class _Doc:
+    """A profile's plain data plus where each value (`vals`) and each map key (`keys`) was written."""
+
+    data: Any
+    source: str
+    vals: dict = field(default_factory=dict)
+    keys: dict = field(default_factory=dict)
+
+    def pos(self, loc: tuple, key: bool = False) -> str:
+        found = (self.keys.get(loc) if key else None) or _locate(self.vals, loc)
+        return str(found) if found else self.source
+
+    def error(self, loc: tuple, message: str, hint: str = "", key: bool = False) -> CloudkvmError:
+        where = self.pos(loc, key)
+        return CloudkvmError(f"{where}: {field_path(loc)}: {message}" if loc else f"{where}: {message}", hint)
+
+
+def _locate(vals: dict, loc: tuple) -> _Pos | None:
+    """The position of `loc`, or of its nearest written parent (a missing field is reported at its map)."""
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in vals:
+            return vals[loc[:end]]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- YAML
+
+def _yaml_error(display: str, exc: yaml.YAMLError, text: str) -> CloudkvmError:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        problem = exc.problem or "cannot read this"
+        if exc.context and exc.context_mark is not None and exc.context_mark.line != mark.line:
+            problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
+        elif exc.context:
+            problem = f"{exc.context}: {problem}"
+        lines = text.splitlines()
+        line_text = lines[mark.line] if mark.line < len(lines) else ""
+        hint = "check the indentation and quoting around this line"
+        if "\\t" in problem or "\t" in line_text:
+            hint = "YAML indentation must use spaces, not tabs"
+        return CloudkvmError(f"{display}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {problem}", hint)
+    if isinstance(exc, yaml.reader.ReaderError):
+        before = text[:exc.position]
+        line, col = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        return CloudkvmError(f"{display}:{line}:{col}: YAML syntax error: unacceptable character "
+                             f"{exc.character!r}", "profiles are UTF-8 text without control characters")
+    return CloudkvmError(f"{display}:1:1: YAML syntax error: {exc}", "check the file is YAML")
+
+
+def _read_yaml(path: Path, display: str) -> _Doc:
+    """Parse one YAML file into plain data with the position of every value and key."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise CloudkvmError(f"{display}:{line}:{col}: not UTF-8 text", "save the profile as UTF-8") from None
+    doc = _Doc(None, display)
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise CloudkvmError(f"{display}:1:1: the profile is empty", "write at least name: and boot: kernel:")
+        if not isinstance(node, yaml.MappingNode):
+            raise CloudkvmError(f"{display}:{node.start_mark.line + 1}:{node.start_mark.column + 1}: "
+                                "a profile must be a map of fields (name: ..., boot: ...)", _SCHEMA_HINT)
+        doc.data = _walk(loader, node, (), doc, set())
+    except yaml.YAMLError as exc:
+        raise _yaml_error(display, exc, text) from None
+    finally:
+        loader.dispose()
+    return doc
+
+
+def _mark(doc: _Doc, mark) -> _Pos:
+    return _Pos(doc.source, mark.line + 1, mark.column + 1)
+
+
+def _walk(loader: yaml.SafeLoader, node: yaml.Node, loc: tuple, doc: _Doc, active: set) -> Any:
+    doc.vals[loc] = _mark(doc, node.start_mark)
+    if id(node) in active:
+        raise CloudkvmError(f"{doc.vals[loc]}: {field_path(loc)}: a YAML alias refers to itself",
+                            "remove the recursive alias")
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise CloudkvmError(f"{_mark(doc, key_node.start_mark)}: {field_path(loc) or 'profile'}: "
+                                    "keys must be plain words", _SCHEMA_HINT)
+            if key_node.value in first and key_node.value != "<<":
+                raise CloudkvmError(f"{_mark(doc, key_node.start_mark)}: {field_path(loc + (key_node.value,))}: "
+                                    f"duplicate key (first at line {first[key_node.value].start_mark.line + 1})",
+                                    "keep one of them")
+            first[key_node.value] = key_node
+        loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor); later keys win
+        out: dict[str, Any] = {}
+        active.add(id(node))
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            doc.keys[loc + (key,)] = _mark(doc, key_node.start_mark)
+            out.pop(key, None)
+            out[key] = _walk(loader, value_node, loc + (key,), doc, active)
+        active.discard(id(node))
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        active.add(id(node))
+        items = [_walk(loader, item, loc + (index,), doc, active) for index, item in enumerate(node.value)]
+        active.discard(id(node))
+        return items
+    return loader.construct_object(node, deep=True)
+
+
+# ---------------------------------------------------------------------------------------------------- ${VAR}
+
+_VAR = re.compile(r"\$(\$?)\{([^}]*)\}")
+_VAR_BODY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.DOTALL)
+
+
+def expand_vars(text: str, env: Mapping[str, str]) -> str:
+    """`${VAR}` and `${VAR:-default}` (default when VAR is unset or empty); `$${...}` is a literal `${...}`.
+    Raises `KeyError(name)` for an unset variable without a default, `ValueError` for a malformed reference."""
+    def replace(match: re.Match) -> str:
+        if match.group(1):
+            return "${" + match.group(2) + "}"
+        body = _VAR_BODY.match(match.group(2))
+        if not body:
+            raise ValueError(f"'${{{match.group(2)}}}' is not a variable reference")
+        name, default = body.groups()
+        value = env.get(name)
+        if value:
+            return value
+        if default is not None:
+            return default
+        if value is not None:
+            return value
+        raise KeyError(name)
+    if "${" in _VAR.sub("", text):
+        raise ValueError("an unclosed '${' in the value")
+    return _VAR.sub(replace, text)
+
+
+def _expand(doc: _Doc, value: Any, loc: tuple, env: Mapping[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {key: _expand(doc, item, loc + (key,), env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand(doc, item, loc + (index,), env) for index, item in enumerate(value)]
+    if isinstance(value, str) and "$" in value:
+        try:
+            return expand_vars(value, env)
+        except KeyError as exc:
+            name = exc.args[0]
+            raise doc.error(loc, f"environment variable {name} is not set",
+                            f"set {name}, or write ${{{name}:-default}}") from None
+        except ValueError as exc:
+            raise doc.error(loc, str(exc), "write ${NAME} or ${NAME:-default}; $${ is a literal ${") from None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------- paths, base
+
+def _abspath(text: str, folder: Path) -> str:
+    path = Path(os.path.expanduser(text))
+    return os.path.normpath(path if path.is_absolute() else folder / path)
+
+
+def _resolve_paths(data: dict, folder: Path) -> None:
+    """Make this file's own relative paths absolute against its folder (before merging with other files)."""
+    for spec in _PATH_FIELDS:
+        for parent, key in _find(data, spec):
+            if isinstance(parent.get(key), str) and parent[key].strip():
+                parent[key] = _abspath(parent[key], folder)
+
+
+def _find(data: Any, spec: tuple) -> list[tuple[dict, str]]:
+    """(parent map, key) pairs matching a path spec, `int` standing for every list index."""
+    nodes = [data]
+    for part in spec[:-1]:
+        nxt = []
+        for node in nodes:
+            if part is int and isinstance(node, list):
+                nxt.extend(node)
+            elif isinstance(node, dict) and part in node:
+                nxt.append(node[part])
+        nodes = nxt
+    return [(node, spec[-1]) for node in nodes if isinstance(node, dict) and spec[-1] in node]
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _base_entries(doc: _Doc) -> list[tuple[tuple, Any]]:
+    if "base" not in doc.data:
+        return []
+    base = doc.data.pop("base")
+    if isinstance(base, str):
+        return [(("base",), base)]
+    if isinstance(base, list) and base:
+        return [(("base", index), item) for index, item in enumerate(base)]
+    raise doc.error(("base",), f"expected a path or a list of paths, not {_show(base)}",
+                    "write base: ../other.yaml or base: [a.yaml, b.yaml]")
+
+
+@dataclass(frozen=True)
+class _Origin:
+    display: str  # how errors name the file
+    real: str  # for cycle detection
+    folder: Path  # relative paths in it are resolved against this
+
+
+def _load_doc(origin: _Origin, env: Mapping[str, str], chain: tuple[_Origin, ...], data: dict | None = None) -> _Doc:
+    """One profile (file, or `data` from a dict) with its bases merged under it."""
+    doc = _read_yaml(Path(origin.real), origin.display) if data is None else _Doc(copy.deepcopy(data), origin.display)
+    if not isinstance(doc.data, dict):
+        raise CloudkvmError(f"{origin.display}: a profile must be a map of fields, not {_show(doc.data)}", _SCHEMA_HINT)
+    doc.data = _expand(doc, doc.data, (), env)
+    _resolve_paths(doc.data, origin.folder)
+    merged: _Doc | None = None
+    for loc, entry in _base_entries(doc):
+        if not isinstance(entry, str) or not entry.strip():
+            raise doc.error(loc, f"expected a path, not {_show(entry)}", "write base: ../other.yaml")
+        if _URL.match(entry):
+            raise doc.error(loc, f"base URLs are not supported yet: {entry}",
+                            "download the profile and refer to it by a path")
+        target = Path(_abspath(entry, origin.folder))
+        shown = entry if os.path.isabs(os.path.expanduser(entry)) else \
+            os.path.normpath(os.path.join(os.path.dirname(origin.display), entry))
+        base_origin = _Origin(shown, os.path.realpath(target), target.parent)
+        trail = chain + (origin,)
+        if any(base_origin.real == seen.real for seen in trail):
+            names = " -> ".join(o.display for o in trail + (base_origin,))
+            raise doc.error(loc, f"base cycle: {names}", "remove the base: entry that closes the cycle")
+        if not target.is_file():
+            why = "no such file" if not target.exists() else "not a file"
+            raise doc.error(loc, f"cannot read the base profile '{shown}': {why}",
+                            "base paths are relative to the folder of the profile that names them")
+        base_doc = _load_doc(base_origin, env, trail)
+        merged = base_doc if merged is None else _merge_docs(merged, base_doc)
+    return doc if merged is None else _merge_docs(merged, doc)
+
+
+def _merge_docs(base: _Doc, child: _Doc) -> _Doc:
+    out = _Doc(None, child.source)
+    out.data = _merge(base, (), child, (), (), out)
+    return out
+
+
+def _merge(base: _Doc, bloc: tuple, child: _Doc, cloc: tuple, oloc: tuple, out: _Doc) -> Any:
+    bval, cval = _get(base.data, bloc), _get(child.data, cloc)
+    if isinstance(bval, dict) and isinstance(cval, dict):
+        _take_positions(child, cloc, out, oloc, shallow=True)
+        result = {}
+        for key in bval:
+            result[key] = _merge(base, bloc + (key,), child, cloc + (key,), oloc + (key,), out) if key in cval \
+                else _copy(base, bloc + (key,), out, oloc + (key,))
+        for key in cval:
+            if key not in bval:
+                result[key] = _copy(child, cloc + (key,), out, oloc + (key,))
+        return result
+    if isinstance(bval, list) and isinstance(cval, list):
+        _take_positions(child, cloc, out, oloc, shallow=True)
+        return [_copy(base, bloc + (i,), out, oloc + (i,)) for i in range(len(bval))] + \
+               [_copy(child, cloc + (j,), out, oloc + (len(bval) + j,)) for j in range(len(cval))]
+    return _copy(child, cloc, out, oloc)
+
+
+def _get(data: Any, loc: tuple) -> Any:
+    for part in loc:
+        data = data[part]
+    return data
+
+
+def _copy(src: _Doc, sloc: tuple, out: _Doc, oloc: tuple) -> Any:
+    _take_positions(src, sloc, out, oloc, shallow=False)
+    return copy.deepcopy(_get(src.data, sloc))
+
+
+def _take_positions(src: _Doc, sloc: tuple, out: _Doc, oloc: tuple, shallow: bool) -> None:
+    n = len(sloc)
+    for table, target in ((src.vals, out.vals), (src.keys, out.keys)):
+        for loc, pos in table.items():
+            if loc[:n] == sloc and (not shallow or len(loc) == n):
+                target[oloc + loc[n:]] = pos
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+def _field_at(loc: tuple) -> tuple[Any, type[BaseModel] | None]:
+    """(FieldInfo of the last name in `loc` or None, the model class that holds `loc`'s last part)."""
+    model: type[BaseModel] | None = Profile
+    info, holder = None, None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None, model
+        holder, info = model, model.model_fields[part]
+        model = _model_in(info.annotation)
+    return info, holder
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation) if get_origin(annotation) is not None else ():
+        found = _model_in(arg)
+        if found:
+            return found
+    return None
+
+
+def _validation_error(exc: ValidationError, doc: _Doc) -> CloudkvmError:
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # a typo explains a "missing"
+    err = errors[0]
+    loc = tuple(err["loc"])
+    message, hint = err["msg"], ""
+    if err["type"] in ("value_error", "assertion_error"):
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):
+            loc, hint = loc + cause.loc, cause.hint
+        message = str(cause) if cause is not None else message.removeprefix("Value error, ")
+    elif err["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        _, holder = _field_at(loc)
+        names = list(holder.model_fields) if holder is not None else []
+        if holder is Profile:
+            names.append("base")
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        message = f"unknown key '{key}'"
+        hint = f"did you mean '{close[0]}'?" if close else "known keys: " + ", ".join(names)
+        return doc.error(loc, message, hint, key=True)
+    elif err["type"] == "missing":
+        message = "required field is missing"
+    elif not isinstance(err.get("input"), (dict, list)):
+        message += f" (got {_show(err.get('input'))})"
+    if not hint:
+        info, _ = _field_at(loc)
+        hint = f"{field_path(loc)}: {info.description}" if info is not None and info.description else _SCHEMA_HINT
+    return doc.error(loc, message, hint)
+
+
+def _check_files(profile: Profile, doc: _Doc) -> None:
+    targets: list[tuple[tuple, Path, bool]] = [(("boot", "kernel"), profile.boot.kernel, False)]
+    if profile.boot.initrd is not None:
+        targets.append((("boot", "initrd"), profile.boot.initrd, False))
+    for index, disk in enumerate(profile.disks):
+        targets.append((("disks", index, "file"), disk.file, not (disk.read_only or disk.overlay)))
+    for loc, path, writable in targets:
+        hint = "relative paths are resolved against the folder of the profile that names them"
+        if not path.exists():
+            raise doc.error(loc, f"no such file: {path}", hint)
+        if not path.is_file():
+            raise doc.error(loc, f"not a file: {path}", hint)
+        if not os.access(path, os.R_OK):
+            raise doc.error(loc, f"cannot read {path} (permission denied)", "check the file's permissions")
+        if writable and not os.access(path, os.W_OK):
+            raise doc.error(loc, f"cannot write {path} (permission denied)",
+                            "set overlay: true (or read_only: true), or make the file writable")
+
+
+def _finish(doc: _Doc, base_dir: Path, check_files: bool) -> Profile:
+    try:
+        profile = Profile.model_validate(doc.data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise _validation_error(exc, doc) from None
+    profile._source = doc.source
+    profile._positions = dict(doc.vals)
+    if check_files:
+        _check_files(profile, doc)
+    return profile
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+
+def load_profile(path: str | os.PathLike, env: Mapping[str, str] = os.environ, check_files: bool = True) -> Profile:
+    """Load and validate a profile file (with its `base:` profiles); `check_files` also requires the kernel,
+    initrd and disk files to exist. Raises one-line `CloudkvmError("<file>:<line>:<col>: <field>: ...", hint)`."""
+    display = os.fspath(path)
+    target = Path(os.path.expanduser(display))
+    if not target.is_file():
+        why = "no such file" if not target.exists() else "not a file"
+        raise CloudkvmError(f"{display}: cannot read the profile: {why}", "check the profile path")
+    origin = _Origin(display, os.path.realpath(target), target.absolute().parent)
+    doc = _load_doc(origin, env, ())
+    return _finish(doc, origin.folder, check_files)
+
+
+def validate_profile(data: Mapping[str, Any], base_dir: str | os.PathLike = ".", *, source: str = "<profile>",
+                     env: Mapping[str, str] = os.environ, check_files: bool = True) -> Profile:
+    """Validate a profile given as a dict (e.g. from `import_qemu`) as if it were a file in `base_dir`:
+    `${VAR}` expansion, `base:` (relative to `base_dir`) and relative paths work the same way."""
+    folder = Path(os.path.abspath(os.path.expanduser(os.fspath(base_dir))))
+    origin = _Origin(source, os.path.join(folder, source), folder)
+    doc = _load_doc(origin, env, (), data=dict(data))
+    return _finish(doc, folder, check_files)
+
+
+def profile_to_dict(profile: Profile) -> dict:
+    """A plain dict of a validated profile that loads back to the same profile (sizes as text, paths as strings,
+    unset optional fields left out), in the canonical field order."""
+    data = profile.model_dump(mode="json", exclude_none=True)
+    data["memory"] = size_text(profile.memory)
+    for disk, model in zip(data["disks"], profile.disks):
+        if model.size is not None:
+            disk["size"] = size_text(model.size)
+    data["network"]["forwards"] = [fwd.spec() for fwd in profile.network.forwards]
+    if not data["cpu"]["hide"]:
+        data["cpu"] = data["cpu"]["model"]
+    return data
+
+
+def profile_schema() -> dict:
+    """The JSON Schema of a profile file, for editors (`# yaml-language-server: $schema=./schema.json`)."""
+    schema = Profile.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "cloudkvm profile"
+    schema["properties"]["base"] = {
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
+        "description": "profiles to inherit from (paths relative to this file): maps merge key by key, lists "
+                       "concatenate (base first), this file wins on single values",
+    }
+    return schema
+
+
+def profile_schema_text() -> str:
+    """`profile_schema()` as the text of profiles/schema.json (pretty, sorted keys)."""
+    return json.dumps(profile_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def write_profile_schema(path: str | os.PathLike = SCHEMA_PATH) -> Path:
+    """Write profiles/schema.json (or `path`)."""
+    target = Path(path)
+    target.write_text(profile_schema_text())
+    return target
