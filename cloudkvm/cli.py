@@ -1,5 +1,6 @@
 """The `cloudkvm` command line (typer): parse, call, render. Logic lives in the modules it calls."""
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -56,6 +57,199 @@ def boot(kernel: Path = typer.Option(..., "--kernel", "-k", help="bzImage or vml
         result = run(spec, timeout=timeout)
     typer.echo(f"\ncloudkvm: VM ended: {result}", err=True)
     raise typer.Exit(0 if result.clean else 1)
+
+
+def _profile_env(path: Path) -> dict:
+    """The environment profiles expand: the caller's, plus the built-in demo guest's paths when a profile asks."""
+    env = dict(os.environ)
+    try:
+        wanted = "CLOUDKVM_DEMO_" in path.read_text(errors="replace")
+    except OSError:
+        wanted = False
+    if wanted and not (env.get("CLOUDKVM_DEMO_KERNEL") and env.get("CLOUDKVM_DEMO_INITRD")):
+        from .guests.debian import default_guest
+
+        kernel, initrd = default_guest()
+        env.setdefault("CLOUDKVM_DEMO_KERNEL", str(kernel))
+        env.setdefault("CLOUDKVM_DEMO_INITRD", str(initrd))
+    return env
+
+
+def _load(path: Path, check_files: bool = True):
+    from .profile import load_profile
+
+    return load_profile(path, env=_profile_env(path), check_files=check_files)
+
+
+@app.command()
+def up(profile: Path = typer.Argument(..., help="profile YAML"),
+       name: Optional[str] = typer.Option(None, help="instance name (default: the profile's name)"),
+       foreground: bool = typer.Option(False, "--foreground", "-f", help="run attached, console on this terminal"),
+       wait: float = typer.Option(120.0, help="seconds to wait for the VM to start")) -> None:
+    """Start a VM from a profile, in the background; returns once it runs."""
+    from . import launcher
+
+    loaded = _load(profile)
+    if foreground or not loaded.daemonize:
+        _run_foreground(loaded if not name else loaded.model_copy(update={"name": name}))
+        return
+    instance = launcher.up(loaded, str(profile.resolve()), name=name, wait=wait)
+    typer.echo(f"{instance.name}: running (console: cloudkvm console {instance.name}; "
+               f"logs: {instance.console_log})")
+
+
+def _run_foreground(profile) -> None:
+    from .launcher import spec_for
+    from .machine import run
+    from .terminal import raw_terminal
+
+    spec = spec_for(profile, sys.stdout.fileno())
+    spec.console_input_fd, spec.console_escape = sys.stdin.fileno(), True
+    with raw_terminal(sys.stdin.fileno()):
+        result = run(spec)
+    typer.echo(f"\ncloudkvm: VM ended: {result}", err=True)
+    raise typer.Exit(0 if result.clean else 1)
+
+
+@app.command()
+def down(name: str, force: bool = typer.Option(False, "--force", help="stop at once, no graceful power-off"),
+         timeout: float = typer.Option(60.0, help="seconds to wait for the guest to power off")) -> None:
+    """Power a VM off gracefully (ACPI power button), stopping it hard after --timeout."""
+    from . import launcher
+
+    typer.echo(launcher.down(launcher.existing(name), force=force, timeout=timeout))
+
+
+@app.command("ls")
+def list_() -> None:
+    """List instances: name, state, arch, cpus, memory, forwards, uptime."""
+    from . import launcher
+    from .profile import size_text
+
+    rows = launcher.statuses()
+    typer.echo(f"{'NAME':20} {'STATE':8} {'ARCH':7} {'CPUS':>4} {'MEMORY':>7}  {'UPTIME':>8}  FORWARDS")
+    for r in rows:
+        uptime = f"{r['uptime']:.0f}s" if r["uptime"] is not None else "-"
+        memory = size_text(r["memory"]) if r.get("memory") else "-"
+        typer.echo(f"{r['name']:20} {r['state']:8} {r.get('arch') or '-':7} {r.get('cpus') or '-':>4} "
+                   f"{memory:>7}  {uptime:>8}  {', '.join(r.get('forwards') or []) or '-'}")
+
+
+@app.command()
+def status(name: str, json_: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
+    """One instance's state (and why it ended or crashed)."""
+    from . import launcher
+
+    info = launcher.status(launcher.existing(name))
+    if json_:
+        typer.echo(launcher.to_json(info))
+        return
+    for key, value in info.items():
+        typer.echo(f"{key}: {value}")
+
+
+@app.command()
+def console(name: str) -> None:
+    """Attach to a running VM's serial console (Ctrl-] detaches)."""
+    from . import launcher
+    from .control import attach_console
+    from .terminal import raw_terminal
+
+    instance = launcher.existing(name)
+    if instance.state() != "running":
+        raise CloudkvmError(f"instance '{name}' is not running", f"cloudkvm logs {name} shows its console log")
+    typer.echo(f"cloudkvm: attached to {name} (Ctrl-] detaches)", err=True)
+    with raw_terminal(sys.stdin.fileno()):
+        why = attach_console(instance.control_socket, sys.stdin.fileno(), sys.stdout.fileno())
+    typer.echo(f"\ncloudkvm: {why}", err=True)
+
+
+@app.command()
+def logs(name: str, follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new output")) -> None:
+    """Print a VM's serial console log."""
+    import time
+
+    from . import launcher
+
+    instance = launcher.existing(name)
+    try:
+        f = open(instance.console_log, "rb")
+    except OSError:
+        raise CloudkvmError(f"instance '{name}' has no console log yet", "is it starting?") from None
+    with f:
+        while True:
+            data = f.read()
+            if data:
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+            elif not follow or instance.state() != "running":
+                return
+            else:
+                time.sleep(0.2)
+
+
+@app.command()
+def rm(name: str, force: bool = typer.Option(False, "--force", help="stop a running VM first")) -> None:
+    """Remove an instance folder (refuses a running VM without --force)."""
+    from . import launcher
+
+    launcher.remove(launcher.existing(name), force=force)
+    typer.echo(f"{name}: removed")
+
+
+@app.command()
+def validate(profile: Path) -> None:
+    """Check a profile (and the files it names) without starting anything."""
+    loaded = _load(profile)
+    typer.echo(f"{profile}: ok ({loaded.name}: {loaded.arch} {loaded.machine}, {loaded.cpus} vCPUs)")
+
+
+@app.command()
+def schema() -> None:
+    """Print the profile JSON Schema (for editors: `# yaml-language-server: $schema=...`)."""
+    from .profile import profile_schema_text
+
+    typer.echo(profile_schema_text(), nl=False)
+
+
+@app.command()
+def show(profile: Path, qemu: bool = typer.Option(False, "--qemu", help="print the equivalent QEMU command line")) \
+        -> None:
+    """Print a profile as cloudkvm resolves it (bases merged, variables expanded), or as a QEMU command line."""
+    import shlex
+
+    from .profile import profile_to_dict
+    from .qemu_cmdline import dump_profile_yaml, profile_to_qemu
+
+    loaded = _load(profile, check_files=False)
+    typer.echo(shlex.join(profile_to_qemu(loaded)) if qemu else dump_profile_yaml(profile_to_dict(loaded)), nl=False)
+    if qemu:
+        typer.echo()
+
+
+@app.command("import-qemu", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def import_qemu_(ctx: typer.Context,
+                 output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the profile here")) -> None:
+    """Turn a QEMU command line (after --) into a profile; options that do not map are listed on stderr."""
+    from .qemu_cmdline import dump_profile_yaml, import_qemu, split_qemu_command
+
+    argv = list(ctx.args)
+    if len(argv) == 1:
+        argv = split_qemu_command(argv[0])
+    if not argv:
+        raise CloudkvmError("import-qemu needs a QEMU command line", "cloudkvm import-qemu -- qemu-system-... -m 2G ...")
+    data, unmapped = import_qemu(argv, cwd=os.getcwd())
+    text = dump_profile_yaml(data, schema="./schema.json")
+    text += "" if text.endswith("\n") else "\n"
+    for item in unmapped:
+        typer.echo(f"cloudkvm: not mapped: {item}", err=True)
+    if output:
+        try:
+            output.write_text(text)
+        except OSError as exc:
+            raise CloudkvmError(f"{output}: cannot write the profile: {exc.strerror}") from None
+    else:
+        typer.echo(text, nl=False)
 
 
 inspect_app = typer.Typer(no_args_is_help=True, help="Show what a VM would be given, without running one.")

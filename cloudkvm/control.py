@@ -147,3 +147,41 @@ def request(path, cmd: str, timeout: float = 10.0) -> dict:
                 break
             data += chunk
     return json.loads(data or b"{}")
+
+
+DETACH = 0x1D  # Ctrl-]
+
+
+def attach_console(path, in_fd: int, out_fd: int, detach: int = DETACH) -> str:
+    """Relay an instance's serial console to this terminal until Ctrl-] (or the VM ends). Returns why it ended."""
+    import selectors
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        sock.sendall(b'{"cmd": "console"}\n')
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(1)
+            if not chunk:
+                return "the VM is gone"
+            reply += chunk
+        if not json.loads(reply).get("ok"):
+            return "the VM refused the console"
+        sel = selectors.DefaultSelector()
+        sel.register(sock, selectors.EVENT_READ, "vm")
+        sel.register(in_fd, selectors.EVENT_READ, "user")
+        while True:
+            for key, _ in sel.select():
+                if key.data == "vm":
+                    data = sock.recv(65536)
+                    if not data:
+                        return "the VM ended"
+                    os.write(out_fd, data)
+                else:
+                    data = os.read(in_fd, 4096)
+                    if not data:
+                        return "end of input"
+                    if detach in data:
+                        sock.sendall(data[:data.index(detach)])
+                        return "detached"
+                    sock.sendall(data)

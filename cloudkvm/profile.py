@@ -106,11 +106,11 @@ def _name(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_no_bool)]
-Port = Annotated[int, BeforeValidator(_no_bool), Field(ge=1, le=65535)]
+Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_no_bool)]
 ProfilePath = Annotated[Path, BeforeValidator(_path, json_schema_input_type=str)]
 IPv4 = Annotated[str, BeforeValidator(_ipv4)]
-SizeText = Union[int, Annotated[str, Field(pattern=r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]?)([iI]?[bB])?\s*$")]]
+# The schema's patterns also accept any `${VAR}` reference: its value is only known when the profile is loaded.
+SizeText = Union[int, Annotated[str, Field(pattern=r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]?)([iI]?[bB])?\s*$|\$\{")]]
 
 
 class _Model(BaseModel):
@@ -137,6 +137,9 @@ class Boot(_Model):
     kernel: ProfilePath = Field(description="kernel image (bzImage or vmlinux on x86_64, Image on aarch64)")
     initrd: ProfilePath | None = Field(None, description="initramfs / initrd image")
     cmdline: str = Field("", description="kernel command line")
+    format: Literal["linux", "flat"] = Field(
+        "linux", description="linux: the Linux boot protocol; flat: a raw binary every vCPU enters at 1 MiB in "
+                             "64-bit mode (cloudkvm's purpose-built test guests)")
 
 
 class Disk(_Model):
@@ -160,7 +163,7 @@ class Disk(_Model):
 
 _FORWARD = re.compile(r"^(?P<proto>[A-Za-z]*):(?P<host_ip>[^:]*):(?P<host_port>[^-]*)-"
                       r"(?P<guest_ip>[^:]*):(?P<guest_port>.*)$")
-FORWARD_PATTERN = r"^(tcp|udp):([0-9.]*):[0-9]+-([0-9.]*):[0-9]+$"
+FORWARD_PATTERN = r"^([tT][cC][pP]|[uU][dD][pP]):([0-9.]*):[0-9]+-([0-9.]*):[0-9]+$|\$\{"
 _FORWARD_HINT = "write PROTO:[HOSTIP]:HOSTPORT-[GUESTIP]:GUESTPORT, e.g. tcp:127.0.0.1:2222-:22"
 
 
@@ -270,7 +273,7 @@ class Profile(_Model):
                                                                       "aarch64: virt)")
     cpu: Annotated[CpuSpec, BeforeValidator(_cpu_shorthand, json_schema_input_type=Union[Literal["host"], CpuSpec])] \
         = Field("host", validate_default=True, description="`host`, or {model: host, hide: [features]}")
-    cpus: Annotated[Int, Field(ge=1, le=255)] = Field(1, description="vCPUs (1..255)")
+    cpus: Annotated[int, Field(ge=1, le=255), BeforeValidator(_no_bool)] = Field(1, description="vCPUs (1..255)")
     memory: Annotated[int, BeforeValidator(_size("memory"), json_schema_input_type=SizeText)] = Field(
         DEFAULT_MEMORY, validate_default=True, description="guest RAM: 512M, 4G, 4GiB or 4096 (MiB); at least 16M")
     boot: Boot = Field(description="direct kernel boot")
@@ -313,6 +316,10 @@ class Profile(_Model):
             raise FieldError(f"the {self.machine} board's console is {serial}, not {self.console.serial}",
                              ("console", "serial"), f"use serial: {serial} (or omit it)")
         return self
+
+    def __eq__(self, other: object) -> bool:
+        """Profiles are equal when they mean the same VM, wherever they were written."""
+        return isinstance(other, Profile) and self.model_dump() == other.model_dump()
 
     @property
     def source(self) -> str | None:
@@ -398,7 +405,10 @@ def _yaml_error(display: str, exc: yaml.YAMLError, text: str) -> CloudkvmError:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         problem = exc.problem or "cannot read this"
-        if exc.context and exc.context_mark is not None and exc.context_mark.line != mark.line:
+        if exc.context and exc.context_mark is not None and "end of stream" in problem:
+            mark = exc.context_mark  # an unclosed quote or bracket: where it opened, not the end of the file
+            problem = f"{exc.context.removeprefix('while scanning ')} is never closed ({problem})"
+        elif exc.context and exc.context_mark is not None and exc.context_mark.line != mark.line:
             problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
         elif exc.context:
             problem = f"{exc.context}: {problem}"
@@ -597,7 +607,8 @@ def _load_doc(origin: _Origin, env: Mapping[str, str], chain: tuple[_Origin, ...
         base_origin = _Origin(shown, os.path.realpath(target), target.parent)
         trail = chain + (origin,)
         if any(base_origin.real == seen.real for seen in trail):
-            names = " -> ".join(o.display for o in trail + (base_origin,))
+            top = os.path.dirname(trail[0].display)  # name the files relative to the profile being loaded
+            names = " -> ".join(os.path.relpath(o.display, top or ".") for o in trail + (base_origin,))
             raise doc.error(loc, f"base cycle: {names}", "remove the base: entry that closes the cycle")
         if not target.is_file():
             why = "no such file" if not target.exists() else "not a file"
@@ -783,6 +794,11 @@ def profile_schema() -> dict:
     schema = Profile.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "cloudkvm profile"
+    # A profile with base: may leave required fields to its bases; only a profile without one must have them all.
+    required = schema.pop("required")
+    boot_required = schema["$defs"]["Boot"].pop("required")
+    schema["if"] = {"not": {"required": ["base"]}}
+    schema["then"] = {"required": required, "properties": {"boot": {"required": boot_required}}}
     schema["properties"]["base"] = {
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
         "description": "profiles to inherit from (paths relative to this file): maps merge key by key, lists "

@@ -37,8 +37,8 @@ _FLAGS = {
     "-version", "-help", "-h",
 }
 _VIRTIO_BLK = {"virtio-blk-device", "virtio-blk-pci", "virtio-blk"}
-_VIRTIO_NET = {"virtio-net-device", "virtio-net-pci", "virtio-net"}
-_OTHER_NICS = {"e1000", "e1000e", "rtl8139", "ne2k_pci", "pcnet", "vmxnet3", "i82559er", "virtio-net-pci-non-transitional"}
+_VIRTIO_NET = {"virtio-net-device", "virtio-net-pci", "virtio-net", "virtio-net-pci-non-transitional"}
+_OTHER_NICS = {"e1000", "e1000e", "rtl8139", "ne2k_pci", "pcnet", "vmxnet3", "i82559er"}
 _SCSI = {"virtio-scsi-device", "virtio-scsi-pci", "scsi-hd", "scsi-cd", "scsi-disk", "lsi53c895a", "megasas"}
 _VIRT_MACHINES = re.compile(r"^virt(-\d+\.\d+)?$")
 _X86_MACHINES = re.compile(r"^(pc|q35|microvm|isapc|pc-(i440fx|q35)-[\d.]+|pc-[\d.]+)$")
@@ -157,6 +157,7 @@ def _tokenize(argv: list[str]) -> tuple[str | None, list[_Opt], list[str]]:
 class _Drive:
     text: str
     pairs: list[tuple[str, str]]
+    index: int  # position on the command line
     file: str | None = None
     interface: str | None = None
     id: str | None = None
@@ -168,6 +169,7 @@ class _NetBackend:
     text: str
     kind: str
     pairs: list[tuple[str, str]]
+    index: int
     attached: list[str] = field(default_factory=list)  # NIC models
 
 
@@ -175,10 +177,11 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
     """A QEMU command line (argv, binary first or not) as a profile dict, plus the options it could not map.
     Relative paths stay relative (the profile resolves them against its own folder) unless `cwd` is given,
     which makes them absolute (use the folder the QEMU command ran in)."""
-    notes: list[str] = []
+    notes: list[tuple[int, int, str]] = []  # (argv position, order found, note): listed in command-line order
+    at = [0]
 
-    def unmapped(text: str, why: str) -> None:
-        notes.append(f"{text} ({why})")
+    def unmapped(text: str, why: str, index: int | None = None) -> None:
+        notes.append((at[0] if index is None else index, len(notes), f"{text} ({why})"))
 
     def path(value: str) -> str:
         value = os.path.expanduser(value)
@@ -202,14 +205,15 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
     cpu_seen = kvm = daemonize = nodefaults = net_seen = False
     no_net = False
     name = cpus = memory = kernel = initrd = cmdline = console_log = None
-    serial_seen = False
+    serial_seen = snapshot = False
     drives: list[_Drive] = []
     backends: dict[str, _NetBackend] = {}
     user_nics: list[_NetBackend] = []  # -nic user / -net user: backend and NIC in one
     legacy_nic_models: list[str] = []
     devices: list[tuple[str, list[tuple[str, str]], str]] = []
 
-    for opt in opts:
+    for position, opt in enumerate(opts):
+        at[0] = position
         arg = opt.arg or ""
         if opt.name == "-name":
             pairs = parse_qemu_opts(arg, "guest")
@@ -257,14 +261,14 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
         elif opt.name == "-append":
             cmdline = arg
         elif opt.name == "-drive":
-            drives.append(_drive(arg, opt.text))
+            drives.append(_drive(arg, opt.text, position))
         elif opt.name in ("-hda", "-hdb", "-hdc", "-hdd"):
-            drives.append(_Drive(opt.text, [("file", arg)], file=arg))
+            drives.append(_Drive(opt.text, [("file", arg)], position, file=arg))
         elif opt.name == "-netdev":
             net_seen = True
             pairs = parse_qemu_opts(arg, "type")
             values = dict(pairs)
-            backend = _NetBackend(opt.text, values.get("type", ""), pairs)
+            backend = _NetBackend(opt.text, values.get("type", ""), pairs, position)
             if "id" in values:
                 backends[values["id"]] = backend
             else:
@@ -276,7 +280,7 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
             if values.get("type") == "none":
                 no_net = True
             elif values.get("type") == "user":
-                backend = _NetBackend(opt.text, "user", [(k, v) for k, v in pairs if k != "model"])
+                backend = _NetBackend(opt.text, "user", [(k, v) for k, v in pairs if k != "model"], position)
                 backend.attached.append(values.get("model", _default_nic(machine, effective_arch)))
                 user_nics.append(backend)
             else:
@@ -293,12 +297,12 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
                 if rest:
                     unmapped(f"-net nic,{_opts_text(rest)}", "NIC properties are not profile settings")
             elif values.get("type") == "user":
-                user_nics.append(_NetBackend(opt.text, "user", pairs))
+                user_nics.append(_NetBackend(opt.text, "user", pairs, position))
             else:
                 unmapped(opt.text, "only user networking is supported")
         elif opt.name == "-device":
             pairs = parse_qemu_opts(arg, "driver")
-            devices.append((dict(pairs).get("driver", ""), pairs, opt.text))
+            devices.append((dict(pairs).get("driver", ""), pairs, opt.text, position))
         elif opt.name == "-global":
             if arg.replace(" ", "") in ("virtio-blk-device.scsi=off", "virtio-blk-pci.scsi=off"):
                 pass  # cloudkvm's virtio-blk has no SCSI passthrough (VIRTIO_BLK_F_SCSI): this is its behaviour
@@ -325,7 +329,7 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
                 unmapped(opt.text, "the console goes to the instance's log (console.log) and `cloudkvm attach`")
             serial_seen = True
         elif opt.name == "-snapshot":
-            unmapped(opt.text, "approximated per disk: use overlay: true (writes persist in the instance's overlay)")
+            snapshot = True  # snapshot=on for every drive: noted per disk
         elif opt.name in ("-monitor", "-qmp", "-mon", "-chardev"):
             unmapped(opt.text, "cloudkvm has its own control socket")
         elif opt.name == "-pidfile":
@@ -335,11 +339,13 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
         else:
             unmapped(opt.text, "not supported by cloudkvm")
     for word in positional:
-        drives.append(_Drive(word, [("file", word)], file=word))
+        drives.append(_Drive(word, [("file", word)], len(opts), file=word))
+    at[0] = len(opts) + 1  # from here on: notes about the command line as a whole
 
     # -device: attach drives and network backends
     by_id = {d.id: d for d in drives if d.id}
-    for driver, pairs, text in devices:
+    for driver, pairs, text, position in devices:
+        at[0] = position
         values = dict(pairs)
         if driver in _VIRTIO_BLK or driver in _SCSI - {"virtio-scsi-device", "virtio-scsi-pci"}:
             drive = by_id.get(values.get("drive", ""))
@@ -367,6 +373,7 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
         else:
             unmapped(text, "device not supported by cloudkvm")
 
+    at[0] = len(opts) + 1
     board = machine or ARCH_MACHINE[effective_arch]
     if machine is None:
         if effective_arch == "x86_64":
@@ -374,17 +381,19 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
         else:
             unmapped("(no -M)", "qemu-system-aarch64 needs one; using virt")
     if not kvm:
-        unmapped("(no -enable-kvm)", "QEMU would emulate the CPU (TCG); cloudkvm always uses KVM")
+        unmapped("(no -enable-kvm)", "QEMU would emulate the CPU with TCG; cloudkvm always uses KVM")
     if not cpu_seen:
         unmapped("(no -cpu)", "QEMU would use its default CPU model; cloudkvm uses host")
 
     disks = []
     for drive in drives:
-        disk = _disk(drive, board, path, unmapped)
+        at[0] = drive.index
+        disk = _disk(drive, board, path, unmapped, snapshot)
         if disk is not None:
             disks.append(disk)
 
     network = _network(backends, user_nics, legacy_nic_models, unmapped)
+    at[0] = len(opts) + 1
     if network is None:
         network = "none" if (no_net or net_seen or nodefaults) else "user"  # QEMU adds a user NIC by default
 
@@ -420,7 +429,7 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
     if console_log is not None:
         profile["console"] = {"log": console_log}
     profile["daemonize"] = daemonize
-    return profile, notes
+    return profile, [note for _, _, note in sorted(notes)]
 
 
 def _machine(value: str, arch: str, opt: _Opt, unmapped) -> str | None:
@@ -458,7 +467,7 @@ def _cpu(arg: str, arch: str, opt: _Opt, unmapped) -> list[str]:
             hide.append(ours)
         else:
             unmapped(f"-cpu {model},{key}" + ("" if key[:1] in "+-" else f"={value}"),
-                     "only hiding known x86 features is supported (cpu.hide)")
+                     "only hiding known x86 features is supported: cpu.hide")
     return hide
 
 
@@ -496,19 +505,23 @@ def _memory(arg: str, opt: _Opt, unmapped) -> int | None:
     return size
 
 
-def _drive(arg: str, text: str) -> _Drive:
+def _drive(arg: str, text: str, index: int) -> _Drive:
     pairs = parse_qemu_opts(arg, "file")
     values = dict(pairs)
-    return _Drive(text, pairs, file=values.get("file"), interface=values.get("if"), id=values.get("id"))
+    return _Drive(text, pairs, index, file=values.get("file"), interface=values.get("if"), id=values.get("id"))
 
 
-def _disk(drive: _Drive, board: str, path, unmapped) -> dict | None:
+def _disk(drive: _Drive, board: str, path, unmapped, snapshot: bool) -> dict | None:
     values = dict(drive.pairs)
     if not drive.file:
         unmapped(drive.text, "a drive without a file")
         return None
     if values.get("media", "disk") != "disk":
         unmapped(drive.text, "CD-ROMs are not supported: cloud-init seeds are generated by cloudkvm")
+        return None
+    fmt = values.get("format")
+    if fmt is not None and fmt not in ("qcow2", "raw"):
+        unmapped(drive.text, f"format {fmt} is not supported: qcow2 or raw")
         return None
     interface = drive.interface
     if interface is None:
@@ -520,21 +533,17 @@ def _disk(drive: _Drive, board: str, path, unmapped) -> dict | None:
         if drive.attached not in _VIRTIO_BLK:
             return None  # already listed with its -device
     elif interface in ("ide", "scsi", "sata"):
-        unmapped(drive.text, f"approximated: an {interface} disk becomes virtio-blk (the guest sees /dev/vdX)")
+        unmapped(drive.text, f"approximated: an {interface} disk becomes virtio-blk, /dev/vdX in the guest")
     elif interface != "virtio":
         unmapped(drive.text, f"if={interface} is not supported: disks are virtio-blk")
-        return None
-    fmt = values.get("format")
-    if fmt is not None and fmt not in ("qcow2", "raw"):
-        unmapped(drive.text, f"format {fmt} is not supported: qcow2 or raw")
         return None
     disk: dict[str, Any] = {"file": path(drive.file)}
     if fmt:
         disk["format"] = fmt
-    if _on(values.get("snapshot", "off")):
+    if _on(values.get("snapshot", "on" if snapshot else "off")):
         disk["overlay"] = True
-        unmapped(drive.text, "approximated: snapshot=on became overlay: true (writes persist in the instance's "
-                             "overlay instead of being discarded)")
+        unmapped(drive.text, "approximated: snapshot=on (or -snapshot) became overlay: true, whose writes persist "
+                             "in the instance's overlay instead of being discarded")
     if _on(values.get("readonly", values.get("read-only", "off"))):
         disk["read_only"] = True
     mapped = {"file", "format", "if", "id", "media", "index", "snapshot", "readonly", "read-only"}
@@ -554,9 +563,9 @@ def _network(backends: dict[str, _NetBackend], user_nics: list[_NetBackend], leg
     candidates: list[_NetBackend] = []
     for backend in backends.values():
         if not backend.attached:
-            unmapped(backend.text, "not attached to any NIC: the guest would have no network")
+            unmapped(backend.text, "not attached to any NIC: the guest would have no network", backend.index)
         elif backend.kind != "user":
-            unmapped(backend.text, "only user networking is supported")
+            unmapped(backend.text, "only user networking is supported", backend.index)
         else:
             candidates.append(backend)
     for backend in user_nics:
@@ -565,15 +574,17 @@ def _network(backends: dict[str, _NetBackend], user_nics: list[_NetBackend], leg
                 backend.attached.append(legacy_nic_models[0])
             candidates.append(backend)
         else:
-            unmapped(backend.text, "no -net nic: the guest would have no network")
+            unmapped(backend.text, "no -net nic: the guest would have no network", backend.index)
+    if legacy_nic_models and not user_nics:
+        unmapped("-net nic", "no -net user backend: the guest's NIC would be connected to nothing")
     if not candidates:
         return None
     for extra in candidates[1:]:
-        unmapped(extra.text, "only one network interface is supported")
+        unmapped(extra.text, "only one network interface is supported", extra.index)
     backend = candidates[0]
     for model in backend.attached:
         if model not in _VIRTIO_NET:
-            unmapped(f"NIC model {model}", "approximated: the guest sees a virtio-net NIC")
+            unmapped(f"NIC model {model}", "approximated: the guest sees a virtio-net NIC", backend.index)
     network: dict[str, Any] = {"mode": "user"}
     forwards = []
     for key, value in backend.pairs:
@@ -584,7 +595,7 @@ def _network(backends: dict[str, _NetBackend], user_nics: list[_NetBackend], leg
                 spec = value if value.split(":", 1)[0] else "tcp" + value
                 fwd = parse_forward(spec)
             except ValueError:
-                unmapped(f"hostfwd={value}", "cannot read this port forward")
+                unmapped(f"hostfwd={value}", "cannot read this port forward", backend.index)
                 continue
             fwd.setdefault("host_ip", "0.0.0.0")  # QEMU listens on every address when none is given
             forwards.append(f"{fwd['proto']}:{fwd['host_ip']}:{fwd['host_port']}-{fwd.get('guest_ip', '')}:"
@@ -594,7 +605,7 @@ def _network(backends: dict[str, _NetBackend], user_nics: list[_NetBackend], leg
         elif key == "restrict":
             network["restrict"] = _on(value)
         else:
-            unmapped(f"user net {key}={value}", "not a profile setting")
+            unmapped(f"user net {key}={value}", "not a profile setting", backend.index)
     if network.get("net") == DEFAULT_NET:
         del network["net"]
     if forwards:

@@ -1,0 +1,166 @@
+"""VM lifecycle for the CLI: `up` (validate, prepare the instance folder, daemonize), `down`, `rm`, status."""
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+
+from . import control, daemon
+from .errors import CloudkvmError
+from .instances import Instance, list_instances
+from .machine import FlatBinary, LinuxBoot, Machine, MachineSpec
+from .profile import Profile
+
+log = logging.getLogger("cloudkvm.launcher")
+
+
+def spec_for(profile: Profile, console_fd: int | None) -> MachineSpec:
+    """The machine a validated profile describes (x86 board today; `virt` lands with the aarch64 issue)."""
+    if profile.machine != "x86":
+        raise CloudkvmError(f"{profile.name}: the '{profile.machine}' board ({profile.arch}) is not available yet",
+                            "only x86_64 profiles run today; the aarch64 virt board is a later issue")
+    if profile.disks:
+        raise CloudkvmError(f"{profile.name}: disks are not wired to the VM yet", "remove 'disks' for now")
+    if profile.network.mode != "none":
+        raise CloudkvmError(f"{profile.name}: user networking is not wired to the VM yet", "use network: none")
+    boot = profile.boot
+    payload = FlatBinary(boot.kernel) if getattr(boot, "format", "linux") == "flat" \
+        else LinuxBoot(boot.kernel, boot.initrd, boot.cmdline)
+    return MachineSpec(payload=payload, cpus=profile.cpus, memory=profile.memory, host_quirks=profile.host_quirks,
+                       console_fd=console_fd)
+
+
+def instance_info(profile: Profile, source: str | None) -> dict:
+    return {"name": profile.name, "arch": profile.arch, "machine": profile.machine, "cpus": profile.cpus,
+            "memory": profile.memory, "profile": source,
+            "forwards": [f"{f.proto}:{f.host_ip}:{f.host_port}-{f.guest_ip or ''}:{f.guest_port}"
+                         for f in profile.network.forwards],
+            "created_at": time.time()}
+
+
+def _run_vm(instance: Instance, profile: Profile, ready) -> int:
+    """The daemon's body: build the machine, serve the control socket, run, record how the VM ended."""
+    console_fd = os.open(instance.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    with Machine(spec_for(profile, console_fd)) as machine:
+        info = {**instance.info(), "started_at": time.time(), "pid": os.getpid()}
+        instance.write_json(instance.info_file, info)
+        server = control.ControlServer(machine, instance.control_socket, {"name": profile.name})
+        signal.signal(signal.SIGTERM, lambda *_: machine.end(_stopped("SIGTERM")))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        started = []
+
+        def say_ready():
+            if not started:
+                started.append(True)
+                ready(daemon.READY)
+        machine.io.call_soon(say_ready)  # once the I/O thread serves the socket, the VM is up
+        result = machine.run()
+        server.close()
+    instance.write_json(instance.result_file, {"reason": result.reason, "detail": result.detail,
+                                               "cpu": result.cpu, "rip": result.rip, "ended_at": time.time()})
+    logging.info("VM ended: %s", result)
+    os.close(console_fd)
+    return 0 if result.clean else 1
+
+
+def _stopped(how: str):
+    from .vcpu_loop import VmResult  # noqa: PLC0415
+
+    return VmResult("stopped", f"stopped by {how}")
+
+
+def up(profile: Profile, source: str | None, name: str | None = None, wait: float = 120.0) -> Instance:
+    """Start `profile` as a daemonized VM; returns once it runs. Errors are one-line CloudkvmErrors."""
+    if name:
+        profile = profile.model_copy(update={"name": name})
+    instance = Instance.named(profile.name)
+    if instance.state() == "running":
+        raise CloudkvmError(f"instance '{profile.name}' is already running", f"cloudkvm down {profile.name} first")
+    spec_for(profile, None)  # refuse what cannot run before anything is created
+    from .machine import check_payload  # noqa: PLC0415
+
+    check_payload(spec_for(profile, None).payload)
+    instance.dir.mkdir(parents=True, exist_ok=True)
+    for stale in (instance.result_file, instance.pid_file):
+        stale.unlink(missing_ok=True)
+    instance.write_json(instance.info_file, instance_info(profile, source))
+    message, pid = daemon.spawn(instance, lambda ready: _run_vm(instance, profile, ready), wait)
+    if message != daemon.READY:
+        tail = instance.crash_reason()
+        raise CloudkvmError(f"instance '{profile.name}' did not start: {message}", f"log: {tail}")
+    return instance
+
+
+def status(instance: Instance) -> dict:
+    state = instance.state()
+    info = instance.info()
+    out = {"name": instance.name, "state": state, **{k: info.get(k) for k in ("arch", "cpus", "memory", "forwards")},
+           "pid": instance.pid() if state == "running" else None, "uptime": instance.uptime(),
+           "folder": str(instance.dir)}
+    if state == "stopped":
+        out["result"] = instance.result()
+    elif state == "crashed":
+        out["reason"] = instance.crash_reason()
+    return out
+
+
+def statuses() -> list[dict]:
+    return [status(i) for i in list_instances()]
+
+
+def existing(name: str) -> Instance:
+    instance = Instance.named(name)
+    if not instance.exists():
+        raise CloudkvmError(f"no instance named '{name}'", "cloudkvm ls shows the instances")
+    return instance
+
+
+def _wait_gone(instance: Instance, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while instance.state() == "running":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def down(instance: Instance, force: bool = False, timeout: float = 60.0) -> str:
+    """Graceful power-off (ACPI power button), then a hard stop after `timeout`; --force stops at once."""
+    if instance.state() != "running":
+        return f"{instance.name} is not running"
+    if not force:
+        try:
+            reply = control.request(instance.control_socket, "shutdown")
+        except OSError:
+            reply = {"ok": False}
+        if reply.get("ok") and _wait_gone(instance, timeout):
+            return f"{instance.name} powered off"
+    try:
+        control.request(instance.control_socket, "stop", timeout=5)
+    except OSError:
+        pass
+    if _wait_gone(instance, 10):
+        return f"{instance.name} stopped"
+    pid = instance.pid()
+    if pid:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            if _wait_gone(instance, 5):
+                break
+    return f"{instance.name} killed"
+
+
+def remove(instance: Instance, force: bool = False) -> None:
+    if instance.state() == "running":
+        if not force:
+            raise CloudkvmError(f"instance '{instance.name}' is running", f"cloudkvm down {instance.name}, or rm --force")
+        down(instance, force=True)
+    shutil.rmtree(instance.dir)
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

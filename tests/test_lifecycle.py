@@ -1,0 +1,132 @@
+"""`cloudkvm up` / ls / status / console / logs / down / rm on a purpose-built guest, driven as a user would:
+as subprocesses (the VM daemonizes) and through typer's runner for the read-only commands."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from cloudkvm.cli import app
+from cloudkvm.guests.build import build_flat
+from cloudkvm.kvm.system import kvm_available
+
+GUESTS = os.path.join(os.path.dirname(__file__), "guests")
+pytestmark = pytest.mark.skipif(not kvm_available()[0], reason=f"/dev/kvm unavailable: {kvm_available()[1]}")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    monkeypatch.setenv("CLOUDKVM_STATE_DIR", str(state))
+    return {**os.environ, "CLOUDKVM_STATE_DIR": str(state)}
+
+
+@pytest.fixture
+def profile(tmp_path):
+    guest = build_flat(os.path.join(GUESTS, "power_button.c"))
+    path = tmp_path / "pb.yaml"
+    path.write_text(f"name: pb\narch: x86_64\ncpus: 1\nmemory: 64M\nboot:\n  kernel: {guest}\n  format: flat\n")
+    return path
+
+
+def cli(env, *args, **kw):
+    return subprocess.run([sys.executable, "-m", "cloudkvm", *args], env=env, capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_up_ls_status_console_logs_down_rm(env, profile, tmp_path):
+    started = cli(env, "up", str(profile))
+    assert started.returncode == 0, started.stderr
+    assert "pb: running" in started.stdout
+    state = tmp_path / "state" / "pb"
+    pid = int((state / "vmm.pid").read_text())
+    try:
+        runner = CliRunner()
+        listed = runner.invoke(app, ["ls"])
+        assert listed.exit_code == 0 and "pb" in listed.output and "running" in listed.output
+        status = json.loads(runner.invoke(app, ["status", "pb", "--json"]).output)
+        assert status["state"] == "running" and status["pid"] == pid and status["cpus"] == 1
+        assert (state / "control.sock").stat().st_mode & 0o777 == 0o600
+
+        assert wait_for(lambda: b"power_button: ready" in (state / "console.log").read_bytes())
+        console = subprocess.Popen([sys.executable, "-m", "cloudkvm", "console", "pb"], env=env,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out = b""
+            deadline = time.monotonic() + 30
+            while b"power_button: waiting" not in out and time.monotonic() < deadline:
+                out += os.read(console.stdout.fileno(), 4096)
+            assert b"power_button: waiting" in out
+            console.stdin.write(b"\x1d")  # Ctrl-] detaches
+            console.stdin.flush()
+            assert console.wait(10) == 0
+        finally:
+            console.kill()
+        logs = cli(env, "logs", "pb")
+        assert logs.returncode == 0 and "power_button: ready" in logs.stdout
+
+        down = cli(env, "down", "pb", "--timeout", "30")
+        assert down.returncode == 0 and "powered off" in down.stdout, down
+        status = json.loads(runner.invoke(app, ["status", "pb", "--json"]).output)
+        assert status["state"] == "stopped" and status["result"]["reason"] == "poweroff"
+        assert "pressed, powering off" in (state / "console.log").read_text()
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10), "the VMM process is still there"
+    removed = cli(env, "rm", "pb")
+    assert removed.returncode == 0 and not state.exists()
+
+
+def test_rm_refuses_a_running_vm_and_down_force_stops_it(env, profile, tmp_path):
+    assert cli(env, "up", str(profile)).returncode == 0
+    pid = int((tmp_path / "state" / "pb" / "vmm.pid").read_text())
+    try:
+        refused = cli(env, "rm", "pb")
+        assert refused.returncode == 2 and "is running" in refused.stderr
+        again = cli(env, "up", str(profile))
+        assert again.returncode == 2 and "already running" in again.stderr
+        forced = cli(env, "down", "pb", "--force")
+        assert forced.returncode == 0 and "stopped" in forced.stdout
+        assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
+        status = json.loads(CliRunner().invoke(app, ["status", "pb", "--json"]).output)
+        assert status["state"] == "stopped" and status["result"]["reason"] == "stopped"
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_dead_daemon_is_crashed_never_running(env, profile, tmp_path):
+    assert cli(env, "up", str(profile)).returncode == 0
+    pid = int((tmp_path / "state" / "pb" / "vmm.pid").read_text())
+    os.kill(pid, 9)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
+    status = json.loads(CliRunner().invoke(app, ["status", "pb", "--json"]).output)
+    assert status["state"] == "crashed" and status["pid"] is None
+    assert "reason" in status
+
+
+def test_up_of_an_aarch64_profile_fails_with_one_line_after_validation(env, tmp_path):
+    kernel = tmp_path / "Image"
+    kernel.write_bytes(b"\0" * 64)
+    path = tmp_path / "arm.yaml"
+    path.write_text(f"name: arm\narch: aarch64\nboot:\n  kernel: {kernel}\n")
+    proc = cli(env, "up", str(path))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "virt" in proc.stderr
+    assert not (tmp_path / "state" / "arm").exists()
