@@ -69,3 +69,40 @@ def test_demo_runs_the_built_in_guest_and_exits_0():
     assert proc.returncode == 0, proc.stderr
     assert "hello from vCPU 0 of 2" in proc.stdout and "hello from vCPU 1 of 2" in proc.stdout
     assert "VM ended: poweroff" in proc.stderr
+
+
+SEED = ("qemu-system-aarch64 -name vm2 -daemonize -enable-kvm -M virt -cpu host -smp 2 -m 4096 "
+        "-global virtio-blk-device.scsi=off -device virtio-scsi-device,id=scsi -kernel vmlinuz-4.18 "
+        "--append console=ttyAMA0 root=UUID=6a09973e-e8fd-4a6d-a8c0-1deb9556f477 -initrd initramfs-4.18 "
+        "-drive file=vhuser-test1.qcow2 -netdev user,id=unet,hostfwd=tcp:127.0.0.1:1122-:22 "
+        "-device virtio-net-device,netdev=unet -vnc :10")
+PROFILES = __import__("pathlib").Path(__file__).resolve().parent.parent / "profiles"
+
+
+def test_import_qemu_of_the_seed_means_profiles_vm2(tmp_path):
+    from cloudkvm.profile import load_profile
+
+    out = tmp_path / "vm2.yaml"
+    proc = subprocess.run([sys.executable, "-m", "cloudkvm", "import-qemu", "-o", str(out), "--", SEED],
+                          capture_output=True, text=True, cwd=PROFILES, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "not mapped: -vnc :10" in proc.stderr and "virtio-scsi-device" in proc.stderr
+    assert load_profile(out, check_files=False) == load_profile(PROFILES / "vm2.yaml", check_files=False)
+
+
+def test_schema_command_prints_the_committed_schema():
+    proc = cloudkvm("schema")
+    assert proc.returncode == 0 and proc.stdout == (PROFILES / "schema.json").read_text()
+
+
+def test_show_qemu_prints_an_equivalent_command_line():
+    proc = cloudkvm("show", str(PROFILES / "vm2.yaml"), "--qemu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("qemu-system-aarch64 ") and "hostfwd=tcp:127.0.0.1:1122-:22" in proc.stdout
+
+
+def test_validate_names_file_and_line_of_a_bad_profile(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmemroy: 4G\nboot:\n  kernel: /dev/null\n")
+    line = one_line_error(cloudkvm("validate", str(bad)))
+    assert f"{bad}:2:" in line and "memory" in line
