@@ -1,4 +1,5 @@
 """Turns a machine spec into a running VM: board + memory + devices + vCPU threads + I/O thread."""
+import functools
 import logging
 import os
 import signal
@@ -12,6 +13,8 @@ from .boot import linux_x86
 from .boards.x86_cpu import CpuPolicy
 from .console import ConsoleLog
 from .devices.bus import Bus
+from .devices.irq import IrqFd
+from .devices.virtio.mmio import NOTIFY_OFFSET, VirtioMmioTransport
 from .errors import CloudkvmError
 from .iothread import IoThread
 from .kvm.memory import GuestMemory
@@ -59,6 +62,7 @@ class MachineSpec:
     console_fd: int | None = None
     console_input_fd: int | None = None
     console_escape: bool = False  # Ctrl-A x on the console input stops the VM
+    virtio: list = field(default_factory=list)  # VirtioDevice models, one virtio-mmio slot each, in this order
 
 
 BOARDS = {"x86": X86Board}
@@ -112,6 +116,11 @@ class Machine:
         self.vm.add_memory(self.memory)
         self.board.create_chips(self.vm)
         self.board.create_devices(self.vm, self.pio_bus, self.mmio_bus, self)
+        self.virtio: list[VirtioMmioTransport] = []
+        self._eventfds: list[int] = []
+        self._irqfds: list[IrqFd] = []
+        for device in spec.virtio:
+            self._attach_virtio(device)
         self.vcpus = [self.vm.create_vcpu(i) for i in range(spec.cpus)]
         for vcpu in self.vcpus:
             vcpu.memory = self.memory
@@ -126,11 +135,29 @@ class Machine:
             self.close()
             raise
 
+    def _attach_virtio(self, device) -> None:
+        """A virtio-mmio slot for `device`: registers on the MMIO bus, one ioeventfd per queue (served by the
+        I/O thread, so a notification costs the vCPU no exit to userspace), and an irqfd for its interrupt."""
+        slot = self.board.virtio_slot(len(self.virtio))
+        irq = IrqFd(self.vm, slot.gsi)
+        self._irqfds.append(irq)
+        transport = VirtioMmioTransport(device, self.memory, irq.trigger, name=f"{device.name}@0x{slot.base:x}")
+        self.mmio_bus.add(slot.base, slot.size, transport, transport.name)
+        for queue in range(device.num_queues):
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._eventfds.append(efd)
+            self.vm.ioeventfd(efd, slot.base + NOTIFY_OFFSET, 4, datamatch=queue)
+            self.io.add_reader(efd, functools.partial(_queue_kick, efd, transport, queue))
+        self.virtio.append(transport)
+
+    def virtio_slots(self) -> list:
+        return [self.board.virtio_slot(i) for i in range(len(self.virtio))]
+
     def _load_payload(self) -> None:
         payload = self.spec.payload
         if isinstance(payload, LinuxBoot):
             self.boot_info = self.board.boot_linux(self.kvm, self.vcpus, self.memory, payload.kernel,
-                                                   payload.initrd, payload.cmdline)
+                                                   payload.initrd, payload.cmdline, self.virtio_slots())
             return
         try:
             image = Path(payload.path).read_bytes()
@@ -202,6 +229,13 @@ class Machine:
             self.board.serial_input(data)
 
     def close(self) -> None:
+        for efd in self._eventfds:
+            os.close(efd)
+        for irq in self._irqfds:
+            irq.close()
+        for device in self.spec.virtio:
+            if hasattr(device, "close"):
+                device.close()
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()
@@ -213,6 +247,15 @@ class Machine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _queue_kick(efd: int, transport, queue: int) -> None:
+    """I/O thread: a guest wrote QueueNotify (KVM signalled the ioeventfd); let the device process the queue."""
+    try:
+        os.eventfd_read(efd)
+    except BlockingIOError:
+        return
+    transport.queue_notify(queue)
 
 
 def run(spec: MachineSpec, timeout: float | None = None) -> VmResult:

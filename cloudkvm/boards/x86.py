@@ -210,6 +210,12 @@ class X86Board:
                           reset_port=ACPI_POWER_PORT + 2, com1=(COM1_PORT, COM1_IRQ), virtio_mmio=virtio_slots,
                           power_button_gsi=POWER_BUTTON_GSI)
 
+    def virtio_slot(self, index: int) -> VirtioMmioSlot:
+        """Where virtio-mmio device `index` lives: its MMIO window and its (edge) GSI."""
+        if index >= len(VIRTIO_GSIS):
+            raise CloudkvmError(f"too many virtio devices ({index + 1})", f"the x86 board has {len(VIRTIO_GSIS)} slots")
+        return VirtioMmioSlot(VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, VIRTIO_GSIS[index])
+
     def request_shutdown(self, vm) -> bool:
         """Press the ACPI power button: an edge on the GED's GSI (the guest's OS decides to power off)."""
         vm.irq_line(POWER_BUTTON_GSI, 1)

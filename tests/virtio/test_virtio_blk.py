@@ -59,8 +59,8 @@ def test_data_not_a_multiple_of_512_is_an_io_error(blk, disk):
 
 def test_a_failed_read_does_not_claim_data(blk, disk):
     status, data, used = blk.blk(VIRTIO_BLK_T_IN, disk.size // 512, in_len=512)
-    assert status == IOERR and used == 1
-    assert data == b"\xee" * 512     # the driver's buffer is untouched
+    assert status == IOERR and used == 0   # §2.7.8.2: len never claims bytes that were not written
+    assert data == b"\xee" * 512           # the driver's buffer is untouched
 
 
 def test_flush(blk, disk):
@@ -84,6 +84,11 @@ def test_get_id_with_a_20_byte_serial_has_no_terminator(make_rig, disk):
 def test_get_id_into_a_short_buffer_writes_what_fits(blk):
     status, data, used = blk.blk(VIRTIO_BLK_T_GET_ID, in_len=4)
     assert (status, data, used) == (OK, b"ckvm", 5)
+
+
+def test_get_id_into_a_long_buffer_reports_only_the_id(blk):
+    status, data, used = blk.blk(VIRTIO_BLK_T_GET_ID, in_len=30)
+    assert (status, data[:20], data[20:], used) == (OK, b"ckvm-serial-0001\0\0\0\0", b"\xee" * 10, 20)
 
 
 def test_bad_serials_are_user_errors(disk):

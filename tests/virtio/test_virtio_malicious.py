@@ -4,7 +4,7 @@ import logging
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cloudkvm.devices.virtio import VirtioBlk, VirtioRng, mmio
@@ -29,13 +29,17 @@ def assert_only_changed(memory, before: list[bytes], allowed: list[tuple[int, in
         new = bytes(region.view)
         if new == old:
             continue
+        mask = bytearray(region.size)
+        for gpa, length in allowed:
+            lo, hi = max(gpa, region.gpa), min(gpa + length, region.end)
+            if lo < hi:
+                mask[lo - region.gpa:hi - region.gpa] = b"\x01" * (hi - lo)
         for block in range(0, len(old), 4096):
-            if old[block:block + 4096] == new[block:block + 4096]:
+            if old[block:block + 4096] == new[block:block + 4096] or mask[block:block + 4096].count(0) == 0:
                 continue
             for i in range(block, block + 4096):
                 if old[i] != new[i]:
-                    gpa = region.gpa + i
-                    assert any(g <= gpa < g + n for g, n in allowed), f"unexpected write at 0x{gpa:x}"
+                    assert mask[i], f"unexpected write at 0x{region.gpa + i:x}"
 
 
 def used_area(q) -> tuple[int, int]:
@@ -69,7 +73,7 @@ def assert_needs_reset_then_recovers(rig, caplog, expected: str):
         assert rig.blk(VIRTIO_BLK_T_GET_ID, in_len=20)[0] == VIRTIO_BLK_S_OK
 
 
-# ---- buffers outside RAM: the request fails, the device goes on -----------------------------------------------------
+# ---- buffers outside RAM: the request fails, the device goes on ------------------------------------------------------
 
 @pytest.mark.parametrize("addr, length", [
     (4 * MiB, 512),                 # just past RAM
@@ -86,7 +90,8 @@ def test_data_buffer_outside_ram_is_an_io_error(blk, disk, caplog, addr, length,
     q.submit([(hdr, 16, False), (addr, length, rtype == VIRTIO_BLK_T_IN), (st_, 1, True)], kick=False)
     before = snapshot(blk.memory)
     q.kick()
-    assert q.get_used()[0][1] == 1
+    # used len: 1 when the status byte is the only writable byte, else 0 (never claims unwritten data)
+    assert q.get_used()[0][1] == (0 if rtype == VIRTIO_BLK_T_IN else 1)
     assert blk.memory.read(st_, 1) == bytes([VIRTIO_BLK_S_IOERR])
     assert_only_changed(blk.memory, before, [used_area(q), (st_, 1)])
     assert not needs_reset(blk)
@@ -99,7 +104,7 @@ def test_readable_after_writable_is_an_io_error(blk, disk, caplog):
     hdr = header(blk, VIRTIO_BLK_T_OUT)
     w, r, st_ = blk.alloc.alloc(512), blk.alloc.alloc(512), blk.alloc.alloc(1, fill=0xFF)
     q.submit([(hdr, 16, False), (w, 512, True), (r, 512, False), (st_, 1, True)])
-    assert q.get_used()[0][1] == 1
+    assert q.get_used()[0][1] == 0
     assert blk.memory.read(st_, 1) == bytes([VIRTIO_BLK_S_IOERR])
     assert disk.calls == []
     assert "device-readable descriptor follows" in caplog.text
@@ -127,7 +132,7 @@ def test_request_without_any_writable_byte_needs_reset(blk, disk, caplog):
     assert_needs_reset_then_recovers(blk, caplog, "no device-writable status byte")
 
 
-# ---- structurally broken chains: the device needs a reset -------------------------------------------------------------
+# ---- structurally broken chains: the device needs a reset ------------------------------------------------------------
 
 def raw_chain(rig, descs: list[tuple[int, int, int, int]], head: int = 0):
     """Write descriptors verbatim at indices 0.. of the descriptor table, make `head` available, kick."""
@@ -236,7 +241,7 @@ def test_avail_idx_moving_exactly_the_queue_size_is_fine(make_rig, disk):
     assert not needs_reset(rig)
 
 
-# ---- queue configuration ----------------------------------------------------------------------------------------------
+# ---- queue configuration ---------------------------------------------------------------------------------------------
 
 def setup_raw_queue(rig, size, desc, avail, used):
     d = rig.driver
@@ -307,7 +312,7 @@ def test_discard_segments_read_from_an_out_of_ram_buffer(blk, disk):
     assert not [c for c in disk.calls if c[0] == "discard"]
 
 
-# ---- random descriptor tables -------------------------------------------------------------------------------------------
+# ---- random descriptor tables ----------------------------------------------------------------------------------------
 
 LOW_END = 1 * MiB          # RAM: [0, 1 MiB) and [2 MiB, 3 MiB), a hole between
 HIGH = 2 * MiB
@@ -319,11 +324,21 @@ INTERESTING = [0, BUFFERS, BUFFERS + 0x1000, BUFFERS + 0xFFF0, INDIRECT, LOW_END
                1 << 32, 2**63, 2**64 - 16, 2**64 - 1]
 LENGTHS = [0, 1, 15, 16, 17, 20, 21, 512, 513, 4096, 0x10000, 0x80000, 2**31, 2**32 - 1]
 
-addresses = st.one_of(st.sampled_from(INTERESTING), st.integers(BUFFERS, BUFFERS + 0x10000),
-                      st.integers(0, 2**64 - 1))
-lengths = st.one_of(st.sampled_from(LENGTHS), st.integers(0, 2**32 - 1))
-flag_values = st.one_of(st.integers(0, 7), st.integers(0, 0xFFFF))
-descriptor = st.tuples(addresses, lengths, flag_values, st.integers(0, 0xFFFF) | st.integers(0, 20))
+HEADERS = [BUFFERS + 0x1000 * i for i in range(4)]
+
+# Mostly plausible values (so that requests get as far as the device), with the hostile ones mixed in.
+addresses = st.one_of(st.sampled_from(HEADERS), st.sampled_from(HEADERS), st.integers(BUFFERS, BUFFERS + 0x10000),
+                      st.sampled_from(INTERESTING), st.integers(0, 2**64 - 1))
+lengths = st.one_of(st.sampled_from([1, 16, 20, 21, 512, 513, 1024]), st.sampled_from(LENGTHS),
+                    st.integers(0, 2**32 - 1))
+flag_values = st.one_of(st.integers(0, 3), st.integers(0, 7), st.integers(0, 0xFFFF))
+
+
+def descriptors(size: int):
+    return st.tuples(addresses, lengths, flag_values,
+                     st.integers(0, size - 1) | st.integers(0, 15) | st.integers(0, 0xFFFF))
+
+
 request_header = st.tuples(st.sampled_from([VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, 4, VIRTIO_BLK_T_GET_ID,
                                             VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES, 99]),
                            st.integers(0, 2**64 - 1) | st.integers(0, 2100))
@@ -351,18 +366,19 @@ def test_random_descriptor_tables_never_raise_out_of_queue_notify(data, device_k
         memory.write(BUFFERS, data.draw(st.binary(min_size=64, max_size=64)) * 1024)
         for i, (rtype, sector) in enumerate(data.draw(st.lists(request_header, min_size=0, max_size=4))):
             memory.write(BUFFERS + 0x1000 * i, struct.pack("<IIQ", rtype, 0, sector))
-        table = data.draw(st.lists(descriptor, min_size=size, max_size=size))
-        indirect = data.draw(st.lists(descriptor, min_size=16, max_size=16))
+        table = data.draw(st.lists(descriptors(size), min_size=size, max_size=size))
+        indirect = data.draw(st.lists(descriptors(16), min_size=16, max_size=16))
         for i, d in enumerate(table):
             q.write_desc(i, *d)
         for i, d in enumerate(indirect):
             q.write_desc(i, *d, table=INDIRECT)
-        heads = data.draw(st.lists(st.integers(0, size - 1) | st.integers(0, 0xFFFF), min_size=size, max_size=size))
+        heads = data.draw(st.lists(st.integers(0, size - 1) | st.integers(0, size - 1) | st.integers(0, 0xFFFF),
+                                   min_size=size, max_size=size))
         for i, h in enumerate(heads):
             memory.write_u16(q.avail + 4 + 2 * i, h)
         memory.write_u16(q.avail, data.draw(st.integers(0, 0xFFFF)))                       # flags
         memory.write_u16(q.avail + 4 + 2 * size, data.draw(st.integers(0, 0xFFFF)))        # used_event
-        avail_idx = data.draw(st.integers(0, size) | st.integers(0, 0xFFFF))
+        avail_idx = data.draw(st.integers(1, size) | st.integers(1, size) | st.integers(0, 0xFFFF))
 
         # the device may write only: the used ring, and buffers some descriptor marks device-writable
         allowed = [used_area(q)]
@@ -373,9 +389,9 @@ def test_random_descriptor_tables_never_raise_out_of_queue_notify(data, device_k
                 for entry in struct.iter_unpack("<QIHH", memory.read(addr, length - length % 16)):
                     if entry[2] & W and not entry[2] & I:
                         allowed.append(entry[:2])
+        q.set_avail_idx(avail_idx)
         before = snapshot(memory)
         irqs = rig.irqs
-        q.set_avail_idx(avail_idx)
         rig.transport.queue_notify(0)
         rig.driver.write(mmio.QUEUE_NOTIFY, 0)
         rig.transport.notify_all()
@@ -384,12 +400,89 @@ def test_random_descriptor_tables_never_raise_out_of_queue_notify(data, device_k
         assert disk.violations == []
         assert [r for r in records if r.levelno >= logging.ERROR] == []
         used = q.used_idx
-        assert (used - 0) & 0xFFFF <= size
+        assert used <= size
+        event(f"{device_kind}: {'needs reset' if rig.driver.status & mmio.DEVICE_NEEDS_RESET else 'live'}, "
+              f"{'some' if used else 'no'} used buffers")
         if rig.irqs > irqs:
             assert rig.driver.read(mmio.INTERRUPT_STATUS)
         # whatever happened, a reset brings the device back to a clean state
         rig.driver.write(mmio.STATUS, 0)
         assert rig.driver.status == 0
+    finally:
+        logger.removeHandler(handler)
+        memory.close()
+
+
+segment = st.tuples(addresses, lengths, st.booleans())
+blk_request = st.tuples(
+    st.sampled_from([VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, 4, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
+                     VIRTIO_BLK_T_WRITE_ZEROES, 2, 99, 2**32 - 1]),
+    st.integers(0, 2100) | st.integers(0, 2**64 - 1),               # sector
+    st.sampled_from([16, 16, 16, 0, 8, 15, 24]),                     # header length
+    st.lists(segment, max_size=5),                                   # data segments, any order, any address
+    st.sampled_from(["status", "status", "status", "none", "outside", "wide"]),
+    st.booleans())                                                   # indirect
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(requests=st.lists(blk_request, min_size=1, max_size=6), pattern=st.binary(min_size=16, max_size=16),
+       ranges=st.lists(st.tuples(st.integers(0, 2100) | st.integers(0, 2**64 - 1), st.integers(0, 64) |
+                                 st.integers(0, 2**32 - 1), st.integers(0, 3)), max_size=4))
+def test_random_blk_requests_in_well_formed_chains(requests, pattern, ranges):
+    """Chains the queue accepts structurally, with hostile contents: every request completes with a status."""
+    memory = GuestMemory([(0, LOW_END), (HIGH, HIGH_END - HIGH)])
+    disk = FakeDisk(MiB)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("cloudkvm.virtio")
+    logger.addHandler(handler)
+    try:
+        rig = Rig(memory, VirtioBlk(disk, serial="fuzz"), alloc_end=BUFFERS)
+        rig.driver.init(queue_size=64)
+        q = rig.queue
+        memory.write(BUFFERS, pattern * 4096)
+        discard = b"".join(struct.pack("<QII", *r) for r in ranges)
+        memory.write(BUFFERS + 0x4000, discard)
+        allowed = [used_area(q)]
+        expected = []     # (head, status gpa or None)
+        for i, (rtype, sector, hlen, segs, status, indirect) in enumerate(requests):
+            hdr = rig.alloc.alloc(24)
+            memory.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
+            bufs = [(hdr, hlen, False)] if hlen else []
+            if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES) and discard:
+                bufs.append((BUFFERS + 0x4000, len(discard), False))
+            bufs += segs
+            st_gpa = None
+            if status == "status":
+                st_gpa = rig.alloc.alloc(1, fill=0xFF)
+                bufs.append((st_gpa, 1, True))
+            elif status == "outside":
+                bufs.append((HIGH_END + 5, 1, True))
+            elif status == "wide":
+                st_gpa = rig.alloc.alloc(700, fill=0xFF) + 699
+                bufs.append((st_gpa - 699, 700, True))
+            if not bufs:
+                continue
+            allowed += [(g, n) for g, n, w in bufs if w]
+            expected.append((q.add(bufs, indirect=indirect), st_gpa, bufs))
+        q.publish()
+        before = snapshot(memory)
+        q.kick()
+
+        assert_only_changed(memory, before, allowed)
+        assert disk.violations == []
+        assert [r for r in records if r.levelno >= logging.ERROR] == []
+        used = dict(q.get_used())
+        live = not rig.driver.status & mmio.DEVICE_NEEDS_RESET
+        for head, st_gpa, bufs in expected:
+            if head in used and st_gpa is not None and bufs[-1][2]:
+                assert memory.read(st_gpa, 1)[0] in (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, 2)
+            elif live:
+                assert head in used
+        event("live" if live else "needs reset")
+        event(f"{len(used)} of {len(expected)} completed")
     finally:
         logger.removeHandler(handler)
         memory.close()

@@ -165,7 +165,10 @@ class VirtioBlk(VirtioDevice):
             except GuestMemoryError:
                 pass
             else:
-                queue.push(exc.head, 1)
+                # used len counts bytes written from the first writable byte on (§2.7.8.2): only the status
+                # byte was written, so 1 when it is the whole writable part, else an underestimate of 0.
+                writable = sum(length for _, length, w in exc.segments if w)
+                queue.push(exc.head, 1 if writable == 1 else 0)
                 return True
         self.fail(f"cannot complete a request: {exc.reason}")
         return False
@@ -202,7 +205,9 @@ class VirtioBlk(VirtioDevice):
             self.warn_once(f"backend-{type(e).__name__}", "%s: disk backend error: %r", self.name, e)
             status, written = VIRTIO_BLK_S_IOERR, 0
         mem.write(status_gpa, bytes([status]))
-        return written + 1
+        # The used len counts bytes written from the first writable byte on (§2.7.8.2): data then status when the
+        # data part was written whole, else only the prefix written (an underestimate is allowed, never more).
+        return written + 1 if written == sum(n for _, n in writable) else written
 
     def _execute(self, mem, rtype: int, sector: int, payload: list[tuple[int, int]],
                  writable: list[tuple[int, int]]) -> int:
@@ -268,7 +273,8 @@ class VirtioBlk(VirtioDevice):
                 raise _RequestError(VIRTIO_BLK_S_UNSUPP, "flags", f"discard/write-zeroes flags 0x{flags:x}")
         for sector, num, _ in ranges:
             if num > max_sectors:
-                raise _RequestError(VIRTIO_BLK_S_IOERR, "segment-size", f"segment of {num} sectors exceeds {max_sectors}")
+                raise _RequestError(VIRTIO_BLK_S_IOERR, "segment-size",
+                                    f"segment of {num} sectors exceeds {max_sectors}")
             self._range(sector, num * SECTOR)
         for sector, num, flags in ranges:
             if not num:

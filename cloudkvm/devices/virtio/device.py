@@ -52,7 +52,8 @@ class VirtioDevice:
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         """Drivers write only fields a feature makes writable; by default nothing is."""
-        self.warn_once("config-write", "%s: driver wrote config offset 0x%x (size %d); ignored", self.name, offset, size)
+        self.warn_once("config-write", "%s: driver wrote config offset 0x%x (size %d); ignored", self.name, offset,
+                       size)
 
     def signal_config_change(self) -> None:
         """Tell the driver the configuration space changed (the transport bumps ConfigGeneration and interrupts)."""

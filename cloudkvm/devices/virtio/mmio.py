@@ -282,7 +282,7 @@ class VirtioMmioTransport:
             self._need_reset("activation failed")
 
     def reset(self) -> None:
-        """Device reset (Status written 0, or by the board): §2.4.1, status back to 0, queues and interrupts cleared."""
+        """Device reset (Status written 0, or by the board): status back to 0, queues and interrupts cleared (§2.4)."""
         with self._lock:
             try:
                 self.device.reset()
