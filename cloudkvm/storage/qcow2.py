@@ -621,11 +621,21 @@ class Qcow2Disk:
                 off = run_end
 
     def _write_new_clusters(self, tbl: array, i: int, j: int, off: int, run_end: int, payload) -> None:
-        """Guest clusters i..j-1 of `tbl` get fresh contiguous host clusters holding `payload` at [off, run_end)
-        plus the old contents around it (copy-on-write from compressed data, the backing chain or zeros)."""
+        """Guest clusters i..j-1 of `tbl` get fresh host clusters holding `payload` at [off, run_end) plus the old
+        contents around it (copy-on-write from compressed data, the backing chain or zeros); one pwrite per
+        contiguous piece of host clusters."""
+        cmask = self._cmask
+        pos = 0
+        while i < j:
+            base, k = self._alloc(j - i)
+            piece_end = min(run_end, ((off | cmask) + 1) + (k - 1) * self._cs)
+            self._write_piece(tbl, i, k, base, off, piece_end, payload[pos:pos + piece_end - off])
+            pos += piece_end - off
+            off = piece_end
+            i += k
+
+    def _write_piece(self, tbl: array, i: int, m: int, base: int, off: int, run_end: int, payload) -> None:
         cs, cmask = self._cs, self._cmask
-        m = j - i
-        base = self._alloc(m)
         fs = self._file_size
         c0 = off & ~cmask
         head = off - c0
@@ -640,7 +650,7 @@ class Qcow2Disk:
                 parts.append(fill if fill is not None else bytes(head))
         parts.append(payload)
         if tail:
-            fill = self._old_contents(run_end, tail, tbl[j - 1])
+            fill = self._old_contents(run_end, tail, tbl[i + m - 1])
             if fill is not None or base + (run_end - c0) < fs:
                 parts.append(fill if fill is not None else bytes(tail))
         self._pwrite(parts[0] if len(parts) == 1 else b"".join(parts), wstart)
@@ -672,7 +682,7 @@ class Qcow2Disk:
                 self._l1[l1i] = e | OFLAG_COPIED
                 self._l1_dirty.add(l1i)
             return self._l2(l1i)
-        off = self._alloc(1)
+        off, _ = self._alloc(1)
         tbl = array("Q", [0]) * (self._cs // 8)
         self._meta.add(off)
         self._l1[l1i] = off | OFLAG_COPIED
@@ -756,14 +766,17 @@ class Qcow2Disk:
             return blk
         off = self._rt_entry(ti)
         blk = new_block(self._rb_order, pread_full(self._fd, self._cs, off))
+        self._rb_cache[ti] = blk
+        self._trim_refblock_cache()
+        return blk
+
+    def _trim_refblock_cache(self) -> None:
         cache = self._rb_cache
-        cache[ti] = blk
         while len(cache) > self.REFBLOCK_CACHE:
             victim = next(iter(cache))
             if victim in self._rb_dirty:  # increments only: safe to write at any time
                 self._write_refblock(victim)
             del cache[victim]
-        return blk
 
     def _write_refblock(self, ti: int) -> None:
         self._pwrite(self._rb_cache[ti].tobytes(), self._rt_entry(ti))
@@ -775,61 +788,96 @@ class Qcow2Disk:
             return 0
         return self._refblock(ti).get(c & self._rb_mask)
 
-    def _find_free(self, m: int) -> int:
-        """First run of m clusters with refcount 0 at or after the free hint."""
-        rb_bits, rb_mask = self._rb_bits, self._rb_mask
+    def _alloc(self, m: int) -> tuple[int, int]:
+        """Up to m contiguous free host clusters (at least one), the first free ones at or after the free hint:
+        (byte offset, count). Their refcounts become 1 in the cache (written before any L2 entry uses them)."""
+        cb, rb_bits, rb_mask = self._cb, self._rb_bits, self._rb_mask
         c = self._free_hint
-        run_start, run = c, 0
         while True:
             ti = c >> rb_bits
-            if not self._rt_entry(ti):
-                if not run:
-                    run_start = c
-                run += ((ti + 1) << rb_bits) - c
-                if run >= m:
-                    return run_start
-                c = (ti + 1) << rb_bits
-                continue
-            blk = self._refblock(ti)
-            j = c & rb_mask
-            n = rb_mask + 1
-            while j < n:
-                if not run:
-                    j = blk.find_zero(j)
-                    if j >= n:
-                        break
-                    run_start = (ti << rb_bits) + j
-                k = blk.zero_run(j, m - run)
-                run += k
-                j += k
-                if run >= m:
-                    return run_start
-                if j < n:
-                    run = 0
-                    j += 1
-            c = (ti + 1) << rb_bits
-
-    def _alloc(self, m: int) -> int:
-        """m contiguous free host clusters, refcounts set to 1 (in the cache); returns the byte offset."""
-        while True:
-            start = self._find_free(m)
-            missing = [ti for ti in range(start >> self._rb_bits, ((start + m - 1) >> self._rb_bits) + 1)
-                       if not self._rt_entry(ti)]
-            if not missing:
+            if not self._rt_entry(ti):  # nothing counted from here on: allocate at the end of the image
+                off = self._alloc_at_end(m)
+                self._free_hint = (off >> cb) + m
+                return off, m
+            j = self._refblock(ti).find_zero(c & rb_mask)
+            if j <= rb_mask:
+                start = (ti << rb_bits) + j
                 break
-            self._create_refblock(missing[0])
-        cb = self._cb
-        for c in range(start, start + m):
+            c = (ti + 1) << rb_bits
+        k = 0
+        c = start
+        while k < m:  # extend the run through the following refcount blocks
+            ti = c >> rb_bits
+            if not self._rt_entry(ti):
+                break
+            j = c & rb_mask
+            r = self._refblock(ti).zero_run(j, m - k)
+            k += r
+            c += r
+            if j + r <= rb_mask:
+                break
+        for c in range(start, start + k):
             if (c << cb) in self._meta:
                 raise CorruptImage(f"{self.path}: cluster {c << cb:#x} holds metadata but its refcount is 0")
-            ti = c >> self._rb_bits
-            self._refblock(ti).set(c & self._rb_mask, 1)
+            ti = c >> rb_bits
+            self._refblock(ti).set(c & rb_mask, 1)
             self._rb_dirty.add(ti)
-        self._free_hint = start + m
-        end = (start + m) << cb
+        self._free_hint = start + k
+        end = (start + k) << cb
         if end > self._alloc_end:
             self._alloc_end = end
-        return start << cb
+        return start << cb, k
+
+    def _alloc_at_end(self, n: int) -> int:
+        """n contiguous clusters past everything allocated, preceded by the new refcount blocks that count them
+        (and themselves). Existing blocks that count any of them are written, the new blocks written and synced,
+        and only then linked into the refcount table. Returns the byte offset of the n clusters."""
+        cb, cs, rb_bits, rb_mask = self._cb, self._cs, self._rb_bits, self._rb_mask
+        while True:
+            first = max(self._alloc_end, (self._file_size + self._cmask) & ~self._cmask) >> cb
+            k = 0
+            while True:
+                end = first + k + n
+                missing = [ti for ti in range(first >> rb_bits, ((end - 1) >> rb_bits) + 1) if not self._rt_entry(ti)]
+                if len(missing) <= k:
+                    break
+                k = len(missing)
+            if missing and missing[-1] >= len(self._rt):
+                self._grow_reftable(missing[-1] + 1)
+                continue
+            busy = [c for c in range(first, end) if (c >> rb_bits) not in missing and self._refcount(c)]
+            if busy:  # counted clusters past the end of the file: skip them
+                self._alloc_end = (busy[-1] + 1) << cb
+                continue
+            break
+        blocks = {ti: new_block(self._rb_order, bytes(cs)) for ti in missing}
+        where = {ti: (first + b) << cb for b, ti in enumerate(missing)}
+        touched = set()
+        for c in range(first, end):
+            off = c << cb
+            if off in self._meta:
+                raise CorruptImage(f"{self.path}: cluster {off:#x} holds metadata but its refcount is 0")
+            ti = c >> rb_bits
+            if ti in blocks:
+                blocks[ti].set(c & rb_mask, 1)
+            else:
+                self._refblock(ti).set(c & rb_mask, 1)
+                self._rb_dirty.add(ti)
+                touched.add(ti)
+        if blocks:
+            for ti in sorted(touched):
+                self._write_refblock(ti)
+            for ti, blk in blocks.items():
+                self._pwrite(blk.tobytes(), where[ti])
+            os.fdatasync(self._fd)
+            for ti, blk in blocks.items():
+                self._rt[ti] = where[ti]
+                self._pwrite(struct.pack(">Q", where[ti]), self._rt_offset + ti * 8)
+                self._meta.add(where[ti])
+                self._rb_cache[ti] = blk
+            self._trim_refblock_cache()
+        self._alloc_end = max(self._alloc_end, end << cb)
+        return (first + k) << cb
 
     def _change_refcount(self, c: int, delta: int) -> int:
         ti = c >> self._rb_bits
@@ -845,28 +893,6 @@ class Qcow2Disk:
         blk.set(c & self._rb_mask, v)
         self._rb_dirty.add(ti)
         return v
-
-    def _create_refblock(self, ti: int) -> None:
-        """A new refcount block for table index ti, placed in the first cluster it covers (all of whose clusters
-        are free, as no block counted them), carrying its own refcount; written and synced before it is linked."""
-        if ti >= len(self._rt):
-            self._grow_reftable(ti + 1)
-            if self._rt_entry(ti):
-                return
-        off = (ti << self._rb_bits) << self._cb
-        if off in self._meta:
-            raise CorruptImage(f"{self.path}: cluster {off:#x} holds metadata but has no refcount block")
-        blk = new_block(self._rb_order, bytes(self._cs))
-        blk.set(0, 1)
-        self._pwrite(blk.tobytes(), off)
-        os.fdatasync(self._fd)
-        self._rt[ti] = off
-        self._pwrite(struct.pack(">Q", off), self._rt_offset + ti * 8)
-        self._meta.add(off)
-        self._rb_cache[ti] = blk
-        self._rb_cache.move_to_end(ti)
-        if off + self._cs > self._alloc_end:
-            self._alloc_end = off + self._cs
 
     def _grow_reftable(self, min_entries: int) -> None:
         """Move the refcount table to a bigger one at the end of the image, together with the refcount blocks
@@ -916,11 +942,7 @@ class Qcow2Disk:
             self._meta.discard(c << cb)
             self._change_refcount(c, -1)
             self._free_hint = min(self._free_hint, c)
-        while len(self._rb_cache) > self.REFBLOCK_CACHE:
-            victim = next(iter(self._rb_cache))
-            if victim in self._rb_dirty:
-                self._write_refblock(victim)
-            del self._rb_cache[victim]
+        self._trim_refblock_cache()
 
     # ---------------------------------------------------------------------------------------------- flushing
     def _flush_metadata(self) -> None:
@@ -1003,7 +1025,7 @@ class Qcow2Disk:
             self._pwrite(_HEADER_SIZE_FIELDS.pack(new_size, crypt, needed), 24)
         else:
             nclusters = (needed * 8 + cs - 1) // cs
-            new_off = self._alloc(nclusters)
+            new_off = self._alloc_at_end(nclusters)
             self._meta.update(range(new_off, new_off + nclusters * cs, cs))
             table = array("Q", self._l1) + array("Q", [0]) * (nclusters * cs // 8 - old_n)
             self._pwrite(_to_be(table), new_off)

@@ -304,7 +304,7 @@ def test_demo_profile(stubs):
     p = load_profile(PROFILES / "demo-x86_64.yaml", env=env)
     assert (p.name, p.arch, p.machine, p.cpus, p.memory) == ("demo-x86_64", "x86_64", "x86", 2, 512 * MiB)
     assert p.boot.kernel == stubs / "vmlinuz" and p.boot.initrd == stubs / "initrd.img"
-    assert p.boot.cmdline == "console=ttyS0 lpj=4000000 tsc=reliable no_timer_check nowatchdog quiet"
+    assert p.boot.cmdline == "console=ttyS0 lpj=4000000 tsc=reliable no_timer_check nowatchdog"
     assert p.network.mode == "none" and p.daemonize is True
 
 

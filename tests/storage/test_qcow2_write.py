@@ -119,8 +119,7 @@ def test_refcount_table_growth_small_clusters(qemu, tmp_path):
     for off in range(0, 20 * MiB, MiB):
         m.write(off, chunk)
     random_writes(m, random.Random(2), 30, max_len=300_000)
-    with open_disk(img, read_only=True) as _:
-        pass
+    assert m.disk._rt_clusters > 1 and m.disk._rt_offset > MiB  # the table moved and grew
     m.verify()
     info = qemu.check(img)
     assert info["image-end-offset"] > 20 * MiB
@@ -144,6 +143,8 @@ def test_discard_and_write_zeroes(qemu, tmp_path, backing, compat):
     m = Model(qemu, tmp_path, img)
     rng = random.Random(9)
     m.write(0, rng.randbytes(8 * MiB))
+    m.disk.flush()
+    blocks_full = os.stat(img).st_blocks
     for _ in range(30):
         off, n = rng.randrange(8 * MiB - 100_000), rng.randrange(1, 100_000)
         m.zero(off, n)
@@ -152,9 +153,9 @@ def test_discard_and_write_zeroes(qemu, tmp_path, backing, compat):
     if not (backing and compat == "0.10"):
         m.data[2 * MiB:2 * MiB + 65536] = bytes(65536)
     m.disk.discard(100, 7 * MiB + 7)  # partial clusters: left alone
-    size_before = os.stat(img).st_blocks
     m.verify()
-    assert os.stat(img).st_blocks <= size_before
+    if not (backing and compat == "0.10"):  # released clusters were punched out of the file
+        assert os.stat(img).st_blocks < blocks_full - 1000
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,0 +1,36 @@
+"""Crash-test child: a deterministic write storm on a qcow2 image with a flush every FLUSH_EVERY writes; after each
+flush returns, the number of writes it covers is appended to LOG and fsync'd. The parent SIGKILLs it at random."""
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from cloudkvm.storage import open_disk  # noqa: E402
+
+
+def storm(seed: int, size: int):
+    """The write sequence (offset, data), the same in child and parent."""
+    rng = random.Random(seed)
+    while True:
+        n = rng.choice([rng.randrange(1, 2000), 4096, rng.randrange(1, 120_000)])
+        off = rng.randrange(size - n + 1)
+        yield off, rng.randbytes(n)
+
+
+def main() -> None:
+    img, log, seed, flush_every = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    disk = open_disk(img)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, b"start\n")
+    os.fsync(fd)
+    for i, (off, data) in enumerate(storm(seed, disk.size), start=1):
+        disk.pwrite(data, off)
+        if i % flush_every == 0:
+            disk.flush()
+            os.write(fd, b"%d\n" % i)
+            os.fsync(fd)
+
+
+if __name__ == "__main__":
+    main()
