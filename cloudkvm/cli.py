@@ -99,11 +99,14 @@ def up(profile: Path = typer.Argument(..., help="profile YAML"),
 
 
 def _run_foreground(profile) -> None:
-    from .launcher import spec_for
+    from .instances import Instance
+    from .launcher import prepare_disks, spec_for, virtio_devices
     from .machine import run
     from .terminal import raw_terminal
 
-    spec = spec_for(profile, sys.stdout.fileno())
+    instance = Instance.named(profile.name)
+    instance.dir.mkdir(parents=True, exist_ok=True)
+    spec = spec_for(profile, sys.stdout.fileno(), virtio_devices(prepare_disks(profile, instance)))
     spec.console_input_fd, spec.console_escape = sys.stdin.fileno(), True
     with raw_terminal(sys.stdin.fileno()):
         result = run(spec)

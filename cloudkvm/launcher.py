@@ -9,26 +9,73 @@ import time
 from . import control, daemon
 from .errors import CloudkvmError
 from .instances import Instance, list_instances
-from .machine import FlatBinary, LinuxBoot, Machine, MachineSpec
+from .boards.x86_cpu import CpuPolicy
+from .machine import FlatBinary, LinuxBoot, Machine, MachineSpec, check_payload
 from .profile import Profile
 
 log = logging.getLogger("cloudkvm.launcher")
 
 
-def spec_for(profile: Profile, console_fd: int | None) -> MachineSpec:
-    """The machine a validated profile describes (x86 board today; `virt` lands with the aarch64 issue)."""
+def check_runnable(profile: Profile) -> None:
+    """Refuse, after validation and before anything is created, what this version cannot run."""
     if profile.machine != "x86":
         raise CloudkvmError(f"{profile.name}: the '{profile.machine}' board ({profile.arch}) is not available yet",
                             "only x86_64 profiles run today; the aarch64 virt board is a later issue")
-    if profile.disks:
-        raise CloudkvmError(f"{profile.name}: disks are not wired to the VM yet", "remove 'disks' for now")
     if profile.network.mode != "none":
         raise CloudkvmError(f"{profile.name}: user networking is not wired to the VM yet", "use network: none")
+
+
+def prepare_disks(profile: Profile, instance: Instance) -> list[tuple[str, str | None, bool]]:
+    """Per-instance overlays (`overlay: true`) and growth (`size:`); returns what each virtio-blk opens:
+    (path, format, read_only). Runs before the daemon starts, so every disk error is a one-line user error."""
+    from .storage import open_disk, probe_format
+    from .storage import qcow2
+
+    opened = []
+    for index, disk in enumerate(profile.disks):
+        where = profile.where("disks", index, "file")
+        path, fmt = str(disk.file), disk.format or probe_format(disk.file)
+        if disk.overlay:
+            overlay = instance.dir / f"disk{index}.overlay.qcow2"
+            if not overlay.exists():
+                qcow2.create(overlay, None, backing=os.path.abspath(path), backing_format=fmt)
+            path, fmt = str(overlay), "qcow2"
+        if disk.size and not disk.read_only:
+            with open_disk(path, format=fmt) as image:
+                current = image.size
+            if disk.size < current:
+                raise CloudkvmError(f"{where}: disks.{index}.size is smaller than the image ({current} bytes)",
+                                    "disks only grow; drop 'size' or make it larger")
+            if disk.size > current:
+                if fmt == "qcow2":
+                    qcow2.grow(path, disk.size)
+                else:
+                    os.truncate(path, disk.size)
+        open_disk(path, read_only=disk.read_only, format=fmt).close()  # a corrupt image fails here, not later
+        opened.append((path, fmt, disk.read_only))
+    return opened
+
+
+def virtio_devices(disks: list[tuple[str, str | None, bool]]) -> list:
+    """One virtio-blk per disk (serial diskN), then a virtio-rng."""
+    from .devices.virtio.blk import VirtioBlk
+    from .devices.virtio.rng import VirtioRng
+    from .storage import open_disk
+
+    devices = [VirtioBlk(open_disk(path, read_only=ro, format=fmt), read_only=ro, serial=f"disk{i}")
+               for i, (path, fmt, ro) in enumerate(disks)]
+    return devices + [VirtioRng()]
+
+
+def spec_for(profile: Profile, console_fd: int | None, virtio: list | None = None) -> MachineSpec:
+    """The machine a validated profile describes (x86 board today; `virt` lands with the aarch64 issue)."""
+    check_runnable(profile)
     boot = profile.boot
     payload = FlatBinary(boot.kernel) if getattr(boot, "format", "linux") == "flat" \
         else LinuxBoot(boot.kernel, boot.initrd, boot.cmdline)
     return MachineSpec(payload=payload, cpus=profile.cpus, memory=profile.memory, host_quirks=profile.host_quirks,
-                       console_fd=console_fd)
+                       cpu=CpuPolicy(profile.cpu.model, list(profile.cpu.hide)), console_fd=console_fd,
+                       virtio=virtio or [])
 
 
 def instance_info(profile: Profile, source: str | None) -> dict:
@@ -39,10 +86,10 @@ def instance_info(profile: Profile, source: str | None) -> dict:
             "created_at": time.time()}
 
 
-def _run_vm(instance: Instance, profile: Profile, ready) -> int:
+def _run_vm(instance: Instance, profile: Profile, disks, ready) -> int:
     """The daemon's body: build the machine, serve the control socket, run, record how the VM ended."""
     console_fd = os.open(instance.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    with Machine(spec_for(profile, console_fd)) as machine:
+    with Machine(spec_for(profile, console_fd, virtio_devices(disks))) as machine:
         info = {**instance.info(), "started_at": time.time(), "pid": os.getpid()}
         instance.write_json(instance.info_file, info)
         server = control.ControlServer(machine, instance.control_socket, {"name": profile.name})
@@ -77,15 +124,13 @@ def up(profile: Profile, source: str | None, name: str | None = None, wait: floa
     instance = Instance.named(profile.name)
     if instance.state() == "running":
         raise CloudkvmError(f"instance '{profile.name}' is already running", f"cloudkvm down {profile.name} first")
-    spec_for(profile, None)  # refuse what cannot run before anything is created
-    from .machine import check_payload  # noqa: PLC0415
-
-    check_payload(spec_for(profile, None).payload)
+    check_payload(spec_for(profile, None).payload)  # refuse what cannot run before anything is created
     instance.dir.mkdir(parents=True, exist_ok=True)
     for stale in (instance.result_file, instance.pid_file):
         stale.unlink(missing_ok=True)
+    disks = prepare_disks(profile, instance)
     instance.write_json(instance.info_file, instance_info(profile, source))
-    message, pid = daemon.spawn(instance, lambda ready: _run_vm(instance, profile, ready), wait)
+    message, pid = daemon.spawn(instance, lambda ready: _run_vm(instance, profile, disks, ready), wait)
     if message != daemon.READY:
         tail = instance.crash_reason()
         raise CloudkvmError(f"instance '{profile.name}' did not start: {message}", f"log: {tail}")

@@ -130,3 +130,35 @@ def test_up_of_an_aarch64_profile_fails_with_one_line_after_validation(env, tmp_
     proc = cli(env, "up", str(path))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "virt" in proc.stderr
     assert not (tmp_path / "state" / "arm").exists()
+
+
+def test_up_with_a_qcow2_overlay_leaves_the_original_untouched(env, tmp_path):
+    import shutil
+
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img missing (apt-get install qemu-utils)")
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    pristine = tmp_path / "pristine.qcow2"
+    shutil.copy(base, pristine)
+    guest = build_flat(os.path.join(GUESTS, "virtio_blk.c"))
+    profile = tmp_path / "blk.yaml"
+    profile.write_text(f"name: blk\narch: x86_64\nmemory: 64M\nboot:\n  kernel: {guest}\n  format: flat\n"
+                       f"disks:\n  - file: base.qcow2\n    overlay: true\n    size: 128M\n")
+    assert cli(env, "up", str(profile)).returncode == 0
+    state = tmp_path / "state" / "blk"
+    assert wait_for(lambda: (state / "result.json").exists(), 60)
+    result = json.loads((state / "result.json").read_text())
+    console = (state / "console.log").read_text()
+    assert result["reason"] == "poweroff", (result, console)
+    assert "virtio_blk: write+read ok" in console and "virtio_blk: capacity 262144 sectors" in console
+    overlay = state / "disk0.overlay.qcow2"
+    check = subprocess.run(["qemu-img", "check", str(overlay)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)], capture_output=True,
+                                     text=True).stdout)
+    assert info["backing-filename"] == str(base) and info["virtual-size"] == 128 << 20
+    same = subprocess.run(["qemu-img", "compare", str(base), str(pristine)], capture_output=True, text=True)
+    assert same.returncode == 0, "the original image changed"
+    differs = subprocess.run(["qemu-img", "compare", str(overlay), str(pristine)], capture_output=True)
+    assert differs.returncode == 1  # the guest's writes live in the overlay

@@ -1,0 +1,116 @@
+"""Raw images and open_disk() itself: probing, errors, the Disk protocol."""
+import os
+import random
+
+import pytest
+
+from cloudkvm.errors import CloudkvmError
+from cloudkvm.storage import Disk, OutOfRange, ReadOnlyDisk, open_disk, probe_format
+from cloudkvm.storage.raw import RawDisk
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def raw_file(tmp_path):
+    p = tmp_path / "disk.img"
+    p.write_bytes(random.Random(1).randbytes(3 * MiB + 512))
+    return p
+
+
+def test_read_write_flush(raw_file):
+    ref = bytearray(raw_file.read_bytes())
+    rng = random.Random(2)
+    with open_disk(raw_file) as d:
+        assert isinstance(d, RawDisk) and isinstance(d, Disk)
+        assert d.format == "raw" and d.size == len(ref) and not d.read_only
+        for _ in range(200):
+            off = rng.randrange(d.size)
+            n = rng.randrange(min(100_000, d.size - off) + 1)
+            if rng.random() < 0.5:
+                data = rng.randbytes(n)
+                d.pwrite(data, off)
+                ref[off:off + n] = data
+            assert d.pread(n, off) == ref[off:off + n]
+        d.pwrite(memoryview(b"abcdef")[1:4], 7)  # any buffer
+        ref[7:10] = b"bcd"
+        d.flush()
+    assert raw_file.read_bytes() == ref
+
+
+def test_discard_and_write_zeroes(raw_file):
+    with open_disk(raw_file) as d:
+        d.write_zeroes(100_000, 12345)
+        assert d.pread(100_000, 12345) == bytes(100_000)
+        d.discard(MiB, MiB)  # punched: reads as zeros where supported, and never changes the size
+        assert d.size == 3 * MiB + 512
+        d.write_zeroes(0, 0)
+    assert os.path.getsize(raw_file) == 3 * MiB + 512
+
+
+def test_write_zeroes_falls_back_to_writing(raw_file):
+    with open_disk(raw_file) as d:
+        d._can_zero_range = d._can_punch = False
+        d.write_zeroes(3 * MiB, 100)
+        assert d.pread(3 * MiB, 100) == bytes(3 * MiB)
+
+
+def test_errors(raw_file, tmp_path):
+    with open_disk(raw_file, read_only=True) as d:
+        assert d.read_only
+        for call in (lambda: d.pwrite(b"x", 0), lambda: d.discard(1, 0), lambda: d.write_zeroes(1, 0),
+                     lambda: d.grow(10 * MiB)):
+            with pytest.raises(ReadOnlyDisk):
+                call()
+        for length, offset in ((1, d.size), (-1, 0), (0, -1), (d.size + 1, 0)):
+            with pytest.raises(ValueError):
+                d.pread(length, offset)
+        assert d.pread(0, d.size) == b""
+    with open_disk(raw_file) as d:
+        with pytest.raises(OutOfRange):
+            d.pwrite(b"xy", d.size - 1)
+        d.grow(4 * MiB)
+        assert d.size == 4 * MiB and d.pread(10, 4 * MiB - 10) == bytes(10)
+        with pytest.raises(CloudkvmError, match="shrink"):
+            d.grow(MiB)
+    with pytest.raises(CloudkvmError, match="no such disk image") as e:
+        open_disk(tmp_path / "nope.img")
+    assert "nope.img" in e.value.message and e.value.hint
+    with pytest.raises(CloudkvmError, match="folder"):
+        open_disk(tmp_path)
+    with pytest.raises(CloudkvmError, match="unsupported disk image format 'vmdk'"):
+        open_disk(raw_file, format="vmdk")
+
+
+def test_permission_denied_names_the_file(raw_file):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores file permissions")
+    os.chmod(raw_file, 0o444)
+    with pytest.raises(CloudkvmError, match="permission denied"):
+        open_disk(raw_file)
+
+
+def test_probe(raw_file, tmp_path):
+    assert probe_format(raw_file) == "raw"
+    q = tmp_path / "q"
+    q.write_bytes(b"QFI\xfb" + bytes(100))
+    assert probe_format(q) == "qcow2"
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert probe_format(empty) == "raw"
+    with open_disk(empty) as d:
+        assert d.size == 0 and d.pread(0, 0) == b""
+
+
+def test_writer_lock(raw_file):
+    with open_disk(raw_file):
+        with pytest.raises(CloudkvmError, match="in use"):
+            open_disk(raw_file)
+    with open_disk(raw_file, read_only=True), open_disk(raw_file, read_only=True):
+        pass
+
+
+def test_close_is_idempotent(raw_file):
+    d = open_disk(raw_file)
+    d.close()
+    d.close()
