@@ -1,47 +1,178 @@
-"""The I/O thread: one selectors loop for host-side fds (console input, eventfds, sockets) and queued calls."""
+"""The I/O thread: one `poll()` loop for host-side fds (console input, eventfds, sockets), timers, queued calls and
+poll sources (libslirp's sockets).
+
+Each turn of the loop: every poll source's `fill()` says which fds it wants watched (and how long it may wait at
+most); the loop blocks in `poll()` until an fd is ready, the nearest timer or source timeout is due, or
+`call_soon` wakes it (an eventfd); then it runs the ready fd callbacks, every poll source's `dispatch(revents)`,
+the due timers and the queued calls. Nothing spins: an idle loop sleeps in `poll()`."""
+from __future__ import annotations
+
+import heapq
+import itertools
 import logging
+import math
 import os
-import selectors
+import select
 import threading
+import time
 from collections import deque
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger("cloudkvm.io")
 
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+
+Fill = Callable[[], "tuple[Iterable[tuple[int, int]], float | None]"]
+Dispatch = Callable[[dict[int, int]], None]
+
+
+class TimerHandle:
+    """A call scheduled with `IoThread.call_later`; `cancel()` it from any thread (a no-op once it ran)."""
+
+    __slots__ = ("when", "fn", "cancelled", "_io")
+
+    def __init__(self, when: float, fn: Callable[[], None], io: "IoThread"):
+        self.when = when
+        self.fn = fn
+        self.cancelled = False
+        self._io = io
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self._io._timer_cancelled()
+
+    def __repr__(self) -> str:
+        return f"<TimerHandle in {self.when - time.monotonic():.3f}s{' cancelled' if self.cancelled else ''}>"
+
+
+class PollSource:
+    """fds that change every turn of the loop (see `IoThread.add_poll_source`)."""
+
+    __slots__ = ("fill", "dispatch", "fds", "filled", "removed")
+
+    def __init__(self, fill: Fill, dispatch: Dispatch):
+        self.fill = fill
+        self.dispatch = dispatch
+        self.fds: set[int] = set()
+        self.filled = False
+        self.removed = False
+
 
 class IoThread:
-    """Runs callbacks when fds become readable; other threads hand it work with `call_soon`."""
+    """Runs callbacks when fds become readable, timers, poll sources; other threads hand it work with
+    `call_soon`."""
 
     def __init__(self, name: str = "cloudkvm-io"):
-        self._sel = selectors.DefaultSelector()
+        self._poll = select.poll()
+        self._registered: dict[int, int] = {}       # fd -> events currently registered with poll()
+        self._readers: dict[int, Callable[[], None]] = {}
+        self._sources: list[PollSource] = []
+        self._timers: list[tuple[float, int, TimerHandle]] = []
+        self._timer_seq = itertools.count()
+        self._timer_lock = threading.Lock()
+        self._cancelled = 0
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._sel.register(self._wake, selectors.EVENT_READ, None)
         self._calls: deque[Callable[[], None]] = deque()
         self._running = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
+    # --- fds ------------------------------------------------------------------------------------------------
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self._now_or_soon(lambda: self._sel.register(fd, selectors.EVENT_READ, callback))
+        """Call `callback()` on the I/O thread whenever `fd` is readable (or hung up / in error). A callback that
+        raises is logged and removed."""
+        def add():
+            self._readers[fd] = callback
+        self._now_or_soon(add)
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching `fd`. On the I/O thread this happens at once, so the fd can be closed right after."""
         def remove():
-            try:
-                self._sel.unregister(fd)
-            except (KeyError, ValueError):
-                pass
+            self._readers.pop(fd, None)
+            if fd in self._registered and not any(fd in s.fds for s in self._sources):
+                self._unregister(fd)
         self._now_or_soon(remove)
 
-    def _now_or_soon(self, fn: Callable[[], None]) -> None:
-        if threading.current_thread() is self._thread:
-            fn()
-        else:
-            self.call_soon(fn)
+    def add_poll_source(self, fill: Fill, dispatch: Dispatch) -> PollSource:
+        """fds chosen anew every turn of the loop. Before each wait the loop calls `fill()`, which returns
+        `(pairs, timeout)`: `(fd, events)` pairs (`select.POLLIN | POLLOUT | POLLPRI ...`) and the longest the loop
+        may sleep in seconds (None: no limit). After each wait, timeout or not, it calls `dispatch(revents)` with
+        `{fd: revents}` for that source's fds that had events (possibly empty). Both run on the I/O thread; one
+        that raises is logged and the source removed. Returns a handle for `remove_poll_source`."""
+        source = PollSource(fill, dispatch)
+        self._now_or_soon(lambda: self._sources.append(source))
+        return source
 
+    def remove_poll_source(self, source: PollSource) -> None:
+        """Stop calling the source (at once on the I/O thread)."""
+        def remove():
+            source.removed = True
+            if source in self._sources:
+                self._sources.remove(source)
+        self._now_or_soon(remove)
+
+    # --- calls and timers ---------------------------------------------------------------------------------------
     def call_soon(self, fn: Callable[[], None]) -> None:
         self._calls.append(fn)
         os.eventfd_write(self._wake, 1)
 
+    def call_later(self, delay: float, fn: Callable[[], None]) -> TimerHandle:
+        """Run `fn()` on the I/O thread after `delay` seconds (from any thread); the handle's `cancel()` undoes it."""
+        handle = TimerHandle(time.monotonic() + max(0.0, delay), fn, self)
+        with self._timer_lock:
+            heapq.heappush(self._timers, (handle.when, next(self._timer_seq), handle))
+        if not self.in_thread():
+            os.eventfd_write(self._wake, 1)  # the loop may be sleeping past the new deadline
+        return handle
+
+    def run_sync(self, fn: Callable[[], Any], timeout: float = 5.0) -> Any:
+        """Run `fn()` on the I/O thread and return its result (or raise its exception). Runs `fn` directly when
+        called on the I/O thread or while the loop is not running."""
+        if self.in_thread() or not self.running:
+            return fn()
+        done = threading.Event()
+        box: list = []
+
+        def call():
+            try:
+                box.append((True, fn()))
+            except BaseException as exc:  # handed to the caller
+                box.append((False, exc))
+            finally:
+                done.set()
+        self.call_soon(call)
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.05):
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the I/O thread did not run the call (stopped or busy)")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def in_thread(self) -> bool:
+        """True when called on the I/O thread."""
+        return threading.current_thread() is self._thread
+
+    @property
+    def running(self) -> bool:
+        return self._running and self._thread.is_alive()
+
+    def _now_or_soon(self, fn: Callable[[], None]) -> None:
+        if self.in_thread():
+            fn()
+        else:
+            self.call_soon(fn)
+
+    def _timer_cancelled(self) -> None:
+        with self._timer_lock:
+            self._cancelled += 1
+            if self._cancelled > 64 and self._cancelled > len(self._timers) // 2:
+                self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+                heapq.heapify(self._timers)
+                self._cancelled = 0
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._running = True
         self._thread.start()
@@ -52,24 +183,133 @@ class IoThread:
             os.eventfd_write(self._wake, 1)
             self._thread.join(5)
 
+    # --- the loop -----------------------------------------------------------------------------------------------
+    def _register(self, fd: int, events: int) -> None:
+        try:
+            self._poll.register(fd, events)
+            self._registered[fd] = events
+        except (OSError, ValueError, TypeError):
+            log.exception("cannot watch fd %r", fd)
+
+    def _unregister(self, fd: int) -> None:
+        self._registered.pop(fd, None)
+        try:
+            self._poll.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _prepare(self) -> int:
+        """Fill the poll set for this turn; returns the poll timeout in milliseconds (-1: none)."""
+        wanted: dict[int, int] = {self._wake: select.POLLIN}
+        for fd in self._readers:
+            wanted[fd] = wanted.get(fd, 0) | select.POLLIN
+        limit: float | None = None
+        for source in list(self._sources):
+            try:
+                pairs, source_timeout = source.fill()
+                fds = set()
+                for fd, events in pairs:
+                    wanted[fd] = wanted.get(fd, 0) | events
+                    fds.add(fd)
+            except Exception:
+                log.exception("I/O poll source fill failed; removing it")
+                self._sources.remove(source)
+                source.removed = True
+                continue
+            source.fds = fds
+            source.filled = True
+            if source_timeout is not None:
+                limit = source_timeout if limit is None else min(limit, source_timeout)
+        for fd in [fd for fd in self._registered if fd not in wanted]:
+            self._unregister(fd)
+        for fd, events in wanted.items():
+            if self._registered.get(fd) != events:
+                self._register(fd, events)
+        if self._calls:
+            return 0
+        with self._timer_lock:
+            while self._timers and self._timers[0][2].cancelled:
+                heapq.heappop(self._timers)
+                self._cancelled = max(0, self._cancelled - 1)
+            if self._timers:
+                due = self._timers[0][0] - time.monotonic()
+                limit = due if limit is None else min(limit, due)
+        if limit is None:
+            return -1
+        return max(0, math.ceil(limit * 1000))
+
+    def _run_readers(self, revents: dict[int, int]) -> None:
+        for fd, events in revents.items():
+            callback = self._readers.get(fd)
+            if callback is None:
+                continue
+            if events & select.POLLNVAL:
+                log.error("fd %d was closed while still watched; removing it", fd)
+                self._readers.pop(fd, None)
+                continue
+            if not events & _READABLE:
+                continue
+            try:
+                callback()
+            except Exception:
+                log.exception("I/O callback for fd %d failed; removing it", fd)
+                if self._readers.get(fd) is callback:
+                    del self._readers[fd]
+
+    def _run_sources(self, revents: dict[int, int]) -> None:
+        for source in list(self._sources):
+            if source.removed or not source.filled:
+                continue
+            mine = {fd: revents[fd] for fd in source.fds if fd in revents}
+            try:
+                source.dispatch(mine)
+            except Exception:
+                log.exception("I/O poll source dispatch failed; removing it")
+                source.removed = True
+                if source in self._sources:
+                    self._sources.remove(source)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        due: list[TimerHandle] = []
+        with self._timer_lock:
+            while self._timers and self._timers[0][0] <= now:
+                handle = heapq.heappop(self._timers)[2]
+                if handle.cancelled:
+                    self._cancelled = max(0, self._cancelled - 1)
+                else:
+                    due.append(handle)
+        for handle in due:
+            if handle.cancelled:
+                continue
+            handle.cancelled = True  # ran: a later cancel() is a no-op
+            try:
+                handle.fn()
+            except Exception:
+                log.exception("I/O thread timer call failed")
+
     def _loop(self) -> None:
         while self._running:
-            for key, _ in self._sel.select():
-                if key.data is None:
+            timeout = self._prepare()
+            events = self._poll.poll(timeout)
+            revents: dict[int, int] = {}
+            for fd, ev in events:
+                if fd == self._wake:
                     try:
                         os.eventfd_read(self._wake)
                     except BlockingIOError:
                         pass
                     continue
-                try:
-                    key.data()
-                except Exception:
-                    log.exception("I/O callback for fd %d failed; removing it", key.fd)
-                    self._sel.unregister(key.fd)
+                revents[fd] = ev
+            if revents:
+                self._run_readers(revents)
+            self._run_sources(revents)
+            self._run_timers()
             while self._calls:
                 try:
                     self._calls.popleft()()
                 except Exception:
                     log.exception("I/O thread call failed")
-        self._sel.close()
+        for fd in list(self._registered):
+            self._unregister(fd)
         os.close(self._wake)

@@ -190,3 +190,15 @@ def test_busybox_is_static_x86_64(initramfs, cache):
     elf = busybox.read_bytes()[:64]
     assert elf[:4] == b"\x7fELF" and elf[4] == 2 and struct.unpack_from("<H", elf, 18)[0] == 0x3E  # ELF64 x86-64
     assert stat.S_IMODE(busybox.stat().st_mode) == 0o755
+
+
+def test_the_busybox_initramfs_expands_host_side_to_a_cpio_with_init(tmp_path, monkeypatch):
+    from cloudkvm.boot.cpio import read_newc
+    from cloudkvm.boot.initrd import expanded_initrd
+
+    _, initramfs = debian.default_guest()
+    monkeypatch.setenv("CLOUDKVM_CACHE", str(tmp_path))
+    expanded = expanded_initrd(str(initramfs))
+    assert expanded != str(initramfs)
+    names = {e.name for e in read_newc(open(expanded, "rb").read())}
+    assert "init" in names and "bin/busybox" in names

@@ -5,6 +5,7 @@ import mmap
 from ..boot import linux_x86
 from ..boot import x86_longmode as lm
 from ..boot.acpi import AcpiConfig, VirtioMmioSlot, build_tables
+from ..boot.initrd import expanded_initrd
 from ..devices.acpi_power import AcpiPowerControl
 from ..devices.bus import Bus
 from ..devices.cmos_rtc import CmosRtc
@@ -262,7 +263,7 @@ class X86Board:
         memory.write(CMDLINE_ADDR, encoded + b"\0")
         initrd = None
         if initrd_path:
-            data = _read(str(initrd_path), "initrd")
+            data = _read(expanded_initrd(str(initrd_path)), "initrd")
             addr = linux_x86.initrd_placement(len(data), ram_top, header.effective_initrd_addr_max,
                                               max(kernel_end, original.kernel_end))
             memory.write(addr, data)

@@ -22,7 +22,10 @@ MAX_BACKING_CHAIN = 64  # deeper chains are refused (and stop runaway recursion)
 
 @runtime_checkable
 class Disk(Protocol):
-    """What a block device model needs from a disk image. Offsets and lengths are bytes of the virtual disk."""
+    """What a block device model needs from a disk image. Offsets and lengths are bytes of the virtual disk.
+
+    `write_zeroes(..., unmap=True)` may release the space (both backends say so with `write_zeroes_may_unmap`);
+    without it the range stays allocated where the format can express that."""
 
     format: str
     size: int
@@ -36,7 +39,7 @@ class Disk(Protocol):
 
     def discard(self, length: int, offset: int) -> None: ...
 
-    def write_zeroes(self, length: int, offset: int) -> None: ...
+    def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None: ...
 
     def close(self) -> None: ...
 
@@ -47,7 +50,8 @@ def open_error(path: str, err: OSError, read_only: bool) -> CloudkvmError:
         return CloudkvmError(f"{path}: no such disk image", "check the path (relative paths are from the current "
                                                             "folder; backing files from the image's folder)")
     if isinstance(err, PermissionError):
-        return CloudkvmError(f"{path}: permission denied opening the disk image {'read-only' if read_only else 'for writing'}",
+        mode = "read-only" if read_only else "for writing"
+        return CloudkvmError(f"{path}: permission denied opening the disk image {mode}",
                              "fix the file's permissions" + ("" if read_only else ", or open the disk read-only"))
     if isinstance(err, IsADirectoryError):
         return CloudkvmError(f"{path}: is a folder, not a disk image", "name the image file")

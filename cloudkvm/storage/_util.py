@@ -80,6 +80,7 @@ def lock_image(fd: int, path: str, read_only: bool) -> None:
         fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         raise CloudkvmError(f"{path}: the disk image is in use by another cloudkvm process",
-                            "stop the VM or program using it first (readers share an image; a writer needs it alone)") from None
+                            "stop the VM or program using it first "
+                            "(readers share an image; a writer needs it alone)") from None
     except OSError:  # file systems without flock: run unlocked
         pass

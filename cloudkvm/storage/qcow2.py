@@ -11,7 +11,9 @@ Supported
 - allocating writes with copy-on-write from the backing chain, L2 table allocation, refcount block creation and
   refcount table growth, exact refcounts (`qemu-img check` finds no leaks after close());
 - `create()` (v3, 16-bit refcounts) and `grow()` (resizes the L1 table, moving it when needed);
-- discard and write_zeroes (whole clusters become unallocated, or v3 zero clusters when there is a backing file).
+- discard and write_zeroes: whole clusters become unallocated, or v3 zero clusters where a backing file would
+  show through; write_zeroes without `unmap` keeps the clusters the image owns allocated ("zero, allocated"),
+  and writes into such preallocated zero clusters fill them in place.
 
 Not supported (refused with a CloudkvmError): encryption, external data files, writing images with internal
 snapshots (reading their active state works), writing extended-L2 images, writing images marked corrupt or dirty
@@ -37,10 +39,11 @@ A refcount block holding only increments can be written at any time, so evicting
 writes it. Decrements are held back until the L2/L1 change that dropped the reference is durable (step 5), so a
 released cluster is never reused while the on-disk image still points at it.
 
-Structural changes are written through at once, each behind its own fdatasync: a new refcount block is written
-(carrying its own refcount) and synced before its refcount-table entry is written; a grown refcount table is
-written with the new refcount blocks that cover it, synced, then the header is switched to it with one
-sector-sized write and synced again before the old table is released; `grow()` moves the L1 table the same way.
+Structural changes are written through at once, each behind its own fdatasync. New refcount blocks are placed
+at the end of the image, right before the clusters they were made for, counting those clusters and themselves:
+they are written and synced before their refcount-table entries are written. A grown refcount table is written
+with the new refcount blocks that cover it, synced, then the header is switched to it with one sector-sized
+write and synced again before the old table is released. `grow()` moves the L1 table the same way.
 A crash at any point therefore leaves the image consistent, at worst with leaked clusters (which
 `qemu-img check -r leaks` reclaims), and every write completed before the last successful flush() intact.
 
@@ -307,6 +310,8 @@ class Qcow2Disk:
             self._flush_metadata()
             os.fdatasync(self._fd)
 
+    write_zeroes_may_unmap = True  # write_zeroes(..., unmap=True) releases clusters
+
     def discard(self, length: int, offset: int) -> None:
         """Drop whole clusters in the range (they read as zeros afterwards); partial clusters are left alone."""
         if self.read_only:
@@ -314,15 +319,19 @@ class Qcow2Disk:
         check_range(self, length, offset)
         if length:
             with self._lock:
-                self._zero_or_discard(offset, length, zero=False)
+                self._zero_or_discard(offset, length, zero=False, unmap=True)
 
-    def write_zeroes(self, length: int, offset: int) -> None:
+    def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None:
+        """Make the range read as zeros. Whole clusters become zero clusters without data writes: with `unmap`
+        their host clusters are released, without it clusters this image owns stay allocated (v3 "zero, allocated"
+        entries). Partial clusters (and v2 images, which have no zero flag, unless unmapping is allowed and no
+        backing file shows through) get zero bytes written."""
         if self.read_only:
             raise ReadOnlyDisk(f"{self.path}: disk opened read-only")
         check_range(self, length, offset)
         if length:
             with self._lock:
-                self._zero_or_discard(offset, length, zero=True)
+                self._zero_or_discard(offset, length, zero=True, unmap=unmap)
 
     def grow(self, new_size: int) -> None:
         """Grow the virtual disk to `new_size` bytes (rounded up to 512); the new space reads as zeros (or from a
@@ -410,7 +419,7 @@ class Qcow2Disk:
         self._check_l2_slow(tbl, toff)
 
     def _check_l2_slow(self, tbl: array, toff: int) -> None:
-        fs, meta, cmask, cb = self._file_size, self._meta, self._cmask, self._cb
+        fs, meta, cmask = self._file_size, self._meta, self._cmask
         step = 2 if self._ext else 1
         for k in range(0, len(tbl), step):
             e = tbl[k]
@@ -449,7 +458,6 @@ class Qcow2Disk:
                     raise CorruptImage(f"{self.path}: {where}: host offset {host:#x} points into metadata")
             elif e & OFLAG_COPIED and not e & OFLAG_ZERO:
                 raise CorruptImage(f"{self.path}: {where}: marked in use but has no host offset")
-        _ = cb
 
     # ---------------------------------------------------------------------------------------------- reading
     def _read(self, off: int, n: int) -> bytes:
@@ -606,13 +614,25 @@ class Qcow2Disk:
                     self._pwrite(view[off - start:run_end - start], host + (off & cmask))
                     off = run_end
                     continue
+                if e & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO) == OFLAG_COPIED | OFLAG_ZERO and \
+                        e & L2E_OFFSET_MASK:
+                    # a preallocated zero cluster we own: fill it in place, then drop the zero flag
+                    host = e & L2E_OFFSET_MASK
+                    c0 = off & ~cmask
+                    self._pwrite(b"".join((bytes(off - c0), view[off - start:cend - start],
+                                           bytes(c0 + cs - cend))), host)
+                    tbl[i] = host | OFLAG_COPIED
+                    self._mark_l2_dirty(l1i, tbl)
+                    i += 1
+                    off = cend
+                    continue
                 # clusters that need a new host cluster (unallocated, zero, compressed or shared)
                 j = i + 1
                 run_end = cend
                 while run_end < tend:
                     e2 = tbl[j]
-                    if e2 & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO) == OFLAG_COPIED and e2 & L2E_OFFSET_MASK:
-                        break
+                    if e2 & (OFLAG_COPIED | OFLAG_COMPRESSED) == OFLAG_COPIED and e2 & L2E_OFFSET_MASK:
+                        break  # owned (possibly preallocated zero) clusters are written in place
                     run_end = min(tend, run_end + cs)
                     j += 1
                 self._write_new_clusters(tbl, i, j, off, run_end, view[off - start:run_end - start])
@@ -707,8 +727,8 @@ class Qcow2Disk:
         if host:
             self._pending_free.append((host >> self._cb, punch))
 
-    def _zero_or_discard(self, off: int, n: int, zero: bool) -> None:
-        cs, cmask, cb = self._cs, self._cmask, self._cb
+    def _zero_or_discard(self, off: int, n: int, zero: bool, unmap: bool) -> None:
+        cmask, cb = self._cmask, self._cb
         end = off + n
         fa = (off + cmask) & ~cmask
         fb = end & ~cmask if end < self.size else (end + cmask) & ~cmask  # the disk's last partial cluster counts
@@ -720,27 +740,31 @@ class Qcow2Disk:
             self._write_zero_bytes(off, fa - off)
         if zero and fb < end:
             self._write_zero_bytes(fb, end - fb)
-        if self.backing is not None and self.version < 3:
-            if zero:  # v2 has no zero flag: unallocating would expose the backing file
+        if self.version < 3 and (self.backing is not None or zero and not unmap):
+            if zero:  # v2 has no zero flag: unallocating would expose the backing file, or deallocate
                 self._write_zero_bytes(fa, min(fb, self.size) - fa)
             return
-        new = OFLAG_ZERO if self.backing is not None else 0
+        plain = OFLAG_ZERO if self.backing is not None else 0
+        keep = zero and not unmap
         c = fa
         while c < fb:
             l1i = c >> self._l1_shift
             tend = min(fb, (l1i + 1) << self._l1_shift)
-            if not self._l1[l1i] & L1E_OFFSET_MASK and not new:
+            if not self._l1[l1i] & L1E_OFFSET_MASK and not plain:
                 c = tend
                 continue
             tbl = self._l2_for_write(l1i)
             changed = False
             for idx in range((c >> cb) & self._l2_mask, (((tend - 1) >> cb) & self._l2_mask) + 1):
                 old = tbl[idx]
+                new = plain
+                if keep and old & (OFLAG_COPIED | OFLAG_COMPRESSED) == OFLAG_COPIED and old & L2E_OFFSET_MASK:
+                    new = old | OFLAG_ZERO  # keep our own host cluster, preallocated
                 if old == new:
                     continue
                 tbl[idx] = new
                 changed = True
-                if old:
+                if old and new == plain:
                     self._release(old, True)
             if changed:
                 self._mark_l2_dirty(l1i, tbl)
@@ -1121,11 +1145,13 @@ def create(path, size: int | None, backing=None, backing_format: str | None = No
     if _LITTLE:
         blocks.byteswap()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as err:
         from . import open_error
         raise open_error(path, err, False) from None
     try:
+        lock_image(fd, path, False)  # never overwrite an image a cloudkvm process has open
+        os.ftruncate(fd, 0)
         pwrite_full(fd, cluster0.ljust(cs, b"\0"), 0)
         pwrite_full(fd, _to_be(rt), rt_off)
         pwrite_full(fd, blocks.tobytes(), rb_off)

@@ -1,8 +1,8 @@
 """Raw disk images: the virtual disk is the file, byte for byte.
 
 pread/pwrite are os.pread/os.pwrite; flush is fdatasync; discard punches a hole (fallocate PUNCH_HOLE|KEEP_SIZE,
-skipped where the file system cannot); write_zeroes uses fallocate ZERO_RANGE, then PUNCH_HOLE (holes read as
-zeros), then falls back to writing zeros. Block devices work too (their size comes from seeking to the end).
+skipped where the file system cannot); write_zeroes uses fallocate ZERO_RANGE (or PUNCH_HOLE when unmapping is
+allowed: holes read as zeros), falling back to writing zeros. Block devices work too (their size comes from seeking to the end).
 """
 from __future__ import annotations
 
@@ -67,7 +67,11 @@ class RawDisk:
             with self._lock:
                 self._can_punch = fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
-    def write_zeroes(self, length: int, offset: int) -> None:
+    write_zeroes_may_unmap = True  # write_zeroes(..., unmap=True) may punch a hole
+
+    def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None:
+        """Make the range read as zeros: fallocate ZERO_RANGE (keeps the blocks allocated), or with `unmap`
+        PUNCH_HOLE first; writing zeros where the file system supports neither."""
         if self.read_only:
             raise ReadOnlyDisk(f"{self.path}: disk opened read-only")
         check_range(self, length, offset)
@@ -75,15 +79,15 @@ class RawDisk:
             return
         if not self._is_block:
             with self._lock:
+                if unmap and self._can_punch:
+                    self._can_punch = fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                                offset, length)
+                    if self._can_punch:
+                        return
                 if self._can_zero_range:
                     self._can_zero_range = fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
                                                       offset, length)
                     if self._can_zero_range:
-                        return
-                if self._can_punch:
-                    self._can_punch = fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                                offset, length)
-                    if self._can_punch:
                         return
         zeros = bytes(min(length, _ZERO_CHUNK))
         end = offset + length

@@ -64,9 +64,10 @@ def test_sigkill_during_write_storm(qemu, tmp_path, cluster_size, backing, delay
         flushed_any |= flushed > 0
         qemu.check_no_corruption(img)
         maybe = bytearray(size)  # bytes that unflushed writes may or may not have reached
-        for i, (off, data) in enumerate(storm(seed, size), start=1):
+        for i, (kind, off, arg) in enumerate(storm(seed, size), start=1):
             if i > flushed + FLUSH_EVERY:
                 break
+            data = arg if kind == "write" else bytes(arg)
             if i <= flushed:
                 expect[off:off + len(data)] = data
             else:

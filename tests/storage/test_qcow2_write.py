@@ -1,5 +1,6 @@
 """qcow2 writes: after random writes through cloudkvm, `qemu-img check` is clean (no errors, no leaks) and
 `qemu-img compare` against a raw file that got the same writes says identical."""
+import json
 import os
 import random
 import shutil
@@ -29,8 +30,8 @@ class Model:
         self.disk.pwrite(data, off)
         self.data[off:off + len(data)] = data
 
-    def zero(self, off, n):
-        self.disk.write_zeroes(n, off)
+    def zero(self, off, n, unmap=False):
+        self.disk.write_zeroes(n, off, unmap=unmap)
         self.data[off:off + n] = bytes(n)
 
     def verify(self, sample=True):
@@ -125,11 +126,14 @@ def test_refcount_table_growth_small_clusters(qemu, tmp_path):
     assert info["image-end-offset"] > 20 * MiB
 
 
-def test_preallocated_zero_clusters_and_discard(qemu, tmp_path):
-    img = qemu.create(tmp_path / "p.qcow2", "8M", "preallocation=metadata")
+@pytest.mark.parametrize("cluster_size", [4096, 65536])
+def test_preallocated_zero_clusters_are_filled_in_place(qemu, tmp_path, cluster_size):
+    img = qemu.create(tmp_path / "p.qcow2", "8M", "preallocation=metadata", cluster_size=cluster_size)
+    size = os.path.getsize(img)
     m = Model(qemu, tmp_path, img)
     random_writes(m, random.Random(3), 30)
     m.verify()
+    assert os.path.getsize(img) == size  # no new clusters: the preallocated ones took the data
 
 
 @pytest.mark.parametrize("backing", [False, True])
@@ -145,10 +149,10 @@ def test_discard_and_write_zeroes(qemu, tmp_path, backing, compat):
     m.write(0, rng.randbytes(8 * MiB))
     m.disk.flush()
     blocks_full = os.stat(img).st_blocks
-    for _ in range(30):
+    for k in range(30):
         off, n = rng.randrange(8 * MiB - 100_000), rng.randrange(1, 100_000)
-        m.zero(off, n)
-    m.zero(8 * MiB - 5000, 5000)
+        m.zero(off, n, unmap=k % 2 == 0)
+    m.zero(8 * MiB - 5000, 5000, unmap=True)
     m.disk.discard(64 * 1024, 2 * MiB)  # whole clusters: they read as zeros afterwards (never the backing file)
     if not (backing and compat == "0.10"):
         m.data[2 * MiB:2 * MiB + 65536] = bytes(65536)
@@ -158,8 +162,28 @@ def test_discard_and_write_zeroes(qemu, tmp_path, backing, compat):
         assert os.stat(img).st_blocks < blocks_full - 1000
 
 
+def test_write_zeroes_without_unmap_keeps_clusters(qemu, tmp_path):
+    img = qemu.create(tmp_path / "k.qcow2", "4M", cluster_size=65536)
+    m = Model(qemu, tmp_path, img)
+    m.write(0, b"\xff" * (4 * MiB))
+    m.zero(MiB - 100, MiB + 200)             # keeps [1M, 2M) allocated, as zero clusters
+    m.zero(3 * MiB, 512 * 1024, unmap=True)  # releases [3M, 3.5M)
+    m.verify()
+    extents = json.loads(qemu.img("map", "--output=json", str(img)).stdout)
+
+    def at(offset):
+        return next(e for e in extents if e["start"] <= offset < e["start"] + e["length"])
+    kept, released = at(MiB + 70_000), at(3 * MiB + 70_000)
+    assert kept["zero"] and "offset" in kept, kept
+    assert released["zero"] and "offset" not in released, released
+    with open_disk(img) as d:  # a kept zero cluster takes data in place
+        d.pwrite(b"data", MiB + 65536)
+    qemu.check(img)
+    assert qemu.to_raw(img, tmp_path)[MiB + 65536 - 1:MiB + 65536 + 5] == b"\0data\0"
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(st.tuples(st.sampled_from(["write", "write", "write", "zero", "discard", "flush", "reopen"]),
+@given(ops=st.lists(st.tuples(st.sampled_from(["write", "write", "write", "zero", "unmap", "discard", "flush", "reopen"]),
                               st.integers(0, 2 * MiB - 1), st.integers(1, 200_000), st.integers(0, 255)),
                     min_size=1, max_size=25))
 def test_hypothesis_operations(qemu, tmp_path_factory, ops):
@@ -172,8 +196,8 @@ def test_hypothesis_operations(qemu, tmp_path_factory, ops):
         n = min(n, 2 * MiB - off)
         if op == "write":
             m.write(off, bytes([byte]) * n)
-        elif op == "zero":
-            m.zero(off, n)
+        elif op in ("zero", "unmap"):
+            m.zero(off, n, unmap=op == "unmap")
         elif op == "discard":
             fa, fb = (off + 4095) // 4096 * 4096, (off + n) // 4096 * 4096
             if off + n == 2 * MiB:
@@ -233,6 +257,36 @@ def test_create_big_sizes(qemu, tmp_path):
     with open_disk(small) as d:
         d.pwrite(b"x" * 5000, (16 << 30) - 5000)
     qemu.check(small)
+
+
+def test_create_empty_then_grow(qemu, tmp_path):
+    img = tmp_path / "zero.qcow2"
+    qcow2.create(img, 0)
+    qemu.check(img)
+    assert qemu.info(img)["virtual-size"] == 0
+    with open_disk(img) as d:
+        assert d.size == 0 and d.pread(0, 0) == b""
+        d.grow(3 * MiB)
+        d.pwrite(b"q" * 70_000, MiB)
+    qemu.check(img)
+    assert qemu.to_raw(img, tmp_path)[MiB - 1:MiB + 70_001] == b"\0" + b"q" * 70_000 + b"\0"
+
+
+def test_create_refuses_bad_input_and_open_images(tmp_path):
+    img = tmp_path / "c.qcow2"
+    for kw, match in ((dict(cluster_size=1000), "power of two"), (dict(cluster_size=4 * MiB), "power of two"),
+                      (dict(size=None), "no size"), (dict(size=-1), "negative"),
+                      (dict(backing="missing.qcow2"), "no such disk image"),
+                      (dict(backing="x" * 1024), "backing file name"),
+                      (dict(size=1 << 60, cluster_size=512), "L1 table")):
+        args = dict(size=MiB)
+        args.update(kw)
+        with pytest.raises(CloudkvmError, match=match):
+            qcow2.create(img, **args)
+    qcow2.create(img, MiB)
+    with open_disk(img):
+        with pytest.raises(CloudkvmError, match="in use"):
+            qcow2.create(img, MiB)
 
 
 def test_grow(qemu, tmp_path):

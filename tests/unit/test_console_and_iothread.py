@@ -1,6 +1,7 @@
 """ConsoleLog (forwarding, bounded tail, waiting for text) and IoThread (fd callbacks and queued calls)."""
 import logging
 import os
+import select
 import threading
 import time
 
@@ -270,3 +271,135 @@ def test_stop_without_start_is_a_no_op():
     t.stop()
     assert not t._thread.is_alive()
     os.close(t._wake)
+
+
+# --- IoThread: timers, poll sources, run_sync ---------------------------------------------------------------
+
+def test_call_later_runs_after_the_delay_in_deadline_order(io):
+    ran, done = [], threading.Event()
+    start = time.monotonic()
+    io.call_later(0.10, lambda: (ran.append("b"), done.set()))
+    io.call_later(0.05, lambda: ran.append(("a", threading.current_thread().name, time.monotonic() - start)))
+    assert done.wait(WAIT)
+    assert ran[0][0:2] == ("a", "test-io") and ran[0][2] >= 0.045
+    assert ran[1] == "b"
+
+
+def test_call_later_wakes_a_sleeping_loop_promptly(io):
+    time.sleep(0.05)                           # the loop sleeps in poll() with nothing to do
+    done = threading.Event()
+    start = time.monotonic()
+    io.call_later(0.02, done.set)
+    assert done.wait(WAIT)
+    assert time.monotonic() - start < 0.5
+
+
+def test_a_cancelled_timer_does_not_run(io):
+    ran, later = [], threading.Event()
+    handle = io.call_later(0.05, lambda: ran.append(1))
+    handle.cancel()
+    handle.cancel()                            # twice is harmless
+    io.call_later(0.1, later.set)
+    assert later.wait(WAIT)
+    assert ran == []
+
+
+def test_timers_set_on_the_io_thread_and_raising_timers(io, caplog):
+    caplog.set_level(logging.ERROR, logger="cloudkvm.io")
+    done = threading.Event()
+
+    def boom():
+        raise RuntimeError("timer bug")
+    io.call_soon(lambda: io.call_later(0.01, boom))
+    io.call_soon(lambda: io.call_later(0.03, done.set))
+    assert done.wait(WAIT)
+    assert any("timer call failed" in r.getMessage() for r in caplog.records if r.name == "cloudkvm.io")
+
+
+def test_poll_source_sees_its_fds_and_is_dispatched_after_every_wait(io, pipe):
+    r, w = pipe
+    fills, dispatched, got = [], [], threading.Event()
+
+    def fill():
+        fills.append(1)
+        return [(r, select.POLLIN)], 0.05
+
+    def dispatch(revents):
+        dispatched.append(dict(revents))
+        if revents.get(r, 0) & select.POLLIN:
+            os.read(r, 100)
+            got.set()
+    io.add_poll_source(fill, dispatch)
+    time.sleep(0.3)
+    idle = [d for d in dispatched if not d]
+    assert 3 <= len(idle) <= 12                # woken by the source's 50 ms timeout: no spinning, no oversleeping
+    os.write(w, b"x")
+    assert got.wait(WAIT)
+    assert any(d.get(r, 0) & select.POLLIN for d in dispatched)
+
+
+def test_an_idle_loop_sleeps(io):
+    fills = []
+    io.add_poll_source(lambda: (fills.append(1) or [], None), lambda revents: None)
+    time.sleep(0.3)
+    assert 1 <= len(fills) <= 3                # nothing to do: one wait, no busy polling
+
+
+def test_remove_poll_source_stops_calls(io, pipe):
+    r, w = pipe
+    calls = []
+    source = io.add_poll_source(lambda: ([(r, select.POLLIN)], 0.01), lambda rev: calls.append(rev))
+    time.sleep(0.05)
+    io.remove_poll_source(source)
+    io.run_sync(lambda: None)
+    count = len(calls)
+    time.sleep(0.1)
+    assert len(calls) == count and count > 0
+
+
+def test_a_raising_poll_source_is_removed_and_the_loop_goes_on(io, caplog):
+    caplog.set_level(logging.ERROR, logger="cloudkvm.io")
+    bad_fills, bad_dispatches = [], []
+
+    def bad_fill():
+        bad_fills.append(1)
+        raise RuntimeError("fill bug")
+
+    def bad_dispatch(revents):
+        bad_dispatches.append(1)
+        raise RuntimeError("dispatch bug")
+    io.add_poll_source(bad_fill, lambda revents: None)
+    io.add_poll_source(lambda: ([], 0.01), bad_dispatch)
+    time.sleep(0.1)
+    assert bad_fills == [1] and bad_dispatches == [1]
+    assert io.run_sync(lambda: 42) == 42
+    messages = [r.getMessage() for r in caplog.records if r.name == "cloudkvm.io"]
+    assert any("fill failed" in m for m in messages) and any("dispatch failed" in m for m in messages)
+
+
+def test_run_sync_returns_values_and_raises_exceptions(io):
+    assert io.run_sync(lambda: threading.current_thread().name) == "test-io"
+    with pytest.raises(ZeroDivisionError):
+        io.run_sync(lambda: 1 / 0)
+    assert io.run_sync(lambda: io.run_sync(lambda: "nested")) == "nested"   # on the I/O thread: direct
+
+
+def test_run_sync_without_a_running_loop_runs_directly():
+    t = IoThread(name="idle-io")
+    try:
+        assert t.run_sync(lambda: threading.current_thread().name) == threading.current_thread().name
+    finally:
+        os.close(t._wake)
+
+
+def test_a_reader_whose_fd_was_closed_is_dropped(io, caplog):
+    caplog.set_level(logging.ERROR, logger="cloudkvm.io")
+    r, w = os.pipe()
+    io.add_reader(r, lambda: os.read(r, 100))
+    io.run_sync(lambda: None)
+    os.close(r)
+    os.close(w)
+    io.call_soon(lambda: None)                 # a turn of the loop sees POLLNVAL
+    time.sleep(0.05)
+    assert io.run_sync(lambda: r not in io._readers)
+    assert any("closed while still watched" in rec.getMessage() for rec in caplog.records)

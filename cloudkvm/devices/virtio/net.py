@@ -1,0 +1,463 @@
+"""virtio-net (virtio 1.2 §5.1): one receive and one transmit queue in front of a `NetBackend`.
+
+Offered: MAC (config `mac`), STATUS (link up), MRG_RXBUF (a frame may span several receive chains), CSUM (the
+guest may leave TCP/UDP checksums for us: we complete them, since backends want whole checksums), GUEST_CSUM (we
+mark received TCP/UDP frames whose checksum we checked with DATA_VALID), and MTU when one is given. No GSO/TSO/UFO
+in either direction, no control queue, no multiqueue: every frame is at most mtu + 18 bytes (Ethernet header and
+one VLAN tag), 1518 by default.
+
+Threads: queue processing runs under the transport's lock (the transport calls `process`). Frames for the guest
+arrive on the I/O thread through `deliver`, outside any transport call, yet a used buffer needs the lock and an
+interrupt: `deliver` parks the frame and asks the transport to process the receive queue (`queue_notify(0)`), so
+the transport's lock, its "device is live" checks, its error handling and its interrupt decision all apply. The
+transport is found from the hook it installs on the device (`on_config_change` is a bound method of it), or set
+explicitly as `device.transport`.
+
+Malformed guest input never raises: a bad descriptor chain is logged once per kind and returned with used length 0
+(or puts the device into DEVICE_NEEDS_RESET when it cannot be returned, as for every virtio device here); a bad
+transmit header drops that frame (used length 0); a received frame larger than the MTU allows, or (without
+MRG_RXBUF) than the posted buffer, is dropped.
+"""
+import hashlib
+import string
+import struct
+import threading
+
+from ...errors import CloudkvmError
+from .device import VirtioDevice
+from .mmio import DEVICE_NEEDS_RESET, DRIVER_OK
+from .queue import BadChain, Chain, Virtqueue
+
+VIRTIO_ID_NET = 1                         # §5.1.1
+RX_QUEUE, TX_QUEUE = 0, 1                 # §5.1.2 receiveq1, transmitq1
+QUEUE_SIZE = 256
+
+# §5.1.3 feature bits (the ones we offer; GSO/TSO/UFO, CTRL_VQ and MQ are deliberately absent).
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+
+# §5.1.4 status bits.
+VIRTIO_NET_S_LINK_UP = 1
+
+# §5.1.6 struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers (12 bytes:
+# with VIRTIO_F_VERSION_1 num_buffers is always there; no HASH_REPORT, so nothing follows).
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+_HDR = struct.Struct("<BBHHHHH")
+HDR_SIZE = _HDR.size
+
+# §5.1.4 struct virtio_net_config up to mtu: mac[6], status, max_virtqueue_pairs, mtu.
+_CONFIG = struct.Struct("<6sHHH")
+STATUS_OFFSET = 6
+
+ETH_HLEN = 14                             # IEEE 802.3 destination, source, EtherType
+VLAN_HLEN = 4                             # IEEE 802.1Q tag
+ETH_DATA_LEN = 1500                       # the MTU when none is configured
+MIN_MTU, MAX_MTU = 68, 65535              # §5.1.4.1: "between 68 and 65535 inclusive"
+
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+ETH_P_8021Q, ETH_P_8021AD = 0x8100, 0x88A8
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+IPV6_EXT_HEADERS = (0, 60)                # hop-by-hop, destination options (a routing header changes the
+                                          # pseudo-header's destination: such frames are left unmarked)
+
+MAC_PREFIX = b"\x02"                      # locally administered (bit 1), unicast (bit 0 clear)
+
+
+# ---- MAC addresses -----------------------------------------------------------------------------------------------
+
+def mac_for(name: str) -> bytes:
+    """A stable MAC for the VM called `name`: 02 followed by the first 5 bytes of SHA-256("cloudkvm-mac:" + name).
+
+    02 sets the locally-administered bit and clears the group bit (IEEE 802 §8.2), so it never collides with a
+    vendor's address (nor with QEMU's 52:54:00 range); the same name always gives the same address.
+    """
+    digest = hashlib.sha256(b"cloudkvm-mac:" + name.encode("utf-8", "surrogatepass")).digest()
+    return MAC_PREFIX + digest[:5]
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def parse_mac(text: str) -> bytes:
+    """"52:54:00:12:34:56" (or with dashes) → 6 bytes; a CloudkvmError for anything else."""
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6 or any(len(p) != 2 or not all(c in string.hexdigits for c in p) for p in parts):
+        raise CloudkvmError(f"{text!r} is not a MAC address", "write six hex bytes like 02:00:00:12:34:56")
+    return bytes.fromhex("".join(parts))
+
+
+# ---- checksums (RFC 1071) ----------------------------------------------------------------------------------------
+
+def ones_complement_sum(data) -> int:
+    """The 16-bit ones'-complement sum of `data` (big-endian words, an odd length padded with a zero byte).
+
+    2^16 ≡ 1 (mod 0xFFFF), so summing words with end-around carry is the whole number modulo 0xFFFF; computed in C
+    by int.from_bytes, without a per-word Python loop. The sum is 0 only when every word is 0, else 1..0xFFFF.
+    """
+    value = int.from_bytes(data, "big")
+    if len(data) & 1:
+        value <<= 8
+    total = value % 0xFFFF
+    return 0xFFFF if total == 0 and value else total
+
+
+def complete_checksum(frame: bytearray, csum_start: int, csum_offset: int) -> None:
+    """Finish a partial checksum in place (§5.1.6.2): the field at csum_start+csum_offset holds the pseudo-header
+    sum; the ones' complement of the sum from csum_start to the end goes there. 0 becomes 0xFFFF (the same value in
+    ones' complement, and the only correct one for UDP, where 0 means "no checksum", RFC 768)."""
+    pos = csum_start + csum_offset
+    checksum = ~ones_complement_sum(memoryview(frame)[csum_start:]) & 0xFFFF
+    frame[pos:pos + 2] = (checksum or 0xFFFF).to_bytes(2, "big")
+
+
+def l4_checksum_valid(frame) -> bool:
+    """Whether `frame` is TCP or UDP over IPv4/IPv6 (one optional VLAN tag, not a fragment) with a correct
+    transport checksum: what VIRTIO_NET_HDR_F_DATA_VALID promises (§5.1.6.4.1: the device MUST validate it)."""
+    n = len(frame)
+    l3 = ETH_HLEN
+    if n < l3:
+        return False
+    ethertype = frame[12] << 8 | frame[13]
+    if ethertype in (ETH_P_8021Q, ETH_P_8021AD):
+        if n < l3 + VLAN_HLEN:
+            return False
+        ethertype = frame[16] << 8 | frame[17]
+        l3 += VLAN_HLEN
+    if ethertype == ETH_P_IP:
+        if n < l3 + 20 or frame[l3] >> 4 != 4:
+            return False
+        ihl = (frame[l3] & 0xF) * 4
+        total = frame[l3 + 2] << 8 | frame[l3 + 3]
+        if ihl < 20 or total < ihl or l3 + total > n:
+            return False
+        if (frame[l3 + 6] << 8 | frame[l3 + 7]) & 0x3FFF:     # more fragments, or a fragment offset
+            return False
+        proto = frame[l3 + 9]
+        l4, end = l3 + ihl, l3 + total
+        pseudo = bytes(frame[l3 + 12:l3 + 20]) + bytes((0, proto)) + (end - l4).to_bytes(2, "big")
+    elif ethertype == ETH_P_IPV6:
+        if n < l3 + 40 or frame[l3] >> 4 != 6:
+            return False
+        end = l3 + 40 + (frame[l3 + 4] << 8 | frame[l3 + 5])
+        if end > n:
+            return False
+        proto, l4 = frame[l3 + 6], l3 + 40
+        for _ in range(4):
+            if proto not in IPV6_EXT_HEADERS:
+                break
+            if l4 + 8 > end:
+                return False
+            proto, l4 = frame[l4], l4 + (frame[l4 + 1] + 1) * 8
+        if l4 > end:
+            return False
+        pseudo = bytes(frame[l3 + 8:l3 + 40]) + (end - l4).to_bytes(4, "big") + bytes((0, 0, 0, proto))
+    else:
+        return False
+    if proto == IPPROTO_TCP:
+        if end - l4 < 20:
+            return False
+    elif proto == IPPROTO_UDP:
+        if end - l4 < 8:
+            return False
+        if ethertype == ETH_P_IP and frame[l4 + 6] == 0 and frame[l4 + 7] == 0:
+            return True                                       # IPv4 UDP without a checksum: nothing to check
+    else:
+        return False
+    # The pseudo-header has an even length, so the segment's words line up when the two sums are added.
+    total = ones_complement_sum(pseudo) + ones_complement_sum(memoryview(frame)[l4:end])
+    return total % 0xFFFF == 0
+
+
+# ---- the device ----------------------------------------------------------------------------------------------------
+
+class VirtioNet(VirtioDevice):
+    """A virtio network device over `backend` (see `cloudkvm.net.backend.NetBackend`)."""
+
+    device_id = VIRTIO_ID_NET
+    name = "virtio-net"
+
+    def __init__(self, backend, mac: bytes, mtu: int | None = None):
+        mac = bytes(mac)
+        if len(mac) != 6:
+            raise CloudkvmError(f"virtio-net MAC {mac.hex(':')!r} is not 6 bytes", "use mac_for(name) or 6 bytes")
+        if mac[0] & 1:
+            raise CloudkvmError(f"virtio-net MAC {format_mac(mac)} is a multicast address",
+                                "the first byte must be even (02:... is a locally administered unicast MAC)")
+        if mtu is not None and not MIN_MTU <= mtu <= MAX_MTU:
+            raise CloudkvmError(f"virtio-net MTU {mtu} is outside {MIN_MTU}..{MAX_MTU}", "1500 is the usual MTU")
+        features = (1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_NET_F_MRG_RXBUF
+                    | 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM)
+        if mtu is not None:
+            features |= 1 << VIRTIO_NET_F_MTU
+        # max_virtqueue_pairs is 1 (only meaningful with MQ); mtu reads 1500 when no MTU is offered.
+        config = _CONFIG.pack(mac, VIRTIO_NET_S_LINK_UP, 1, mtu if mtu is not None else ETH_DATA_LEN)
+        super().__init__(features, (QUEUE_SIZE, QUEUE_SIZE), config)
+        self.backend = backend
+        self.mac = mac
+        self.mtu = mtu
+        # The largest frame either way: the MTU plus the Ethernet header and one VLAN tag (§5.1.4.1).
+        self.max_frame = (mtu if mtu is not None else ETH_DATA_LEN) + ETH_HLEN + VLAN_HLEN
+        self.transport = None          # found from on_config_change, or set by whoever builds the transport
+        self.stats = {"tx_frames": 0, "tx_dropped": 0, "rx_frames": 0, "rx_dropped": 0, "rx_no_buffer": 0}
+        self._pending: dict[int, tuple[bytes, list]] = {}   # thread → (frame, [result]) while deliver waits
+        self._batch: tuple[int, Virtqueue] | None = None   # (thread, rx queue) while backend.rx_ready() runs
+        self._closed = False
+        backend.connect(self.deliver)
+
+    # ---- link status ---------------------------------------------------------------------------------------------
+
+    @property
+    def link_up(self) -> bool:
+        return bool(self.config[STATUS_OFFSET] & VIRTIO_NET_S_LINK_UP)
+
+    def set_link(self, up: bool) -> None:
+        """Change the link status and tell the driver (a configuration change notification)."""
+        if up == self.link_up:
+            return
+        self.config[STATUS_OFFSET] = VIRTIO_NET_S_LINK_UP if up else 0
+        self.signal_config_change()
+
+    # ---- life cycle ------------------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        super().reset()
+        self._batch = None
+
+    def close(self) -> None:
+        """Close the backend (the machine closes its virtio devices when it closes)."""
+        if not self._closed:
+            self._closed = True
+            self.backend.close()
+
+    def process(self, queue_index: int, queue: Virtqueue) -> bool:
+        if queue_index == TX_QUEUE:
+            return self._transmit(queue)
+        if queue_index == RX_QUEUE:
+            pending = self._pending.pop(threading.get_ident(), None)
+            if pending is not None:                  # deliver() asked for this call
+                frame, result = pending
+                used_before = queue.used_idx
+                result[0] = self._receive(queue, frame)
+                return queue.used_idx != used_before
+            return self._rx_buffers_posted(queue)
+        return False
+
+    # ---- transmit --------------------------------------------------------------------------------------------------
+
+    def _transmit(self, queue: Virtqueue) -> bool:
+        added = False
+        while not self.needs_reset:
+            try:
+                chain = queue.pop()
+            except BadChain as e:
+                added |= self.bad_chain(queue, e)
+                continue
+            if chain is None:
+                break
+            frame = self._tx_frame(queue, chain)
+            queue.push(chain.head, 0)                # the device writes nothing into transmit buffers
+            added = True
+            if frame is None:
+                self.stats["tx_dropped"] += 1
+                continue
+            self.stats["tx_frames"] += 1
+            try:
+                self.backend.send(frame)
+            except Exception as e:                   # the backend's trouble is not the guest's: drop, go on
+                self.warn_once(f"backend-send-{type(e).__name__}", "%s: backend send failed: %r", self.name, e)
+        return added
+
+    def _tx_frame(self, queue: Virtqueue, chain: Chain) -> bytes | None:
+        """The Ethernet frame in a transmit chain, checksum completed; None (logged once per kind) when it is bad."""
+        if chain.writable_len:
+            self.warn_once("tx-writable", "%s: transmit chain %d has device-writable buffers; ignored", self.name,
+                           chain.head)
+        length = chain.readable_len
+        if length < HDR_SIZE + ETH_HLEN:
+            self.warn_once("tx-short", "%s: transmit chain %d holds %d bytes, less than a header and an Ethernet "
+                           "header; dropped", self.name, chain.head, length)
+            return None
+        if length > HDR_SIZE + self.max_frame:
+            self.warn_once("tx-long", "%s: transmitted frame of %d bytes exceeds %d (no segmentation offload was "
+                           "offered); dropped", self.name, length - HDR_SIZE, self.max_frame)
+            return None
+        mem = queue.memory
+        segments = chain.readable
+        if len(segments) == 1:
+            data = mem.view(*segments[0])            # guest RAM itself: copied once, below
+        else:
+            data = memoryview(b"".join([mem.view(gpa, n) for gpa, n in segments]))
+        flags, gso_type, _, _, csum_start, csum_offset, _ = _HDR.unpack_from(data)
+        if gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            self.warn_once("tx-gso", "%s: transmit header asks for segmentation (gso_type 0x%x), which was not "
+                           "offered; dropped", self.name, gso_type)
+            return None
+        if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:  # §5.1.6.2.2: unknown flag bits are ignored
+            return bytes(data[HDR_SIZE:])
+        if not self.has_feature(VIRTIO_NET_F_CSUM):
+            self.warn_once("tx-csum-feature", "%s: transmit header has NEEDS_CSUM without VIRTIO_NET_F_CSUM "
+                           "negotiated; dropped", self.name)
+            return None
+        frame = bytearray(data[HDR_SIZE:])           # a private copy: the guest cannot change it under us
+        if csum_start + csum_offset + 2 > len(frame):
+            self.warn_once("tx-csum-range", "%s: checksum at csum_start %d + csum_offset %d lies outside the %d-byte "
+                           "frame; dropped", self.name, csum_start, csum_offset, len(frame))
+            return None
+        complete_checksum(frame, csum_start, csum_offset)
+        return bytes(frame)
+
+    # ---- receive ---------------------------------------------------------------------------------------------------
+
+    def deliver(self, frame) -> bool:
+        """A frame for the guest (the backend calls this on the I/O thread). False when no receive buffer is posted:
+        the backend keeps the frame and retries after `backend.rx_ready()`. True when the frame was placed in the
+        receive queue, or dropped for good (malformed, too large for the posted buffers, a broken driver)."""
+        batch = self._batch
+        if batch is not None and batch[0] == threading.get_ident():
+            # Called back from backend.rx_ready() inside our own process(): the transport's lock is held, and the
+            # transport decides about the interrupt once the batch ends.
+            return self._receive(batch[1], frame)
+        transport = self._find_transport()
+        if transport is None:
+            self.warn_once("no-transport", "%s: a frame arrived but the device has no transport; kept", self.name)
+            return False
+        if not self._live(transport):
+            return False
+        result = [False]
+        ident = threading.get_ident()
+        self._pending[ident] = (frame, result)
+        try:
+            transport.queue_notify(RX_QUEUE)         # lock, process(RX_QUEUE), needs_interrupt → interrupt
+        finally:
+            self._pending.pop(ident, None)
+        return result[0]
+
+    def _find_transport(self):
+        if self.transport is None:
+            owner = getattr(self.on_config_change, "__self__", None)
+            if owner is not None and callable(getattr(owner, "queue_notify", None)):
+                self.transport = owner
+        return self.transport
+
+    def _live(self, transport) -> bool:
+        """Whether the receive queue can take frames now (read without the lock: a hint that spares the transport
+        a "not live" warning per frame before DRIVER_OK; process() runs only when it really is live)."""
+        status = getattr(transport, "status", None)
+        if isinstance(status, int) and (not status & DRIVER_OK or status & DEVICE_NEEDS_RESET):
+            return False
+        queues = self.queues
+        return not self.needs_reset and len(queues) > RX_QUEUE and queues[RX_QUEUE].ready
+
+    def _rx_buffers_posted(self, queue: Virtqueue) -> bool:
+        """The driver notified the receive queue: it posted buffers. Let the backend retry the frames it kept; the
+        deliveries it makes from inside rx_ready() go straight into `queue` (the lock is already held)."""
+        used_before = queue.used_idx
+        self._batch = (threading.get_ident(), queue)
+        try:
+            self.backend.rx_ready()
+        except Exception as e:
+            self.warn_once(f"backend-rx-ready-{type(e).__name__}", "%s: backend rx_ready failed: %r", self.name, e)
+        finally:
+            self._batch = None
+        return queue.used_idx != used_before
+
+    def _receive(self, queue: Virtqueue, frame) -> bool:
+        """Place one frame (header first) into receive chains; see `deliver` for the result."""
+        if self.needs_reset or not queue.ready:
+            return False
+        n = len(frame)
+        if n < ETH_HLEN or n > self._rx_limit(frame):
+            self.stats["rx_dropped"] += 1
+            self.warn_once("rx-size", "%s: backend delivered a %d-byte frame (limit %d); dropped", self.name, n,
+                           self._rx_limit(frame))
+            return True
+        mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+        total = HDR_SIZE + n
+        chains: list[Chain] = []
+        room = 0
+        tainted = False        # a chain was consumed (pushed) while gathering: what was popped cannot be unpopped
+        while room < total and not self.needs_reset:
+            try:
+                chain = queue.pop()
+            except BadChain as e:
+                self.bad_chain(queue, e)
+                tainted = True
+                continue
+            if chain is None:
+                break
+            if chain.readable_len:
+                self.warn_once("rx-readable", "%s: receive chain %d has device-readable buffers; ignored", self.name,
+                               chain.head)
+            capacity = chain.writable_len
+            if capacity == 0:
+                self.warn_once("rx-no-writable", "%s: receive chain %d has no device-writable buffer; returned "
+                               "unused", self.name, chain.head)
+                queue.push(chain.head, 0)
+                tainted = True
+                continue
+            if not mergeable and capacity < total:
+                # §5.1.6.3: without MRG_RXBUF each buffer must hold a whole frame. Leave the buffer for a smaller one.
+                queue.last_avail = (queue.last_avail - 1) & 0xFFFF
+                self.stats["rx_dropped"] += 1
+                self.warn_once("rx-too-big", "%s: a %d-byte frame does not fit the %d-byte receive buffer "
+                               "(VIRTIO_NET_F_MRG_RXBUF not negotiated); dropped", self.name, n, capacity - HDR_SIZE)
+                return True
+            chains.append(chain)
+            room += capacity
+        if self.needs_reset:
+            return False
+        if room < total:
+            return self._not_enough_buffers(queue, chains, tainted, n)
+        self._write_frame(queue, chains, frame, total)
+        self.stats["rx_frames"] += 1
+        return True
+
+    def _rx_limit(self, frame) -> int:
+        """§5.1.4.1: no frame larger than the MTU plus the Ethernet header (and its VLAN tag, when there is one)."""
+        tagged = len(frame) >= ETH_HLEN and (frame[12] << 8 | frame[13]) in (ETH_P_8021Q, ETH_P_8021AD)
+        return self.max_frame if tagged else self.max_frame - VLAN_HLEN
+
+    def _not_enough_buffers(self, queue: Virtqueue, chains: list[Chain], tainted: bool, n: int) -> bool:
+        if tainted:
+            # Chains already consumed sit between the ones popped for this frame: hand those back empty too.
+            for chain in chains:
+                queue.push(chain.head, 0)
+            self.stats["rx_no_buffer"] += 1
+            return False
+        if len(chains) >= queue.size:
+            # Every descriptor is posted and still the frame does not fit: waiting cannot help.
+            queue.last_avail = (queue.last_avail - len(chains)) & 0xFFFF
+            self.stats["rx_dropped"] += 1
+            self.warn_once("rx-ring-too-small", "%s: a %d-byte frame does not fit the whole receive queue; "
+                           "dropped", self.name, n)
+            return True
+        # Put the chains back (they are still the driver's available entries, in order) and wait for more.
+        queue.last_avail = (queue.last_avail - len(chains)) & 0xFFFF
+        self.stats["rx_no_buffer"] += 1
+        return False
+
+    def _write_frame(self, queue: Virtqueue, chains: list[Chain], frame, total: int) -> None:
+        flags = 0
+        if self.has_feature(VIRTIO_NET_F_GUEST_CSUM) and l4_checksum_valid(frame):
+            flags = VIRTIO_NET_HDR_F_DATA_VALID
+        # §5.1.6.4.1: num_buffers is 1 without MRG_RXBUF, else the number of buffers the frame spans.
+        data = memoryview(_HDR.pack(flags, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains)) + bytes(frame))
+        mem = queue.memory
+        pos = 0
+        for chain in chains:
+            written = 0
+            for gpa, length in chain.writable:   # every buffer but the last is filled completely (§5.1.6.4.1)
+                take = min(length, total - pos)
+                if take <= 0:
+                    break
+                mem.write(gpa, data[pos:pos + take])
+                pos += take
+                written += take
+            queue.push(chain.head, written)

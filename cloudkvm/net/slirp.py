@@ -1,0 +1,527 @@
+"""User-mode networking (QEMU's `-netdev user,hostfwd=...`) on libslirp, as a `NetBackend`.
+
+The guest network is QEMU's: on 10.0.2.0/24 the host (gateway) is 10.0.2.2, the DNS proxy 10.0.2.3 (libslirp
+forwards queries to the host's resolver from /etc/resolv.conf), the DHCP server hands out 10.0.2.15 first;
+10.0.2.2 reaches the host's own 127.0.0.1. IPv6 is on like QEMU's (fec0::/64, host fec0::2, DNS fec0::3).
+Host forwards listen on 127.0.0.1 unless a forward names another host address.
+
+Everything runs on the machine's I/O thread (`cloudkvm.iothread.IoThread`): the device calls `send`, libslirp's
+sockets are a poll source (`slirp_pollfds_fill` before each wait, `slirp_pollfds_poll` after it), its timers are
+`call_later` timers, and frames for the guest go to the device's `deliver` (up to 256 are kept while the guest has
+no receive buffers). libslirp is not reentrant: a frame the guest sends while libslirp is calling us (the device
+answering inside `deliver`) is queued and fed in when that call returns."""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import itertools
+import logging
+import os
+import select
+import socket
+import struct
+import time
+from collections import deque
+from typing import Iterable
+
+from pydantic import ValidationError
+
+from ..errors import CloudkvmError
+from ..profile import DEFAULT_NET, Forward, Network, parse_forward
+from . import slirp_ffi
+from .backend import Deliver
+from .slirp_ffi import ffi
+
+log = logging.getLogger("cloudkvm.net.slirp")
+
+QUEUE_LIMIT = 256          # frames kept while the guest posts no receive buffers
+_UINT32_MAX = 0xFFFFFFFF   # slirp_pollfds_fill's "no timeout"
+IPV6_PREFIX = "fec0::"     # QEMU's default user-network IPv6 prefix (net/slirp.c: ipv6-prefix)
+IPV6_PREFIX_LEN = 64
+_GUEST_ERRORS_LOGGED = 32  # distinct guest_error messages logged per backend
+
+# SLIRP_POLL_* <-> poll(2) events.
+_SLIRP_TO_POLL = [0] * 32
+_POLL_TO_SLIRP: dict[int, int] = {}
+for _bits in range(32):
+    _ev = 0
+    for _slirp_bit, _poll_bit in ((1, select.POLLIN), (2, select.POLLOUT), (4, select.POLLPRI), (8, select.POLLERR),
+                                  (16, select.POLLHUP)):
+        if _bits & _slirp_bit:
+            _ev |= _poll_bit
+    _SLIRP_TO_POLL[_bits] = _ev
+
+
+def _to_slirp(revents: int) -> int:
+    out = _POLL_TO_SLIRP.get(revents)
+    if out is None:
+        out = 0
+        for slirp_bit, poll_bit in ((1, select.POLLIN), (2, select.POLLOUT), (4, select.POLLPRI), (8, select.POLLERR | select.POLLNVAL),
+                                    (16, select.POLLHUP)):
+            if revents & poll_bit:
+                out |= slirp_bit
+        _POLL_TO_SLIRP[revents] = out
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- callbacks
+# One set of C callbacks for every instance, alive as long as the module: the `opaque` pointer is the backend's
+# key in _LIVE (an integer, not a Python handle), so libslirp never holds a pointer to a Python object.
+
+_LIVE: dict[int, "SlirpBackend"] = {}
+_keys = itertools.count(1)
+
+
+def _backend(opaque) -> "SlirpBackend | None":
+    return _LIVE.get(int(ffi.cast("uintptr_t", opaque)))
+
+
+def _onerror(exc_type, exc, tb) -> None:
+    log.error("libslirp callback failed", exc_info=(exc_type, exc, tb))
+
+
+@ffi.callback("ssize_t(const void *, size_t, void *)", onerror=_onerror)
+def _cb_send_packet(buf, length, opaque):
+    backend = _backend(opaque)
+    if backend is not None:
+        backend._output(ffi.buffer(buf, length)[:])
+    return length
+
+
+@ffi.callback("void(const char *, void *)", onerror=_onerror)
+def _cb_guest_error(msg, opaque):
+    backend = _backend(opaque)
+    text = ffi.string(msg).decode("utf-8", "replace")
+    if backend is None or len(backend._guest_errors) < _GUEST_ERRORS_LOGGED and text not in backend._guest_errors:
+        if backend is not None:
+            backend._guest_errors.add(text)
+        log.warning("guest network error: %s", text)
+
+
+@ffi.callback("int64_t(void *)", onerror=_onerror)
+def _cb_clock_get_ns(opaque):
+    return time.monotonic_ns()
+
+
+@ffi.callback("void *(SlirpTimerCb, void *, void *)", onerror=_onerror)
+def _cb_timer_new(cb, cb_opaque, opaque):
+    backend = _backend(opaque)
+    return ffi.NULL if backend is None else backend._timer_new(cb, None, cb_opaque)
+
+
+@ffi.callback("void *(SlirpTimerId, void *, void *)", onerror=_onerror)
+def _cb_timer_new_opaque(timer_id, cb_opaque, opaque):
+    backend = _backend(opaque)
+    return ffi.NULL if backend is None else backend._timer_new(None, timer_id, cb_opaque)
+
+
+@ffi.callback("void(void *, void *)", onerror=_onerror)
+def _cb_timer_free(timer, opaque):
+    backend = _backend(opaque)
+    if backend is not None:
+        backend._timer_free(int(ffi.cast("uintptr_t", timer)))
+
+
+@ffi.callback("void(void *, int64_t, void *)", onerror=_onerror)
+def _cb_timer_mod(timer, expire_ms, opaque):
+    backend = _backend(opaque)
+    if backend is not None:
+        backend._timer_mod(int(ffi.cast("uintptr_t", timer)), expire_ms)
+
+
+@ffi.callback("void(int, void *)", onerror=_onerror)
+def _cb_poll_fd(fd, opaque):
+    pass  # the fds are collected anew by slirp_pollfds_fill before every wait
+
+
+@ffi.callback("void(void *)", onerror=_onerror)
+def _cb_notify(opaque):
+    # libslirp can take more data from its sockets: the next turn of the loop fills anew. Only a call from
+    # another thread needs to wake the loop.
+    backend = _backend(opaque)
+    if backend is not None and backend._io is not None and not backend._io.in_thread():
+        backend._io.call_soon(lambda: None)
+
+
+@ffi.callback("void(Slirp *, void *)", onerror=_onerror)
+def _cb_init_completed(slirp, opaque):
+    pass
+
+
+@ffi.callback("int(int, int, void *)", onerror=_onerror)
+def _cb_add_poll(fd, events, opaque):
+    backend = _backend(opaque)
+    if backend is None:
+        return -1
+    fds = backend._poll_fds
+    fds.append(fd)
+    backend._poll_pairs.append((fd, _SLIRP_TO_POLL[events & 31]))
+    return len(fds) - 1
+
+
+@ffi.callback("int(int, void *)", onerror=_onerror)
+def _cb_get_revents(idx, opaque):
+    backend = _backend(opaque)
+    if backend is None or not 0 <= idx < len(backend._poll_fds):
+        return 0
+    revents = backend._revents.get(backend._poll_fds[idx], 0)
+    return _to_slirp(revents) if revents else 0
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+def _in_addr(address) -> int:
+    """An IPv4 address as `struct in_addr.s_addr` (network byte order in memory)."""
+    return struct.unpack("=I", ipaddress.IPv4Address(address).packed)[0]
+
+
+def _set_in6(cfg, field: str, address: str) -> None:
+    ffi.memmove(ffi.addressof(cfg, field), ipaddress.IPv6Address(address).packed, 16)
+
+
+def guest_addresses(net: str) -> tuple[str, str, str]:
+    """(host, dhcp start, dns) in `net`, QEMU's way: the .2, .15 and .3 of 10.0.2.0/24 carried into any network
+    (QEMU net/slirp.c: `net | (0x0202 & ~mask)` ...); in a /28, whose .15 is the broadcast address, DHCP starts
+    at .4."""
+    network = ipaddress.IPv4Network(net)
+    base, hostmask = int(network.network_address), int(network.hostmask)
+    host, dhcp, dns = (base | (offset & hostmask) for offset in (0x0202, 0x020F, 0x0203))
+    if dhcp in (int(network.broadcast_address), base, host, dns):
+        dhcp = base + 4
+    return tuple(str(ipaddress.IPv4Address(a)) for a in (host, dhcp, dns))
+
+
+def _forward_error(fwd: Forward, err: int) -> CloudkvmError:
+    where = f"{fwd.proto} {fwd.host_ip}:{fwd.host_port}"
+    flag = "t" if fwd.proto == "tcp" else "u"
+    if err == errno.EADDRINUSE:
+        return CloudkvmError(f"{where} is already in use (by another VM or program)",
+                             f"pick another host port for the forward {fwd.spec()}, or stop what listens there "
+                             f"(ss -{flag}lnp 'sport = :{fwd.host_port}')")
+    if err == errno.EACCES:
+        return CloudkvmError(f"{where}: permission denied (host ports below 1024 need root)",
+                             f"use a host port of 1024 or above in the forward {fwd.spec()}")
+    if err == errno.EADDRNOTAVAIL:
+        return CloudkvmError(f"cannot listen on {where}: {fwd.host_ip} is not an address of this host",
+                             "use host_ip 127.0.0.1 (the default), or 0.0.0.0 for every interface")
+    reason = os.strerror(err) if err else "libslirp refused it"
+    return CloudkvmError(f"cannot listen on {where}: {reason}", f"check the forward {fwd.spec()}")
+
+
+def _check_port_free(fwd: Forward) -> None:
+    """Bind the forward's host port ourselves first, so a taken port is a clear error (libslirp only says -1)."""
+    kind = socket.SOCK_STREAM if fwd.proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as probe:
+        if kind == socket.SOCK_STREAM:
+            # libslirp sets SO_REUSEADDR on its listening sockets too: a TIME_WAIT leftover is no conflict,
+            # a listening socket is. (For UDP SO_REUSEADDR would let two forwards share a port: not set.)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((fwd.host_ip, fwd.host_port))
+        except OSError as exc:
+            raise _forward_error(fwd, exc.errno) from None
+
+
+def _as_forward(item) -> Forward:
+    if isinstance(item, Forward):
+        return item
+    return Forward.model_validate(parse_forward(item) if isinstance(item, str) else item)
+
+
+def _network(network: Network | None, net: str, forwards: Iterable, restrict: bool) -> Network:
+    if network is not None:
+        if network.mode != "user":
+            raise CloudkvmError(f"network mode '{network.mode}' has no user networking",
+                                "set network: {mode: user} in the profile")
+        return network
+    try:
+        return Network(mode="user", net=net, forwards=[_as_forward(f) for f in forwards], restrict=restrict)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CloudkvmError(f"network{'.' + where if where else ''}: {first['msg']}",
+                            "forwards look like tcp:127.0.0.1:2222-:22") from None
+    except ValueError as exc:  # parse_forward's FieldError
+        raise CloudkvmError(f"network.forwards: {exc}", getattr(exc, "hint", "")) from None
+
+
+class _Timer:
+    __slots__ = ("cb", "timer_id", "cb_opaque", "expire_ms", "handle")
+
+    def __init__(self, cb, timer_id, cb_opaque):
+        self.cb = cb                # SlirpTimerCb (timer_new, config version < 4) or None
+        self.timer_id = timer_id    # SlirpTimerId (timer_new_opaque, version 4) or None
+        self.cb_opaque = cb_opaque
+        self.expire_ms: int | None = None
+        self.handle = None
+
+
+# ---------------------------------------------------------------------------------------------------- the backend
+
+class SlirpBackend:
+    """libslirp user networking for one guest NIC (a `NetBackend`).
+
+    `SlirpBackend(network)` with a profile's `Network` (mode user), or with plain arguments:
+    `SlirpBackend(net="10.0.2.0/24", forwards=["tcp:127.0.0.1:2222-:22", Forward(...), {...}], restrict=False)`.
+    `ipv6` (default on, like QEMU) and `dns` (the 10.0.2.3 proxy, default on) are keyword-only.
+    The forwards listen as soon as the backend exists; a forward that cannot listen (port taken, not an address
+    of this host, privileged port) raises `CloudkvmError` naming it, and nothing created so far is left open.
+    A missing or too old libslirp is a `CloudkvmError` too. `close()` (or `with`) releases everything."""
+
+    def __init__(self, network: Network | None = None, *, net: str = DEFAULT_NET, forwards: Iterable = (),
+                 restrict: bool = False, ipv6: bool = True, dns: bool = True):
+        self.network = _network(network, net, forwards, restrict)
+        self.libslirp = slirp_ffi.load()
+        self.version = self.libslirp.version
+        self.config_version = self.libslirp.config_version
+        self._lib = self.libslirp.lib
+        self.host_addr, self.dhcp_start, self.dns_addr = guest_addresses(self.network.net)
+        self.restrict = self.network.restrict
+        self.forwards = [fwd if fwd.guest_ip else fwd.model_copy(update={"guest_ip": self.dhcp_start})
+                         for fwd in self.network.forwards]
+        self._deliver: Deliver | None = None
+        self._held: deque[bytes] = deque()
+        self.dropped = 0               # frames for the guest thrown away (queue full / not connected)
+        self._inbox: deque[bytes] = deque()
+        self._busy = False
+        self._io = None
+        self._source = None
+        self._poll_fds: list[int] = []
+        self._poll_pairs: list[tuple[int, int]] = []
+        self._revents: dict[int, int] = {}
+        self._timeout = ffi.new("uint32_t *")
+        self._timers: dict[int, _Timer] = {}
+        self._timer_keys = itertools.count(1)
+        self._guest_errors: set[str] = set()
+        self._slirp = ffi.NULL
+        self._key = next(_keys)
+        self._opaque = ffi.cast("void *", self._key)
+        _LIVE[self._key] = self
+        try:
+            self._create(ipv6, dns)
+            for fwd in self.forwards:
+                self._add_forward(fwd)
+        except BaseException:
+            self._destroy()
+            raise
+
+    # --- setup ------------------------------------------------------------------------------------------------
+    def _create(self, ipv6: bool, dns: bool) -> None:
+        version = self.config_version
+        cb = ffi.new("SlirpCb *")
+        cb.send_packet = _cb_send_packet
+        cb.guest_error = _cb_guest_error
+        cb.clock_get_ns = _cb_clock_get_ns
+        cb.timer_new = _cb_timer_new
+        cb.timer_free = _cb_timer_free
+        cb.timer_mod = _cb_timer_mod
+        cb.register_poll_fd = _cb_poll_fd
+        cb.unregister_poll_fd = _cb_poll_fd
+        cb.notify = _cb_notify
+        if version >= 4:
+            cb.init_completed = _cb_init_completed
+            cb.timer_new_opaque = _cb_timer_new_opaque
+        cfg = ffi.new("SlirpConfig *")
+        cfg.version = version
+        cfg.restricted = 1 if self.restrict else 0
+        cfg.in_enabled = True
+        network = ipaddress.IPv4Network(self.network.net)
+        cfg.vnetwork.s_addr = _in_addr(network.network_address)
+        cfg.vnetmask.s_addr = _in_addr(network.netmask)
+        cfg.vhost.s_addr = _in_addr(self.host_addr)
+        cfg.vdhcp_start.s_addr = _in_addr(self.dhcp_start)
+        cfg.vnameserver.s_addr = _in_addr(self.dns_addr)
+        cfg.in6_enabled = ipv6
+        prefix = ipaddress.IPv6Address(IPV6_PREFIX)
+        _set_in6(cfg, "vprefix_addr6", str(prefix))
+        cfg.vprefix_len = IPV6_PREFIX_LEN
+        _set_in6(cfg, "vhost6", str(prefix + 2))
+        _set_in6(cfg, "vnameserver6", str(prefix + 3))
+        if version >= 3:
+            cfg.disable_dns = not dns
+        self._cb, self._cfg = cb, cfg     # libslirp keeps the SlirpCb pointer: alive until slirp_cleanup
+        self._slirp = self._lib.slirp_new(cfg, cb, self._opaque)
+        if self._slirp == ffi.NULL:
+            raise CloudkvmError(f"libslirp {self.version} refused the user network {self.network.net}",
+                                "check network.net in the profile")
+
+    def _add_forward(self, fwd: Forward) -> None:
+        _check_port_free(fwd)
+        host, guest = ffi.new("struct in_addr *"), ffi.new("struct in_addr *")
+        host.s_addr, guest.s_addr = _in_addr(fwd.host_ip), _in_addr(fwd.guest_ip)
+        ffi.errno = 0
+        if self._lib.slirp_add_hostfwd(self._slirp, int(fwd.proto == "udp"), host[0], fwd.host_port,
+                                       guest[0], fwd.guest_port) < 0:
+            raise _forward_error(fwd, ffi.errno)
+
+    # --- NetBackend ---------------------------------------------------------------------------------------------
+    def connect(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+
+    def attach(self, io) -> None:
+        """Serve libslirp's sockets and timers on `io` (an `IoThread`)."""
+        if self._slirp == ffi.NULL:
+            raise RuntimeError("the slirp backend is closed")
+        self._io = io
+        self._source = io.add_poll_source(self._fill, self._dispatch)
+        for timer in self._timers.values():
+            self._schedule(timer)
+
+    def send(self, frame: bytes) -> None:
+        """A frame from the guest (on the I/O thread)."""
+        if self._slirp == ffi.NULL:
+            return
+        self._inbox.append(frame)
+        if not self._busy:
+            self._drain_inbox()
+
+    def rx_ready(self) -> None:
+        self._flush_held()
+
+    @property
+    def pending(self) -> int:
+        """Frames for the guest kept because `deliver` refused them (at most QUEUE_LIMIT)."""
+        return len(self._held)
+
+    def close(self) -> None:
+        """Stop the forwards and free libslirp (waits for the I/O thread when called from another thread)."""
+        if self._slirp == ffi.NULL and self._key not in _LIVE:
+            return
+        io = self._io
+        if io is not None and io.running and not io.in_thread():
+            io.run_sync(self._destroy)
+        else:
+            self._destroy()
+
+    def __enter__(self) -> "SlirpBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._slirp == ffi.NULL else "open"
+        return f"<SlirpBackend {self.network.net} {[f.spec() for f in self.forwards]} {state}>"
+
+    # --- inside ---------------------------------------------------------------------------------------------------
+    def connection_info(self) -> str:
+        """libslirp's table of connections (for debugging; call on the I/O thread)."""
+        if self._slirp == ffi.NULL:
+            return ""
+        text = self._lib.slirp_connection_info(self._slirp)
+        try:
+            return ffi.string(text).decode("utf-8", "replace")
+        finally:
+            self._lib.free(text)
+
+    def _destroy(self) -> None:
+        if self._source is not None:
+            self._io.remove_poll_source(self._source)
+            self._source = None
+        slirp, self._slirp = self._slirp, ffi.NULL
+        if slirp != ffi.NULL:
+            self._lib.slirp_cleanup(slirp)   # closes its sockets; frees its timers through our callbacks
+        for timer in self._timers.values():
+            if timer.handle is not None:
+                timer.handle.cancel()
+        self._timers.clear()
+        self._held.clear()
+        self._inbox.clear()
+        _LIVE.pop(self._key, None)
+
+    def _enter(self, fn, *args):
+        """Call into libslirp; frames the guest sent meanwhile (from our callbacks) go in afterwards."""
+        if self._busy:
+            return fn(*args)
+        self._busy = True
+        try:
+            return fn(*args)
+        finally:
+            self._busy = False
+            if self._inbox:
+                self._drain_inbox()
+
+    def _drain_inbox(self) -> None:
+        self._busy = True
+        try:
+            while self._inbox and self._slirp != ffi.NULL:
+                frame = self._inbox.popleft()
+                self._lib.slirp_input(self._slirp, ffi.from_buffer("uint8_t[]", frame), len(frame))
+        finally:
+            self._busy = False
+
+    def _output(self, frame: bytes) -> None:
+        if self._deliver is None:
+            self.dropped += 1
+            return
+        if self._held:
+            self._flush_held()
+            if self._held:
+                if len(self._held) < QUEUE_LIMIT:
+                    self._held.append(frame)
+                else:
+                    self.dropped += 1
+                return
+        if not self._deliver(frame):
+            self._held.append(frame)
+
+    def _flush_held(self) -> None:
+        held, deliver = self._held, self._deliver
+        while held and deliver is not None:
+            if not deliver(held[0]):
+                return
+            held.popleft()
+
+    # poll source
+    def _fill(self):
+        if self._slirp == ffi.NULL:
+            return (), None
+        self._poll_fds = []
+        self._poll_pairs = []
+        self._timeout[0] = _UINT32_MAX
+        self._enter(self._lib.slirp_pollfds_fill, self._slirp, self._timeout, _cb_add_poll, self._opaque)
+        timeout = self._timeout[0]
+        return self._poll_pairs, None if timeout == _UINT32_MAX else timeout / 1000.0
+
+    def _dispatch(self, revents: dict[int, int]) -> None:
+        if self._slirp == ffi.NULL:
+            return
+        self._revents = revents
+        self._enter(self._lib.slirp_pollfds_poll, self._slirp, 0, _cb_get_revents, self._opaque)
+
+    # timers (libslirp's clock is time.monotonic_ns; expiry times are in its milliseconds)
+    def _timer_new(self, cb, timer_id, cb_opaque):
+        key = next(self._timer_keys)
+        self._timers[key] = _Timer(cb, timer_id, cb_opaque)
+        return ffi.cast("void *", key)
+
+    def _timer_free(self, key: int) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None and timer.handle is not None:
+            timer.handle.cancel()
+
+    def _timer_mod(self, key: int, expire_ms: int) -> None:
+        timer = self._timers.get(key)
+        if timer is None:
+            return
+        timer.expire_ms = expire_ms
+        self._schedule(timer)
+
+    def _schedule(self, timer: _Timer) -> None:
+        if timer.handle is not None:
+            timer.handle.cancel()
+            timer.handle = None
+        if self._io is None or timer.expire_ms is None:
+            return  # armed when the backend is attached
+        delay = (timer.expire_ms * 1_000_000 - time.monotonic_ns()) / 1e9
+        timer.handle = self._io.call_later(delay, lambda: self._fire(timer))
+
+    def _fire(self, timer: _Timer) -> None:
+        if self._slirp == ffi.NULL or timer not in self._timers.values():
+            return
+        timer.handle = None
+        timer.expire_ms = None
+        if timer.timer_id is not None:
+            self._enter(self._lib.slirp_handle_timer, self._slirp, timer.timer_id, timer.cb_opaque)
+        else:
+            self._enter(timer.cb, timer.cb_opaque)
