@@ -35,6 +35,7 @@ class VirtioDevice:
         self.needs_reset = False
         self.queues: list[Virtqueue] = []
         self.on_config_change: Callable[[], None] | None = None   # set by the transport
+        self.transport = None  # the transport driving this device (set by it), for device-initiated work
         self._logged: set[str] = set()
 
     @property

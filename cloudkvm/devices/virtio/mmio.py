@@ -89,6 +89,7 @@ class VirtioMmioTransport:
         self._lock = threading.RLock()
         self._logged: set[tuple] = set()
         device.on_config_change = self._config_changed
+        device.transport = self  # devices with their own events (virtio-net receive) call back through it
         self._clear()
 
     def _clear(self) -> None:

@@ -10,8 +10,7 @@ Threads: queue processing runs under the transport's lock (the transport calls `
 arrive on the I/O thread through `deliver`, outside any transport call, yet a used buffer needs the lock and an
 interrupt: `deliver` parks the frame and asks the transport to process the receive queue (`queue_notify(0)`), so
 the transport's lock, its "device is live" checks, its error handling and its interrupt decision all apply. The
-transport is found from the hook it installs on the device (`on_config_change` is a bound method of it), or set
-explicitly as `device.transport`.
+transport sets itself as `device.transport` when it is built.
 
 Malformed guest input never raises: a bad descriptor chain is logged once per kind and returned with used length 0
 (or puts the device into DEVICE_NEEDS_RESET when it cannot be returned, as for every virtio device here); a bad
@@ -204,7 +203,6 @@ class VirtioNet(VirtioDevice):
         self.mtu = mtu
         # The largest frame either way: the MTU plus the Ethernet header and one VLAN tag (§5.1.4.1).
         self.max_frame = (mtu if mtu is not None else ETH_DATA_LEN) + ETH_HLEN + VLAN_HLEN
-        self.transport = None          # found from on_config_change, or set by whoever builds the transport
         self.stats = {"tx_frames": 0, "tx_dropped": 0, "rx_frames": 0, "rx_dropped": 0, "rx_no_buffer": 0}
         self._pending: dict[int, tuple[bytes, list]] = {}   # thread → (frame, [result]) while deliver waits
         self._batch: tuple[int, Virtqueue] | None = None   # (thread, rx queue) while backend.rx_ready() runs
@@ -324,7 +322,7 @@ class VirtioNet(VirtioDevice):
             # Called back from backend.rx_ready() inside our own process(): the transport's lock is held, and the
             # transport decides about the interrupt once the batch ends.
             return self._receive(batch[1], frame)
-        transport = self._find_transport()
+        transport = self.transport
         if transport is None:
             self.warn_once("no-transport", "%s: a frame arrived but the device has no transport; kept", self.name)
             return False
@@ -338,13 +336,6 @@ class VirtioNet(VirtioDevice):
         finally:
             self._pending.pop(ident, None)
         return result[0]
-
-    def _find_transport(self):
-        if self.transport is None:
-            owner = getattr(self.on_config_change, "__self__", None)
-            if owner is not None and callable(getattr(owner, "queue_notify", None)):
-                self.transport = owner
-        return self.transport
 
     def _live(self, transport) -> bool:
         """Whether the receive queue can take frames now (read without the lock: a hint that spares the transport
