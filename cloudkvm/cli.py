@@ -100,16 +100,18 @@ def up(profile: Path = typer.Argument(..., help="profile YAML"),
 
 def _run_foreground(profile) -> None:
     from .instances import Instance
-    from .launcher import prepare_disks, spec_for, virtio_devices
-    from .machine import run
+    from .launcher import attach_backends, check_forwards, prepare_disks, spec_for, virtio_devices
+    from .machine import Machine
     from .terminal import raw_terminal
 
     instance = Instance.named(profile.name)
     instance.dir.mkdir(parents=True, exist_ok=True)
-    spec = spec_for(profile, sys.stdout.fileno(), virtio_devices(prepare_disks(profile, instance)))
+    check_forwards(profile)
+    spec = spec_for(profile, sys.stdout.fileno(), virtio_devices(profile, prepare_disks(profile, instance)))
     spec.console_input_fd, spec.console_escape = sys.stdin.fileno(), True
-    with raw_terminal(sys.stdin.fileno()):
-        result = run(spec)
+    with raw_terminal(sys.stdin.fileno()), Machine(spec) as machine:
+        attach_backends(machine)
+        result = machine.run()
     typer.echo(f"\ncloudkvm: VM ended: {result}", err=True)
     raise typer.Exit(0 if result.clean else 1)
 

@@ -21,8 +21,6 @@ def check_runnable(profile: Profile) -> None:
     if profile.machine != "x86":
         raise CloudkvmError(f"{profile.name}: the '{profile.machine}' board ({profile.arch}) is not available yet",
                             "only x86_64 profiles run today; the aarch64 virt board is a later issue")
-    if profile.network.mode != "none":
-        raise CloudkvmError(f"{profile.name}: user networking is not wired to the VM yet", "use network: none")
 
 
 def prepare_disks(profile: Profile, instance: Instance) -> list[tuple[str, str | None, bool]]:
@@ -56,15 +54,37 @@ def prepare_disks(profile: Profile, instance: Instance) -> list[tuple[str, str |
     return opened
 
 
-def virtio_devices(disks: list[tuple[str, str | None, bool]]) -> list:
-    """One virtio-blk per disk (serial diskN), then a virtio-rng."""
+def check_forwards(profile: Profile) -> None:
+    """Fail before anything starts when a forward's host port is taken (one line naming the port)."""
+    if profile.network.mode == "user":
+        from .net.slirp import check_port_free
+
+        for forward in profile.network.forwards:
+            check_port_free(forward)
+
+
+def virtio_devices(profile: Profile, disks: list[tuple[str, str | None, bool]]) -> list:
+    """One virtio-blk per disk (serial diskN), a virtio-net on user networking if asked for, then a virtio-rng."""
     from .devices.virtio.blk import VirtioBlk
     from .devices.virtio.rng import VirtioRng
     from .storage import open_disk
 
     devices = [VirtioBlk(open_disk(path, read_only=ro, format=fmt), read_only=ro, serial=f"disk{i}")
                for i, (path, fmt, ro) in enumerate(disks)]
+    if profile.network.mode == "user":
+        from .devices.virtio.net import VirtioNet, mac_for
+        from .net.slirp import SlirpBackend
+
+        devices.append(VirtioNet(SlirpBackend(profile.network), mac_for(profile.name)))
     return devices + [VirtioRng()]
+
+
+def attach_backends(machine: Machine) -> None:
+    """Network backends serve their sockets from the machine's I/O thread."""
+    for device in machine.spec.virtio:
+        backend = getattr(device, "backend", None)
+        if backend is not None:
+            backend.attach(machine.io)
 
 
 def spec_for(profile: Profile, console_fd: int | None, virtio: list | None = None) -> MachineSpec:
@@ -89,7 +109,8 @@ def instance_info(profile: Profile, source: str | None) -> dict:
 def _run_vm(instance: Instance, profile: Profile, disks, ready) -> int:
     """The daemon's body: build the machine, serve the control socket, run, record how the VM ended."""
     console_fd = os.open(instance.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    with Machine(spec_for(profile, console_fd, virtio_devices(disks))) as machine:
+    with Machine(spec_for(profile, console_fd, virtio_devices(profile, disks))) as machine:
+        attach_backends(machine)
         info = {**instance.info(), "started_at": time.time(), "pid": os.getpid()}
         instance.write_json(instance.info_file, info)
         server = control.ControlServer(machine, instance.control_socket, {"name": profile.name})
@@ -125,6 +146,7 @@ def up(profile: Profile, source: str | None, name: str | None = None, wait: floa
     if instance.state() == "running":
         raise CloudkvmError(f"instance '{profile.name}' is already running", f"cloudkvm down {profile.name} first")
     check_payload(spec_for(profile, None).payload)  # refuse what cannot run before anything is created
+    check_forwards(profile)
     instance.dir.mkdir(parents=True, exist_ok=True)
     for stale in (instance.result_file, instance.pid_file):
         stale.unlink(missing_ok=True)

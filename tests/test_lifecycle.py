@@ -162,3 +162,43 @@ def test_up_with_a_qcow2_overlay_leaves_the_original_untouched(env, tmp_path):
     assert same.returncode == 0, "the original image changed"
     differs = subprocess.run(["qemu-img", "compare", str(overlay), str(pristine)], capture_output=True)
     assert differs.returncode == 1  # the guest's writes live in the overlay
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_vms_asking_for_the_same_host_port_the_second_fails_and_the_first_is_untouched(env, tmp_path):
+    import socket
+
+    guest = build_flat(os.path.join(GUESTS, "power_button.c"))
+    port = _free_port()
+    for name in ("first", "second"):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"name: {name}\narch: x86_64\nmemory: 64M\nboot:\n  kernel: {guest}\n  format: flat\n"
+            f"network:\n  mode: user\n  forwards: ['tcp:127.0.0.1:{port}-:22']\n")
+    assert cli(env, "up", str(tmp_path / "first.yaml")).returncode == 0
+    pid = int((tmp_path / "state" / "first" / "vmm.pid").read_text())
+    try:
+        second = cli(env, "up", str(tmp_path / "second.yaml"))
+        assert second.returncode == 2, second
+        lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+        assert not (tmp_path / "state" / "second" / "vmm.pid").exists()
+        status = json.loads(CliRunner().invoke(app, ["status", "first", "--json"]).output)
+        assert status["state"] == "running" and status["forwards"] == [f"tcp:127.0.0.1:{port}-:22"]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # the first VM's forward still listens (on loopback)
+        listening = [line.split()[1] for line in open("/proc/net/tcp").read().splitlines()[1:]
+                     if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port]
+        assert listening == [f"0100007F:{port:04X}"]  # 127.0.0.1 only, never 0.0.0.0
+    finally:
+        cli(env, "down", "first", "--force")
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass

@@ -27,7 +27,7 @@ from typing import Iterable
 from pydantic import ValidationError
 
 from ..errors import CloudkvmError
-from ..profile import DEFAULT_NET, Forward, Network, parse_forward
+from ..profile import DEFAULT_NET, Forward, Network
 from . import slirp_ffi
 from .backend import Deliver
 from .slirp_ffi import ffi
@@ -40,40 +40,33 @@ IPV6_PREFIX = "fec0::"     # QEMU's default user-network IPv6 prefix (net/slirp.
 IPV6_PREFIX_LEN = 64
 _GUEST_ERRORS_LOGGED = 32  # distinct guest_error messages logged per backend
 
-# SLIRP_POLL_* <-> poll(2) events.
-_SLIRP_TO_POLL = [0] * 32
+# SLIRP_POLL_IN/OUT/PRI/ERR/HUP <-> poll(2) events (a closed fd, POLLNVAL, is an error for libslirp).
+_POLL_BITS = ((1, select.POLLIN), (2, select.POLLOUT), (4, select.POLLPRI), (8, select.POLLERR | select.POLLNVAL),
+              (16, select.POLLHUP))
+_SLIRP_TO_POLL = [sum(poll_bit & ~select.POLLNVAL for slirp_bit, poll_bit in _POLL_BITS if bits & slirp_bit)
+                  for bits in range(32)]
 _POLL_TO_SLIRP: dict[int, int] = {}
-for _bits in range(32):
-    _ev = 0
-    for _slirp_bit, _poll_bit in ((1, select.POLLIN), (2, select.POLLOUT), (4, select.POLLPRI), (8, select.POLLERR),
-                                  (16, select.POLLHUP)):
-        if _bits & _slirp_bit:
-            _ev |= _poll_bit
-    _SLIRP_TO_POLL[_bits] = _ev
 
 
 def _to_slirp(revents: int) -> int:
     out = _POLL_TO_SLIRP.get(revents)
     if out is None:
-        out = 0
-        for slirp_bit, poll_bit in ((1, select.POLLIN), (2, select.POLLOUT), (4, select.POLLPRI), (8, select.POLLERR | select.POLLNVAL),
-                                    (16, select.POLLHUP)):
-            if revents & poll_bit:
-                out |= slirp_bit
+        out = sum(slirp_bit for slirp_bit, poll_bit in _POLL_BITS if revents & poll_bit)
         _POLL_TO_SLIRP[revents] = out
     return out
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
-# One set of C callbacks for every instance, alive as long as the module: the `opaque` pointer is the backend's
-# key in _LIVE (an integer, not a Python handle), so libslirp never holds a pointer to a Python object.
+# One set of C callbacks (ffi.callback: ABI mode has no extern "Python") for every instance, alive as long as the
+# module, so they outlive every Slirp. The `opaque` pointer is a small integer naming the backend in _LIVE, not a
+# Python handle: libslirp never holds a pointer to a Python object.
 
-_LIVE: dict[int, "SlirpBackend"] = {}
+_LIVE: dict = {}           # opaque pointer (cdata void *, hashed by address) -> SlirpBackend
 _keys = itertools.count(1)
 
 
 def _backend(opaque) -> "SlirpBackend | None":
-    return _LIVE.get(int(ffi.cast("uintptr_t", opaque)))
+    return _LIVE.get(opaque)
 
 
 def _onerror(exc_type, exc, tb) -> None:
@@ -208,7 +201,7 @@ def _forward_error(fwd: Forward, err: int) -> CloudkvmError:
     return CloudkvmError(f"cannot listen on {where}: {reason}", f"check the forward {fwd.spec()}")
 
 
-def _check_port_free(fwd: Forward) -> None:
+def check_port_free(fwd: Forward) -> None:
     """Bind the forward's host port ourselves first, so a taken port is a clear error (libslirp only says -1)."""
     kind = socket.SOCK_STREAM if fwd.proto == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as probe:
@@ -222,12 +215,6 @@ def _check_port_free(fwd: Forward) -> None:
             raise _forward_error(fwd, exc.errno) from None
 
 
-def _as_forward(item) -> Forward:
-    if isinstance(item, Forward):
-        return item
-    return Forward.model_validate(parse_forward(item) if isinstance(item, str) else item)
-
-
 def _network(network: Network | None, net: str, forwards: Iterable, restrict: bool) -> Network:
     if network is not None:
         if network.mode != "user":
@@ -235,14 +222,16 @@ def _network(network: Network | None, net: str, forwards: Iterable, restrict: bo
                                 "set network: {mode: user} in the profile")
         return network
     try:
-        return Network(mode="user", net=net, forwards=[_as_forward(f) for f in forwards], restrict=restrict)
+        # strings (tcp:127.0.0.1:2222-:22), dicts and Forward models, checked as a profile's would be
+        return Network(mode="user", net=net, forwards=list(forwards), restrict=restrict)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise CloudkvmError(f"network{'.' + where if where else ''}: {first['msg']}",
-                            "forwards look like tcp:127.0.0.1:2222-:22") from None
-    except ValueError as exc:  # parse_forward's FieldError
-        raise CloudkvmError(f"network.forwards: {exc}", getattr(exc, "hint", "")) from None
+        cause = (first.get("ctx") or {}).get("error")
+        loc = list(first["loc"]) + list(getattr(cause, "loc", ()))
+        where = "network" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+        message = str(cause) if cause is not None else first["msg"]
+        raise CloudkvmError(f"{where}: {message}",
+                            getattr(cause, "hint", "") or "forwards look like tcp:127.0.0.1:2222-:22") from None
 
 
 class _Timer:
@@ -294,9 +283,8 @@ class SlirpBackend:
         self._timer_keys = itertools.count(1)
         self._guest_errors: set[str] = set()
         self._slirp = ffi.NULL
-        self._key = next(_keys)
-        self._opaque = ffi.cast("void *", self._key)
-        _LIVE[self._key] = self
+        self._opaque = ffi.cast("void *", next(_keys))
+        _LIVE[self._opaque] = self
         try:
             self._create(ipv6, dns)
             for fwd in self.forwards:
@@ -346,7 +334,7 @@ class SlirpBackend:
                                 "check network.net in the profile")
 
     def _add_forward(self, fwd: Forward) -> None:
-        _check_port_free(fwd)
+        check_port_free(fwd)
         host, guest = ffi.new("struct in_addr *"), ffi.new("struct in_addr *")
         host.s_addr, guest.s_addr = _in_addr(fwd.host_ip), _in_addr(fwd.guest_ip)
         ffi.errno = 0
@@ -385,7 +373,7 @@ class SlirpBackend:
 
     def close(self) -> None:
         """Stop the forwards and free libslirp (waits for the I/O thread when called from another thread)."""
-        if self._slirp == ffi.NULL and self._key not in _LIVE:
+        if self._slirp == ffi.NULL and self._opaque not in _LIVE:
             return
         io = self._io
         if io is not None and io.running and not io.in_thread():
@@ -427,7 +415,7 @@ class SlirpBackend:
         self._timers.clear()
         self._held.clear()
         self._inbox.clear()
-        _LIVE.pop(self._key, None)
+        _LIVE.pop(self._opaque, None)
 
     def _enter(self, fn, *args):
         """Call into libslirp; frames the guest sent meanwhile (from our callbacks) go in afterwards."""
@@ -444,9 +432,12 @@ class SlirpBackend:
     def _drain_inbox(self) -> None:
         self._busy = True
         try:
-            while self._inbox and self._slirp != ffi.NULL:
-                frame = self._inbox.popleft()
-                self._lib.slirp_input(self._slirp, ffi.from_buffer("uint8_t[]", frame), len(frame))
+            inbox, slirp_input = self._inbox, self._lib.slirp_input
+            while inbox and self._slirp != ffi.NULL:
+                frame = inbox.popleft()
+                if type(frame) is not bytes:
+                    frame = ffi.from_buffer("char[]", frame)
+                slirp_input(self._slirp, frame, len(frame))
         finally:
             self._busy = False
 

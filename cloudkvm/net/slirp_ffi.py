@@ -97,7 +97,7 @@ Slirp *slirp_new(const SlirpConfig *cfg, const SlirpCb *callbacks, void *opaque)
 void slirp_cleanup(Slirp *slirp);
 void slirp_pollfds_fill(Slirp *slirp, uint32_t *timeout, SlirpAddPollCb add_poll, void *opaque);
 void slirp_pollfds_poll(Slirp *slirp, int select_error, SlirpGetREventsCb get_revents, void *opaque);
-void slirp_input(Slirp *slirp, const uint8_t *pkt, int pkt_len);
+void slirp_input(Slirp *slirp, const char *pkt, int pkt_len);  /* const uint8_t *: bytes pass as they are */
 void slirp_handle_timer(Slirp *slirp, SlirpTimerId id, void *cb_opaque);
 int slirp_add_hostfwd(Slirp *slirp, int is_udp, struct in_addr host_addr, int host_port,
                       struct in_addr guest_addr, int guest_port);

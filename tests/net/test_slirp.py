@@ -1,8 +1,8 @@
 """SlirpBackend end to end: a scripted guest (tests/net/guestnet.py) on the Ethernet side, real sockets on the host
 side, everything on a running IoThread. Host traffic stays on 127.0.0.1, except the DNS test's, which goes where
 the host's resolver is (the point of the DNS proxy)."""
+import dataclasses
 import ipaddress
-import queue
 import socket
 import struct
 import threading
@@ -241,11 +241,22 @@ def test_a_host_address_that_is_not_ours_is_a_clear_error():
         SlirpBackend(forwards=[f"tcp:203.0.113.7:{free_port()}-:22"])
 
 
-def test_bad_forwards_are_clear_errors():
-    with pytest.raises(CloudkvmError, match="cannot read the forward"):
-        SlirpBackend(forwards=["ssh to the guest"])
-    with pytest.raises(CloudkvmError, match="outside the guest network"):
-        SlirpBackend(forwards=[f"tcp::{free_port()}-192.168.1.5:22"])
+@pytest.mark.parametrize("forwards, message", [
+    (["ssh to the guest"], "network.forwards[0]: cannot read the forward 'ssh to the guest'"),
+    (["tcp::70000-:22"], "network.forwards[0].host_port: Input should be less than or equal to 65535"),
+    (["tcp::5000-192.168.1.5:22"],
+     "network.forwards[0].guest_ip: guest address 192.168.1.5 is outside the guest network 10.0.2.0/24"),
+    (["tcp::5000-:22", "tcp::5000-:23"], "network.forwards[1]: host port tcp:127.0.0.1:5000 is already forwarded "
+                                         "by forwards[0]"),
+])
+def test_bad_forwards_are_one_line_errors(forwards, message):
+    with pytest.raises(CloudkvmError) as info:
+        SlirpBackend(forwards=forwards)
+    assert info.value.message == message and info.value.hint
+    assert "\n" not in str(info.value)
+
+
+def test_a_network_without_user_mode_is_refused():
     with pytest.raises(CloudkvmError, match="has no user networking"):
         SlirpBackend(Network(mode="none"))
 
@@ -429,3 +440,17 @@ def test_an_idle_backend_does_not_spin(io):
         assert 1 <= len(calls) <= 6
     finally:
         backend.close()
+
+
+def test_an_older_config_version_uses_timer_new(make_net, io, monkeypatch):
+    """libslirp 4.3-4.6 know SlirpConfig version 3 at most: no timer_new_opaque, timers call a C callback."""
+    monkeypatch.setattr(slirp_ffi, "_loaded", dataclasses.replace(slirp_ffi.load(), config_version=3))
+    backend, guest = make_net()
+    assert backend.config_version == 3
+    (timer,) = backend._timers.values()
+    assert timer.cb is not None and timer.timer_id is None
+    while not guest.other.empty():
+        guest.other.get()
+    io.run_sync(lambda: backend._fire(timer))
+    pkt = guest.other.get(timeout=WAIT)
+    assert pkt.ethertype == ETH_IPV6 and pkt.raw[14 + 40] == 134
