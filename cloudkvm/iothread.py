@@ -75,6 +75,8 @@ class IoThread:
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._calls: deque[Callable[[], None]] = deque()
         self._running = False
+        self._closed = False
+        self._closing = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     # --- fds ------------------------------------------------------------------------------------------------
@@ -113,8 +115,14 @@ class IoThread:
 
     # --- calls and timers ---------------------------------------------------------------------------------------
     def call_soon(self, fn: Callable[[], None]) -> None:
-        self._calls.append(fn)
-        os.eventfd_write(self._wake, 1)
+        """Run `fn` on the I/O thread (queued until it starts); once the loop has ended, run it here and now
+        (e.g. a backend unregistering itself while the machine is being closed)."""
+        with self._closing:
+            if not self._closed:
+                self._calls.append(fn)
+                os.eventfd_write(self._wake, 1)
+                return
+        fn()
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> TimerHandle:
         """Run `fn()` on the I/O thread after `delay` seconds (from any thread); the handle's `cancel()` undoes it."""
@@ -312,4 +320,11 @@ class IoThread:
                     log.exception("I/O thread call failed")
         for fd in list(self._registered):
             self._unregister(fd)
-        os.close(self._wake)
+        with self._closing:
+            self._closed = True
+            os.close(self._wake)
+        while self._calls:  # queued while the loop was ending
+            try:
+                self._calls.popleft()()
+            except Exception:
+                log.exception("I/O thread call failed")
