@@ -68,8 +68,10 @@ def _profile_env(path: Path) -> dict:
         wanted = False
     if wanted and not (env.get("CLOUDKVM_DEMO_KERNEL") and env.get("CLOUDKVM_DEMO_INITRD")):
         from .guests.debian import default_guest
+        from .progress import step
 
-        kernel, initrd = default_guest()
+        with step("preparing the demo guest (Debian cloud kernel + busybox initramfs)"):
+            kernel, initrd = default_guest()
         env.setdefault("CLOUDKVM_DEMO_KERNEL", str(kernel))
         env.setdefault("CLOUDKVM_DEMO_INITRD", str(initrd))
     return env
@@ -93,7 +95,10 @@ def up(profile: Path = typer.Argument(..., help="profile YAML"),
     if foreground or not loaded.daemonize:
         _run_foreground(loaded if not name else loaded.model_copy(update={"name": name}))
         return
-    instance = launcher.up(loaded, str(profile.resolve()), name=name, wait=wait)
+    from .progress import step
+
+    with step(f"starting {name or loaded.name}"):
+        instance = launcher.up(loaded, str(profile.resolve()), name=name, wait=wait)
     typer.echo(f"{instance.name}: running (console: cloudkvm console {instance.name}; "
                f"logs: {instance.console_log})")
 
@@ -122,7 +127,12 @@ def down(name: str, force: bool = typer.Option(False, "--force", help="stop at o
     """Power a VM off gracefully (ACPI power button), stopping it hard after --timeout."""
     from . import launcher
 
-    typer.echo(launcher.down(launcher.existing(name), force=force, timeout=timeout))
+    from .progress import step
+
+    instance = launcher.existing(name)
+    with step(f"stopping {name}" if force else f"powering {name} off (up to {timeout:g} s)"):
+        message = launcher.down(instance, force=force, timeout=timeout)
+    typer.echo(message)
 
 
 @app.command("ls")

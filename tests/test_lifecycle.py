@@ -202,3 +202,30 @@ def test_two_vms_asking_for_the_same_host_port_the_second_fails_and_the_first_is
             os.kill(pid, 9)
         except ProcessLookupError:
             pass
+
+
+def test_long_work_shows_progress_on_a_terminal_and_stays_quiet_when_piped(env, profile):
+    import pty
+
+    piped = cli(env, "up", str(profile))
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+    cli(env, "down", "pb", "--force")
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cloudkvm", "up", str(profile)], env=env, stdout=subprocess.PIPE,
+                              stderr=slave, timeout=120)
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+        cli(env, "down", "pb", "--force")
+    assert proc.returncode == 0
+    assert b"cloudkvm: starting pb ..." in shown and b"done (" in shown
