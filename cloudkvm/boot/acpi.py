@@ -108,6 +108,7 @@ class AcpiConfig:
     reset_value: int = 1
     s5_slp_typ: int = 5
     com1: tuple[int, int] | None = (0x3F8, 4)  # (I/O port, ISA IRQ)
+    rtc_port: int | None = 0x70  # the CMOS RTC's index/data ports (no alarm IRQ is wired)
     virtio_mmio: list[VirtioMmioSlot] = field(default_factory=list)
     power_button_gsi: int | None = None  # a Generic Event Device that notifies the power button on this GSI
     oem_id: bytes = b"CLDKVM"
@@ -208,6 +209,7 @@ def build_madt(cfg: AcpiConfig) -> bytes:
     return _sdt(b"APIC", MADT_REVISION, b"".join(parts), cfg)
 
 
+RTC_HID = "PNP0B00"  # PNP ID of an AT-compatible real-time clock (Microsoft PNP ID list)
 POWER_BUTTON_HID = "PNP0C0C"  # §4.8.2.2.1.2: control-method power button
 GED_HID = "ACPI0013"  # §5.6.9: Generic Event Device
 NOTIFY_POWER_BUTTON = 0x80  # §5.6.6 Table 5.187: power button pressed (device-specific notification 0x80)
@@ -225,6 +227,12 @@ def build_dsdt(cfg: AcpiConfig) -> bytes:
             aml.method("_STA", aml.return_(STA_PRESENT_ENABLED_SHOWN_OK)),  # §6.3.7
             aml.name("_CRS", aml.resource_template(  # §6.2.2
                 aml.io(port, port, 1, COM_PORT_SPAN), aml.irq_no_flags(irq))),
+        ))
+    if cfg.rtc_port is not None:
+        devices.append(aml.device(
+            "RTC0",
+            aml.name("_HID", aml.eisa_id(RTC_HID)),  # PNP0B00: AT real-time clock (rtc_cmos binds to it)
+            aml.name("_CRS", aml.resource_template(aml.io(cfg.rtc_port, cfg.rtc_port, 1, 2))),
         ))
     for n, slot in enumerate(cfg.virtio_mmio):
         devices.append(aml.device(

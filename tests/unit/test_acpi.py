@@ -379,3 +379,15 @@ def test_power_button_ged_disassembles_and_notifies_the_button(tmp_path):
     assert "Method (_EVT, 1, Serialized)" in dsl and "If ((Arg0 == 0x09))" in dsl
     assert "Notify (\\_SB.PWRB, 0x80)" in dsl
     assert "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )" in dsl and "0x00000009," in dsl
+
+
+def test_the_cmos_rtc_is_described_for_rtc_cmos(tmp_path):
+    from cloudkvm.boot.acpi import AcpiConfig, build_tables
+
+    dsdt = build_tables(AcpiConfig(cpus=1), 0xE0000).tables["DSDT"]
+    if shutil.which("iasl") is None:
+        pytest.skip("iasl is not installed (apt-get install acpica-tools)")
+    (tmp_path / "dsdt.dat").write_bytes(dsdt)
+    subprocess.run(["iasl", "-d", "dsdt.dat"], cwd=tmp_path, capture_output=True, check=True)
+    dsl = (tmp_path / "dsdt.dsl").read_text()
+    assert 'EisaId ("PNP0B00")' in dsl and "IO (Decode16,\n                    0x0070,             // Range Minimum" in dsl
