@@ -3,7 +3,6 @@ import errno
 import logging
 from dataclasses import dataclass
 
-from .devices.bus import Bus
 from .kvm.native import ffi, lib
 
 log = logging.getLogger("cloudkvm.vcpu")

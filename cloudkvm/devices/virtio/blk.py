@@ -140,20 +140,13 @@ class VirtioBlk(VirtioDevice):
 
     def process(self, queue_index: int, queue: Virtqueue) -> bool:
         added = False
-        while not self.needs_reset:
-            try:
-                chain = queue.pop()
-            except BadChain as e:
-                added |= self.bad_chain(queue, e)
-                continue
-            if chain is None:
-                break
+        for chain in self.available_chains(queue):
             used = self._request(queue, chain)
             if used is None:
                 break
             queue.push(chain.head, used)
             added = True
-        return added
+        return added or self.completed_bad
 
     def bad_chain(self, queue: Virtqueue, exc: BadChain) -> bool:
         """A chain that failed validation: answer IOERR when its status byte is known and inside RAM."""

@@ -89,6 +89,20 @@ class VirtioDevice:
             self._logged.add(key)
             log.warning(msg, *args)
 
+    def available_chains(self, queue: Virtqueue):
+        """Yield the queue's valid available chains until it is empty or the device needs a reset. Bad chains
+        are handed to `bad_chain` on the way; `self.completed_bad` says whether that added used buffers."""
+        self.completed_bad = False
+        while not self.needs_reset:
+            try:
+                chain = queue.pop()
+            except BadChain as e:
+                self.completed_bad |= self.bad_chain(queue, e)
+                continue
+            if chain is None:
+                return
+            yield chain
+
     def bad_chain(self, queue: Virtqueue, exc: BadChain) -> bool:
         """Default handling of a chain that failed validation: hand it back empty, or need a reset.
 

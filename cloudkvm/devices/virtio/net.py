@@ -251,14 +251,7 @@ class VirtioNet(VirtioDevice):
 
     def _transmit(self, queue: Virtqueue) -> bool:
         added = False
-        while not self.needs_reset:
-            try:
-                chain = queue.pop()
-            except BadChain as e:
-                added |= self.bad_chain(queue, e)
-                continue
-            if chain is None:
-                break
+        for chain in self.available_chains(queue):
             frame = self._tx_frame(queue, chain)
             queue.push(chain.head, 0)                # the device writes nothing into transmit buffers
             added = True
@@ -270,7 +263,7 @@ class VirtioNet(VirtioDevice):
                 self.backend.send(frame)
             except Exception as e:                   # the backend's trouble is not the guest's: drop, go on
                 self.warn_once(f"backend-send-{type(e).__name__}", "%s: backend send failed: %r", self.name, e)
-        return added
+        return added or self.completed_bad
 
     def _tx_frame(self, queue: Virtqueue, chain: Chain) -> bytes | None:
         """The Ethernet frame in a transmit chain, checksum completed; None (logged once per kind) when it is bad."""

@@ -3,7 +3,7 @@ import os
 from typing import Callable
 
 from .device import VirtioDevice
-from .queue import BadChain, Virtqueue
+from .queue import Virtqueue
 
 VIRTIO_ID_ENTROPY = 4      # §5.4.1
 QUEUE_SIZE = 256
@@ -25,14 +25,7 @@ class VirtioRng(VirtioDevice):
 
     def process(self, queue_index: int, queue: Virtqueue) -> bool:
         added = False
-        while not self.needs_reset:
-            try:
-                chain = queue.pop()
-            except BadChain as e:
-                added |= self.bad_chain(queue, e)
-                continue
-            if chain is None:
-                break
+        for chain in self.available_chains(queue):
             if chain.readable:   # §5.4.6.1: the driver MUST NOT; we read nothing from them
                 self.warn_once("readable", "%s: request %d has device-readable buffers; ignored", self.name,
                                chain.head)
@@ -46,4 +39,4 @@ class VirtioRng(VirtioDevice):
                 written += n
             queue.push(chain.head, written)
             added = True
-        return added
+        return added or self.completed_bad
