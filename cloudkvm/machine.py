@@ -107,6 +107,7 @@ class Machine:
         self.unmapped_mmio = spec.unmapped_mmio
         self.console = ConsoleLog(spec.console_fd)
         self.stopping = threading.Event()
+        self.samples: dict | None = None  # filled by vCPU threads while sample_rips() waits
         self.result: VmResult | None = None
         self._result_lock = threading.Lock()
         self.pio_bus, self.mmio_bus = Bus("pio", sink_ports=0x10000), Bus("mmio")
@@ -177,6 +178,23 @@ class Machine:
                 self.result = result
         self.stopping.set()
         self._kick_all()
+
+    def sample_rips(self, timeout: float = 2.0) -> dict[int, int | None]:
+        """Where each running vCPU is right now: kick them out of KVM_RUN once and read RIP (for diagnosis)."""
+        import time
+
+        self.samples = {}
+        try:
+            for vcpu, thread in zip(self.vcpus, self._threads):
+                if thread.ident is not None and thread.is_alive():
+                    vcpu.run.immediate_exit = 1
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
+            deadline = time.monotonic() + timeout
+            while len(self.samples) < len(self.vcpus) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return dict(self.samples)
+        finally:
+            self.samples = None
 
     def request_shutdown(self) -> bool:
         """Ask the guest to power off (x86: the ACPI power button). False when the board has no such way."""

@@ -61,6 +61,8 @@ class VcpuLoop:
                 if rc < 0:
                     if rc in (-errno.EINTR, -errno.EAGAIN):
                         run.immediate_exit = 0
+                        if host.samples is not None:  # someone asked where the vCPUs are (Machine.sample_rips)
+                            host.samples[vcpu.index] = host.board.rip(vcpu)
                         continue
                     host.end(VmResult("error", f"KVM_RUN failed: {errno.errorcode.get(-rc, -rc)}", vcpu.index))
                     return

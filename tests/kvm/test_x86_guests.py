@@ -205,3 +205,21 @@ def test_shutdown_request_presses_the_acpi_power_button(guest_binary):
     run = run_guest(guest_binary("power_button"), setup=setup)
     assert run.result.reason == "poweroff", (run.result, run.console)
     assert "power_button: pressed, powering off" in run.console
+
+
+def test_sample_rips_says_where_each_running_vcpu_is(guest_binary):
+    """serial_echo waits in hlt: a sample finds vCPU 0 inside the guest's code at 1 MiB."""
+    from cloudkvm.machine import FlatBinary, Machine, MachineSpec
+    from cloudkvm.vcpu_loop import VmResult
+
+    with Machine(MachineSpec(payload=FlatBinary(guest_binary("serial_echo")))) as machine:
+        samples = []
+
+        def probe():
+            if machine.console.wait_for(b"serial_echo: ready", 30):
+                samples.append(machine.sample_rips())
+            machine.end(VmResult("stopped", "sampled"))
+        threading.Thread(target=probe, daemon=True).start()
+        result = machine.run(timeout=60)
+    assert result.reason == "stopped"
+    assert samples and 0x100000 <= samples[0][0] < 0x102000, samples
