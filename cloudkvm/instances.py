@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CloudkvmError
+from .fsutil import atomic_write
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -82,9 +83,7 @@ class Instance:
             return {}
 
     def write_json(self, path: Path, data: dict) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
     def pid(self) -> int | None:
         try:

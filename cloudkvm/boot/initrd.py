@@ -6,11 +6,10 @@ software KVM: interpreted) kernel code, and caches the result. Anything it does 
 through unchanged: the kernel then does what it always does."""
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from ..cache import cache_dir
+from ..fsutil import atomic_write
 from . import linux_x86
 
 log = logging.getLogger("cloudkvm.initrd")
@@ -82,8 +81,4 @@ def expanded_initrd(path: str) -> str:
         log.info("%s: left compressed (not a plain compressed initramfs)", path)
         return path
     cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=cached.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(inner)
-    os.replace(tmp, cached)
-    return str(cached)
+    return str(atomic_write(cached, inner))

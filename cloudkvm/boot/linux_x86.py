@@ -12,13 +12,13 @@ import hashlib
 import lzma
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloudkvm.cache import cache_dir
+from cloudkvm.fsutil import atomic_write
 from cloudkvm.errors import CloudkvmError
 
 PAGE = 0x1000
@@ -620,21 +620,7 @@ def vmlinux_cache(kernel_path: str | os.PathLike) -> Path:
     elf = decompress_payload(image)
     parse_kernel(elf, f"{path} (decompressed vmlinux)")
     cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".elf", dir=cached.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(elf)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, cached)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return cached
+    return atomic_write(cached, elf)
 
 
 # --- zero page ----------------------------------------------------------------------------------------------

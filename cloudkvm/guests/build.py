@@ -1,6 +1,5 @@
 """Builds purpose-made guests from assembly with the system toolchain (gcc, ld, objcopy) into flat binaries."""
 import hashlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -8,6 +7,7 @@ from pathlib import Path
 
 from ..errors import CloudkvmError
 from ..cache import cache_dir
+from ..fsutil import atomic_write
 
 GUEST_SOURCES = Path(__file__).parent
 BUILD_RECIPE_VERSION = "2"  # bump when the commands below change, so cached binaries are rebuilt
@@ -58,8 +58,5 @@ def build_flat(source: Path, load_addr: int = 0x100000, include_dirs: list[Path]
                 errors = [ln for ln in proc.stderr.splitlines() if "rror" in ln] or proc.stderr.splitlines()[-1:]
                 raise CloudkvmError(f"building {source.name} failed: {errors[0] if errors else cmd[0]}",
                                     "fix the guest source")
-        fd, tmp_out = tempfile.mkstemp(dir=out_dir, prefix=".build-")
-        os.close(fd)
-        shutil.copyfile(flat, tmp_out)
-        os.replace(tmp_out, out)
+        atomic_write(out, flat.read_bytes())
     return out

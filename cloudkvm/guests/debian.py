@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cloudkvm.boot.cpio import NewcWriter
 from cloudkvm.cache import cache_dir
+from cloudkvm.fsutil import atomic_write
 from cloudkvm.errors import CloudkvmError
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
@@ -212,20 +213,6 @@ def render_initramfs(busybox: bytes, applets: list[str], init_script: str) -> by
     return w.to_bytes()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_busybox_initramfs(cache: Path | None = None, init_script: str | None = None) -> Path:
     """A gzip'd newc initramfs at <cache>/debian/initramfs-<hash>.cpio.gz, keyed by busybox version + /init."""
     script = DEFAULT_INIT_SCRIPT if init_script is None else init_script
@@ -237,7 +224,7 @@ def build_busybox_initramfs(cache: Path | None = None, init_script: str | None =
     if target.is_file():
         return target
     archive = render_initramfs(busybox.read_bytes(), busybox_applets(busybox), script)
-    _atomic_write(target, gzip.compress(archive, compresslevel=9, mtime=0))
+    atomic_write(target, gzip.compress(archive, compresslevel=9, mtime=0))
     return target
 
 

@@ -12,38 +12,12 @@ from cloudkvm.devices.virtio.blk import (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VI
                                          VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
                                          VIRTIO_BLK_T_WRITE_ZEROES)
 from cloudkvm.devices.virtio.queue import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTQ_DESC_F_INDIRECT,
-                                           VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, used_ring_size)
+                                           VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE)
 from cloudkvm.kvm.memory import GuestMemory
+from virtio_fixtures import assert_only_changed, snapshot, used_area
 from virtio_driver import MiB, FakeDisk, Rig
 
 W, N, I = VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_INDIRECT
-
-
-def snapshot(memory) -> list[bytes]:
-    return [bytes(r.view) for r in memory.regions]
-
-
-def assert_only_changed(memory, before: list[bytes], allowed: list[tuple[int, int]]) -> None:
-    """Every byte that differs from `before` lies in one of the `allowed` (gpa, length) ranges."""
-    for region, old in zip(memory.regions, before):
-        new = bytes(region.view)
-        if new == old:
-            continue
-        mask = bytearray(region.size)
-        for gpa, length in allowed:
-            lo, hi = max(gpa, region.gpa), min(gpa + length, region.end)
-            if lo < hi:
-                mask[lo - region.gpa:hi - region.gpa] = b"\x01" * (hi - lo)
-        for block in range(0, len(old), 4096):
-            if old[block:block + 4096] == new[block:block + 4096] or mask[block:block + 4096].count(0) == 0:
-                continue
-            for i in range(block, block + 4096):
-                if old[i] != new[i]:
-                    assert mask[i], f"unexpected write at 0x{region.gpa + i:x}"
-
-
-def used_area(q) -> tuple[int, int]:
-    return (q.used, used_ring_size(q.size))
 
 
 def header(rig, rtype, sector=0) -> int:

@@ -10,38 +10,13 @@ from hypothesis import strategies as st
 
 from cloudkvm.devices.virtio import mmio
 from cloudkvm.devices.virtio.queue import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTQ_DESC_F_INDIRECT,
-                                           VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, used_ring_size)
+                                           VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE)
 from cloudkvm.kvm.memory import GuestMemory
 from net_rig import HDR, HDR_SIZE, NEEDS_CSUM, FakeBackend, NetRig, arp_frame, ref_checksum
+from virtio_fixtures import assert_only_changed, snapshot, used_area
 from virtio_driver import MiB
 
 W, N, I = VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_INDIRECT
-
-
-def snapshot(memory) -> list[bytes]:
-    return [bytes(r.view) for r in memory.regions]
-
-
-def assert_only_changed(memory, before: list[bytes], allowed: list[tuple[int, int]]) -> None:
-    """Every byte that differs from `before` lies in one of the `allowed` (gpa, length) ranges."""
-    for region, old in zip(memory.regions, before):
-        new = bytes(region.view)
-        if new == old:
-            continue
-        ok = bytearray(region.size)
-        for gpa, length in allowed:
-            lo, hi = max(gpa, region.gpa), min(gpa + length, region.end)
-            if lo < hi:
-                ok[lo - region.gpa:hi - region.gpa] = b"\x01" * (hi - lo)
-        diffs = [i for i in range(0, region.size, 4096) if old[i:i + 4096] != new[i:i + 4096]]
-        for block in diffs:
-            for i in range(block, min(block + 4096, region.size)):
-                if old[i] != new[i]:
-                    assert ok[i], f"unexpected write at 0x{region.gpa + i:x}"
-
-
-def used_area(q) -> tuple[int, int]:
-    return (q.used, used_ring_size(q.size))
 
 
 def raw_chain(q, descs, head: int = 0, kick: bool = True):

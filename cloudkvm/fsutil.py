@@ -1,0 +1,21 @@
+"""Files written whole or not at all (temp file in the same folder, fsync, rename): caches never hold half a file."""
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path, data: bytes, mode: int = 0o644) -> Path:
+    """Write `data` to `path` atomically; the folder must exist. Returns the path."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
