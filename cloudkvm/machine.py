@@ -94,6 +94,9 @@ class Machine:
             raise CloudkvmError(f"board '{spec.board}' is not available", "choose one of: " + ", ".join(BOARDS))
         if spec.cpus < 1:
             raise CloudkvmError(f"cpus must be at least 1 (got {spec.cpus})", "set cpus: 1 or more")
+        if spec.memory < 16 * MiB or spec.memory % MiB:
+            raise CloudkvmError(f"memory: {spec.memory} bytes is not a whole number of MiB of at least 16 MiB",
+                                "give e.g. 512M or 2G")
         if spec.unmapped_mmio not in ("stop", "ignore"):
             raise CloudkvmError(f"unmapped_mmio must be 'stop' or 'ignore' (got {spec.unmapped_mmio!r})")
         self.spec = spec
@@ -102,7 +105,6 @@ class Machine:
         if spec.cpus > self.kvm.max_vcpus():
             raise CloudkvmError(f"cpus: {spec.cpus} is more than this host's KVM allows ({self.kvm.max_vcpus()})")
         self.quirks = hostquirks.detect() if spec.host_quirks else hostquirks.HostQuirks()
-        hostquirks.announce(self.quirks)
         self.board = BOARDS[spec.board](spec.cpus, spec.cpu, self.quirks)
         self.unmapped_mmio = spec.unmapped_mmio
         self.console = ConsoleLog(spec.console_fd)
@@ -113,7 +115,12 @@ class Machine:
         self.pio_bus, self.mmio_bus = Bus("pio", sink_ports=0x10000), Bus("mmio")
         self.io = IoThread()
         self.vm = Vm(self.kvm)
-        self.memory = GuestMemory(self.board.memory_layout(spec.memory))
+        try:
+            self.memory = GuestMemory(self.board.memory_layout(spec.memory))
+        except OSError as exc:
+            self.vm.close()
+            raise CloudkvmError(f"memory: cannot reserve {spec.memory >> 20} MiB of guest RAM: {exc.strerror}",
+                                "give the VM less memory") from None
         self.vm.add_memory(self.memory)
         self.board.create_chips(self.vm)
         self.board.create_devices(self.vm, self.pio_bus, self.mmio_bus, self)
@@ -135,6 +142,7 @@ class Machine:
         except BaseException:
             self.close()
             raise
+        hostquirks.announce(self.quirks)  # once the VM exists: a refused start says only why
 
     def _attach_virtio(self, device) -> None:
         """A virtio-mmio slot for `device`: registers on the MMIO bus, one ioeventfd per queue (served by the

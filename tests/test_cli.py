@@ -106,3 +106,13 @@ def test_validate_names_file_and_line_of_a_bad_profile(tmp_path):
     bad.write_text("name: x\nmemroy: 4G\nboot:\n  kernel: /dev/null\n")
     line = one_line_error(cloudkvm("validate", str(bad)))
     assert f"{bad}:2:" in line and "memory" in line
+
+
+@pytest.mark.skipif(not kvm_available()[0], reason=f"/dev/kvm unavailable: {kvm_available()[1]}")
+@pytest.mark.parametrize("memory,expect", [("1.5K", "whole number of MiB"), ("8M", "at least 16 MiB"),
+                                           ("64G", "cannot reserve")])
+def test_impossible_memory_sizes_are_one_line_errors(memory, expect):
+    from cloudkvm.guests.debian import fetch_debian_kernel
+
+    line = one_line_error(cloudkvm("boot", "--kernel", str(fetch_debian_kernel()), "--memory", memory))
+    assert line.startswith("cloudkvm: error: memory:") and expect in line
