@@ -48,6 +48,8 @@ static inline void lapic_eoi(void) { mmio_write32(LAPIC + 0xb0, 0); }
 static inline void sti(void) { __asm__ __volatile__("sti"); }
 static inline void cli(void) { __asm__ __volatile__("cli"); }
 static inline void sti_hlt(void) { __asm__ __volatile__("sti; hlt; cli" ::: "memory"); }
+/* let interrupts that became pending while IF was clear be delivered (sti takes effect after one instruction) */
+static inline void drain_interrupts(void) { __asm__ __volatile__("sti; nop; nop; nop; cli" ::: "memory"); }
 static inline void acpi_poweroff(void) { outb(0x600, (5 << 2) | (1 << 5)); }
 
 void *memset(void *d, int c, size_t n);

@@ -148,6 +148,7 @@ int guest_main(u64 cpu, u64 ncpus)
     puts("virtio_blk: out-of-range read status ");
     putdec(submit(T_IN, capacity, 512, 1));
     putc('\n');
+    drain_interrupts();
     puts("virtio_blk: interrupts ");
     putdec(interrupts);
     putc('\n');

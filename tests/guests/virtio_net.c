@@ -219,6 +219,7 @@ int guest_main(u64 cpu, u64 ncpus)
         }
         post_rx((u16)e.id);
     }
+    drain_interrupts();
     puts("virtio_net: interrupts ");
     putdec(interrupts);
     putc('\n');
