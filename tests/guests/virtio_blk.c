@@ -2,69 +2,40 @@
  * negotiates VERSION_1, sets up one split queue, waits for each completion with sti;hlt on the slot's GSI
  * (the VMM signals it through an irqfd), writes 8 sectors, reads them back, flushes, reads a sector the host
  * prepared, asks for the serial, and reports everything on COM1. */
-#include "guest.h"
+#include "virtio_guest.h"
 
 #define SLOT 0xd0000000ul
 #define SLOT_GSI 5
 #define VECTOR 0x40
-#define QSIZE 8
-
-enum { MAGIC = 0x000, VERSION = 0x004, DEVICE_ID = 0x008, DEV_FEAT = 0x010, DEV_FEAT_SEL = 0x014,
-       DRV_FEAT = 0x020, DRV_FEAT_SEL = 0x024, QUEUE_SEL = 0x030, QUEUE_NUM_MAX = 0x034, QUEUE_NUM = 0x038,
-       QUEUE_READY = 0x044, QUEUE_NOTIFY = 0x050, INT_STATUS = 0x060, INT_ACK = 0x064, STATUS = 0x070,
-       DESC_LO = 0x080, DESC_HI = 0x084, AVAIL_LO = 0x090, AVAIL_HI = 0x094, USED_LO = 0x0a0, USED_HI = 0x0a4,
-       CONFIG = 0x100 };
-enum { S_ACK = 1, S_DRIVER = 2, S_DRIVER_OK = 4, S_FEATURES_OK = 8 };
 enum { T_IN = 0, T_OUT = 1, T_FLUSH = 4, T_GET_ID = 8 };
-#define F_NEXT 1
-#define F_WRITE 2
 
-struct desc { u64 addr; u32 len; u16 flags, next; };
-struct avail { u16 flags, idx, ring[QSIZE], used_event; };
-struct used_elem { u32 id, len; };
-struct used { u16 flags, idx; struct used_elem ring[QSIZE]; u16 avail_event; };
 struct req { u32 type, reserved; u64 sector; };
 
-static struct desc descs[QSIZE] __attribute__((aligned(16)));
-static struct avail avail __attribute__((aligned(2)));
-static struct used used __attribute__((aligned(4)));
+static struct vq q;
 static struct req req;
 static u8 data[4096] __attribute__((aligned(512)));
 static volatile u8 status_byte;
 static volatile u32 interrupts;
-static u16 last_used;
 
 __attribute__((interrupt)) static void virtio_isr(struct interrupt_frame *frame)
 {
     (void)frame;
-    u32 pending = mmio_read32(SLOT + INT_STATUS);
-    mmio_write32(SLOT + INT_ACK, pending);
+    virtio_ack_interrupt(SLOT);
     interrupts++;
     lapic_eoi();
 }
 
 static int submit(u32 type, u64 sector, u32 len, int device_writes)
 {
-    req.type = type;
-    req.reserved = 0;
-    req.sector = sector;
+    req = (struct req){ type, 0, sector };
     status_byte = 0xff;
     int n = 0;
-    descs[n] = (struct desc){ (u64)&req, sizeof(req), F_NEXT, 1 };
-    n++;
-    if (len) {
-        descs[n] = (struct desc){ (u64)data, len, F_NEXT | (device_writes ? F_WRITE : 0), 2 };
-        n++;
-    }
-    descs[n] = (struct desc){ (u64)&status_byte, 1, F_WRITE, 0 };
-    avail.ring[avail.idx % QSIZE] = 0;
-    mb();
-    avail.idx++;
-    mb();
-    mmio_write32(SLOT + QUEUE_NOTIFY, 0);
-    while (*(volatile u16 *)&used.idx == last_used)
-        sti_hlt();
-    last_used++;
+    q.desc[n++] = (struct vq_desc){ (u64)&req, sizeof(req), VQ_F_NEXT, 1 };
+    if (len)
+        q.desc[n++] = (struct vq_desc){ (u64)data, len, VQ_F_NEXT | (device_writes ? VQ_F_WRITE : 0), 2 };
+    q.desc[n] = (struct vq_desc){ (u64)&status_byte, 1, VQ_F_WRITE, 0 };
+    vq_kick(SLOT, 0, &q, 0);
+    vq_wait(&q);
     return status_byte;
 }
 
@@ -81,47 +52,12 @@ int guest_main(u64 cpu, u64 ncpus)
     (void)ncpus;
     if (cpu)
         for (;;) __asm__ __volatile__("cli; hlt");
-    idt_set_gate(VECTOR, virtio_isr);
-    idt_load();
-    pic_mask_all();
-    lapic_enable();
-    ioapic_route(SLOT_GSI, VECTOR, 0);
+    virtio_irq_setup(SLOT_GSI, VECTOR, virtio_isr);
+    if (virtio_init(SLOT, 2, 0, "virtio_blk") || virtio_queue(SLOT, 0, &q))
+        return 1;
+    virtio_driver_ok(SLOT);
 
-    if (mmio_read32(SLOT + MAGIC) != 0x74726976 || mmio_read32(SLOT + VERSION) != 2 ||
-        mmio_read32(SLOT + DEVICE_ID) != 2) {
-        puts("virtio_blk: no virtio-blk device at slot 0\n");
-        return 1;
-    }
-    mmio_write32(SLOT + STATUS, 0);
-    mmio_write32(SLOT + STATUS, S_ACK);
-    mmio_write32(SLOT + STATUS, S_ACK | S_DRIVER);
-    mmio_write32(SLOT + DEV_FEAT_SEL, 1);
-    u32 high = mmio_read32(SLOT + DEV_FEAT);
-    mmio_write32(SLOT + DRV_FEAT_SEL, 0);
-    mmio_write32(SLOT + DRV_FEAT, 0);
-    mmio_write32(SLOT + DRV_FEAT_SEL, 1);
-    mmio_write32(SLOT + DRV_FEAT, high & 1);  /* VIRTIO_F_VERSION_1 only */
-    mmio_write32(SLOT + STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-    if (!(mmio_read32(SLOT + STATUS) & S_FEATURES_OK)) {
-        puts("virtio_blk: FEATURES_OK refused\n");
-        return 1;
-    }
-    mmio_write32(SLOT + QUEUE_SEL, 0);
-    if (mmio_read32(SLOT + QUEUE_NUM_MAX) < QSIZE) {
-        puts("virtio_blk: queue too small\n");
-        return 1;
-    }
-    mmio_write32(SLOT + QUEUE_NUM, QSIZE);
-    mmio_write32(SLOT + DESC_LO, (u32)(u64)descs);
-    mmio_write32(SLOT + DESC_HI, (u32)((u64)descs >> 32));
-    mmio_write32(SLOT + AVAIL_LO, (u32)(u64)&avail);
-    mmio_write32(SLOT + AVAIL_HI, (u32)((u64)&avail >> 32));
-    mmio_write32(SLOT + USED_LO, (u32)(u64)&used);
-    mmio_write32(SLOT + USED_HI, (u32)((u64)&used >> 32));
-    mmio_write32(SLOT + QUEUE_READY, 1);
-    mmio_write32(SLOT + STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
-
-    u64 capacity = mmio_read32(SLOT + CONFIG) | ((u64)mmio_read32(SLOT + CONFIG + 4) << 32);
+    u64 capacity = mmio_read32(SLOT + VIRTIO_CONFIG) | ((u64)mmio_read32(SLOT + VIRTIO_CONFIG + 4) << 32);
     puts("virtio_blk: capacity ");
     putdec(capacity);
     puts(" sectors\n");

@@ -2,36 +2,17 @@
  * VERSION_1 + MAC, posts 4 receive buffers, ARPs for the gateway 10.0.2.2 and prints its MAC, answers ARP for
  * its own address 10.0.2.15, and echoes every UDP datagram sent to port 7 until one starts with "quit".
  * Completions wake it from hlt through the slot's irqfd. */
-#include "guest.h"
+#include "virtio_guest.h"
 
 #define SLOT 0xd0000000ul
 #define SLOT_GSI 5
 #define VECTOR 0x41
-#define QSIZE 8
 #define NRX 4
 #define BUF 2048
 #define HDR 12
-
-enum { MAGIC = 0x000, VERSION = 0x004, DEVICE_ID = 0x008, DEV_FEAT = 0x010, DEV_FEAT_SEL = 0x014,
-       DRV_FEAT = 0x020, DRV_FEAT_SEL = 0x024, QUEUE_SEL = 0x030, QUEUE_NUM_MAX = 0x034, QUEUE_NUM = 0x038,
-       QUEUE_READY = 0x044, QUEUE_NOTIFY = 0x050, INT_STATUS = 0x060, INT_ACK = 0x064, STATUS = 0x070,
-       DESC_LO = 0x080, DESC_HI = 0x084, AVAIL_LO = 0x090, AVAIL_HI = 0x094, USED_LO = 0x0a0, USED_HI = 0x0a4,
-       CONFIG = 0x100 };
-#define F_WRITE 2
 #define FEATURE_MAC 5
 
-struct desc { u64 addr; u32 len; u16 flags, next; };
-struct avail { u16 flags, idx, ring[QSIZE], used_event; };
-struct used_elem { u32 id, len; };
-struct used { u16 flags, idx; struct used_elem ring[QSIZE]; u16 avail_event; };
-struct queue {
-    struct desc desc[QSIZE] __attribute__((aligned(16)));
-    struct avail avail __attribute__((aligned(2)));
-    struct used used __attribute__((aligned(4)));
-    u16 last_used;
-};
-
-static struct queue rxq, txq;
+static struct vq rxq, txq;
 static u8 rxbuf[NRX][BUF] __attribute__((aligned(16)));
 static u8 txbuf[BUF] __attribute__((aligned(16)));
 static u8 mac[6];
@@ -41,45 +22,22 @@ static volatile u32 interrupts;
 __attribute__((interrupt)) static void isr(struct interrupt_frame *frame)
 {
     (void)frame;
-    mmio_write32(SLOT + INT_ACK, mmio_read32(SLOT + INT_STATUS));
+    virtio_ack_interrupt(SLOT);
     interrupts++;
     lapic_eoi();
 }
 
-static void setup_queue(u32 index, struct queue *q)
-{
-    mmio_write32(SLOT + QUEUE_SEL, index);
-    mmio_write32(SLOT + QUEUE_NUM, QSIZE);
-    mmio_write32(SLOT + DESC_LO, (u32)(u64)q->desc);
-    mmio_write32(SLOT + DESC_HI, 0);
-    mmio_write32(SLOT + AVAIL_LO, (u32)(u64)&q->avail);
-    mmio_write32(SLOT + AVAIL_HI, 0);
-    mmio_write32(SLOT + USED_LO, (u32)(u64)&q->used);
-    mmio_write32(SLOT + USED_HI, 0);
-    mmio_write32(SLOT + QUEUE_READY, 1);
-}
-
 static void post_rx(u16 id)
 {
-    rxq.desc[id] = (struct desc){ (u64)rxbuf[id], BUF, F_WRITE, 0 };
-    rxq.avail.ring[rxq.avail.idx % QSIZE] = id;
-    mb();
-    rxq.avail.idx++;
-    mb();
-    mmio_write32(SLOT + QUEUE_NOTIFY, 0);
+    rxq.desc[id] = (struct vq_desc){ (u64)rxbuf[id], BUF, VQ_F_WRITE, 0 };
+    vq_kick(SLOT, 0, &rxq, id);
 }
 
 static void send(u32 len)  /* txbuf holds header + frame */
 {
-    txq.desc[0] = (struct desc){ (u64)txbuf, HDR + len, 0, 0 };
-    txq.avail.ring[txq.avail.idx % QSIZE] = 0;
-    mb();
-    txq.avail.idx++;
-    mb();
-    mmio_write32(SLOT + QUEUE_NOTIFY, 1);
-    while (*(volatile u16 *)&txq.used.idx == txq.last_used)
-        sti_hlt();
-    txq.last_used++;
+    txq.desc[0] = (struct vq_desc){ (u64)txbuf, HDR + len, 0, 0 };
+    vq_kick(SLOT, 1, &txq, 0);
+    vq_wait(&txq);
 }
 
 static u16 be16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
@@ -156,32 +114,13 @@ int guest_main(u64 cpu, u64 ncpus)
     (void)ncpus;
     if (cpu)
         for (;;) __asm__ __volatile__("cli; hlt");
-    idt_set_gate(VECTOR, isr);
-    idt_load();
-    pic_mask_all();
-    lapic_enable();
-    ioapic_route(SLOT_GSI, VECTOR, 0);
-    if (mmio_read32(SLOT + MAGIC) != 0x74726976 || mmio_read32(SLOT + DEVICE_ID) != 1) {
-        puts("virtio_net: no virtio-net device at slot 0\n");
+    virtio_irq_setup(SLOT_GSI, VECTOR, isr);
+    if (virtio_init(SLOT, 1, 1u << FEATURE_MAC, "virtio_net") || virtio_queue(SLOT, 0, &rxq) ||
+        virtio_queue(SLOT, 1, &txq))
         return 1;
-    }
-    mmio_write32(SLOT + STATUS, 0);
-    mmio_write32(SLOT + STATUS, 1);
-    mmio_write32(SLOT + STATUS, 3);
-    mmio_write32(SLOT + DRV_FEAT_SEL, 0);
-    mmio_write32(SLOT + DRV_FEAT, 1u << FEATURE_MAC);
-    mmio_write32(SLOT + DRV_FEAT_SEL, 1);
-    mmio_write32(SLOT + DRV_FEAT, 1);   /* VIRTIO_F_VERSION_1 */
-    mmio_write32(SLOT + STATUS, 11);
-    if (!(mmio_read32(SLOT + STATUS) & 8)) {
-        puts("virtio_net: FEATURES_OK refused\n");
-        return 1;
-    }
-    setup_queue(0, &rxq);
-    setup_queue(1, &txq);
-    mmio_write32(SLOT + STATUS, 15);
+    virtio_driver_ok(SLOT);
     for (int i = 0; i < 6; i++)
-        mac[i] = mmio_read8(SLOT + CONFIG + i);
+        mac[i] = mmio_read8(SLOT + VIRTIO_CONFIG + i);
     puts("virtio_net: mac ");
     for (int i = 0; i < 6; i++) {
         puthex(mac[i], 2);
@@ -193,10 +132,7 @@ int guest_main(u64 cpu, u64 ncpus)
 
     int gateway_known = 0, quit = 0;
     while (!quit) {
-        while (*(volatile u16 *)&rxq.used.idx == rxq.last_used)
-            sti_hlt();
-        struct used_elem e = rxq.used.ring[rxq.last_used % QSIZE];
-        rxq.last_used++;
+        struct vq_used_elem e = vq_wait(&rxq);
         const u8 *f = rxbuf[e.id] + HDR;
         u32 len = e.len > HDR ? e.len - HDR : 0;
         if (len >= 42 && be16(f + 12) == 0x0806) {
