@@ -63,7 +63,9 @@ class Instance:
 
     @property
     def console_log(self) -> Path:
-        return self.dir / "console.log"
+        """The serial log: the profile's `console.log` when it named one (recorded at `up`), else console.log here."""
+        named = self.info().get("console_log")
+        return Path(named) if named else self.dir / "console.log"
 
     @property
     def vmm_log(self) -> Path:

@@ -101,6 +101,7 @@ def spec_for(profile: Profile, console_fd: int | None, virtio: list | None = Non
 def instance_info(profile: Profile, source: str | None) -> dict:
     return {"name": profile.name, "arch": profile.arch, "machine": profile.machine, "cpus": profile.cpus,
             "memory": profile.memory, "profile": source,
+            "console_log": str(profile.console.log) if profile.console.log else None,
             "forwards": [f"{f.proto}:{f.host_ip}:{f.host_port}-{f.guest_ip or ''}:{f.guest_port}"
                          for f in profile.network.forwards],
             "created_at": time.time()}

@@ -229,3 +229,19 @@ def test_long_work_shows_progress_on_a_terminal_and_stays_quiet_when_piped(env, 
         cli(env, "down", "pb", "--force")
     assert proc.returncode == 0
     assert b"cloudkvm: starting pb ..." in shown and b"done (" in shown
+
+
+def test_the_serial_log_goes_where_the_profile_says(env, tmp_path):
+    guest = build_flat(os.path.join(GUESTS, "power_button.c"))
+    profile = tmp_path / "log.yaml"
+    profile.write_text(f"name: logged\narch: x86_64\nmemory: 64M\nboot:\n  kernel: {guest}\n  format: flat\n"
+                       f"console:\n  log: serial.txt\n")
+    assert cli(env, "up", str(profile)).returncode == 0
+    try:
+        assert wait_for(lambda: (tmp_path / "serial.txt").exists()
+                        and b"power_button: ready" in (tmp_path / "serial.txt").read_bytes())
+        assert not (tmp_path / "state" / "logged" / "console.log").exists()
+        logs = cli(env, "logs", "logged")
+        assert "power_button: ready" in logs.stdout
+    finally:
+        cli(env, "down", "logged", "--force")
