@@ -163,3 +163,23 @@ def test_non_utf8_file(tmp_path):
     (tmp_path / "p.yaml").write_bytes(b"name: x\nboot:\n  cmdline: \xff\xfe\n")
     with pytest.raises(CloudkvmError, match=r"p\.yaml:3:12: not UTF-8"):
         load_profile(tmp_path / "p.yaml", check_files=False)
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_up_of_a_broken_profile_exits_2_with_one_line_and_starts_nothing(name, tmp_path, monkeypatch, capsys):
+    """The whole CLI path: `cloudkvm up broken.yaml` — exit code 2, one line naming the file and line, no instance."""
+    import sys
+
+    from cloudkvm import cli
+
+    state = tmp_path / "state"
+    monkeypatch.setenv("CLOUDKVM_STATE_DIR", str(state))
+    monkeypatch.setattr(sys, "argv", ["cloudkvm", "up", str(BROKEN / name)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    where, what = EXPECT[name]
+    assert exit_.value.code == 2 and len(lines) == 1, err
+    assert where in lines[0] and what in lines[0], lines[0]
+    assert not state.exists() or not any(state.iterdir())
