@@ -229,42 +229,38 @@ class Qcow2Disk:
         return range(offset & ~self._cmask, offset + length, self._cs)
 
     def _check_l1_and_reftable(self) -> None:
-        path, cs, fs, meta = self.path, self._cs, self._file_size, self._meta
+        meta = self._meta
         fixed = set(meta)
-        l2_tables: set[int] = set()
-        for i, e in enumerate(self._l1):
-            if not e:
-                continue
-            off = e & L1E_OFFSET_MASK
-            where = f"L1 entry {i} ({e:#018x})"
-            if e & L1E_RESERVED:
-                raise hdr.corrupt(path, f"{where} has reserved bits set")
-            if off == 0:
-                raise hdr.corrupt(path, f"{where} has flags but no L2 table offset")
-            if off % cs:
-                raise hdr.corrupt(path, f"{where}: L2 table offset {off:#x} is not cluster aligned")
-            if off + cs > fs:
-                raise hdr.corrupt(path, f"{where}: L2 table at {off:#x} is past the end of the file ({fs:#x})")
-            if off in fixed:
-                raise hdr.corrupt(path, f"{where}: L2 table at {off:#x} overlaps the header, L1 or refcount table")
-            l2_tables.add(off)
-        blocks: set[int] = set()
-        for i, e in enumerate(self._rt):
-            if not e:
-                continue
-            off = e & RT_OFFSET_MASK
-            where = f"refcount table entry {i} ({e:#018x})"
-            if e & RT_RESERVED:
-                raise hdr.corrupt(path, f"{where} has reserved bits set")
-            if off % cs:
-                raise hdr.corrupt(path, f"{where}: refcount block offset {off:#x} is not cluster aligned")
-            if off + cs > fs:
-                raise hdr.corrupt(path, f"{where}: refcount block at {off:#x} is past the end of the file ({fs:#x})")
-            if off in fixed or off in l2_tables:
-                raise hdr.corrupt(path, f"{where}: refcount block at {off:#x} overlaps other metadata")
-            blocks.add(off)
+        l2_tables = self._checked_pointers(self._l1, "L1", L1E_OFFSET_MASK, L1E_RESERVED, "L2 table", fixed,
+                                           "the header, L1 or refcount table")
+        blocks = self._checked_pointers(self._rt, "refcount table", RT_OFFSET_MASK, RT_RESERVED, "refcount block",
+                                        fixed | l2_tables, "other metadata")
         meta.update(l2_tables)
         meta.update(blocks)
+
+    def _checked_pointers(self, table, name: str, offset_mask: int, reserved: int, target: str, taken: set[int],
+                          taken_name: str) -> set[int]:
+        """The cluster offsets a metadata table points at, each checked (reserved bits, alignment, inside the
+        file, no overlap with `taken`); the first bad entry is refused with a message naming it."""
+        path, cs, fs = self.path, self._cs, self._file_size
+        found: set[int] = set()
+        for i, e in enumerate(table):
+            if not e:
+                continue
+            off = e & offset_mask
+            where = f"{name} entry {i} ({e:#018x})"
+            if e & reserved:
+                raise hdr.corrupt(path, f"{where} has reserved bits set")
+            if off == 0:
+                raise hdr.corrupt(path, f"{where} has flags but no {target} offset")
+            if off % cs:
+                raise hdr.corrupt(path, f"{where}: {target} offset {off:#x} is not cluster aligned")
+            if off + cs > fs:
+                raise hdr.corrupt(path, f"{where}: {target} at {off:#x} is past the end of the file ({fs:#x})")
+            if off in taken:
+                raise hdr.corrupt(path, f"{where}: {target} at {off:#x} overlaps {taken_name}")
+            found.add(off)
+        return found
 
     def _open_backing(self, h: hdr.Header, chain: tuple) -> None:
         from . import FORMATS, _open
