@@ -102,6 +102,10 @@ class Machine:
         self.spec = spec
         check_payload(spec.payload)
         self.kvm = kvm or Kvm()
+        board_class = BOARDS[spec.board]
+        if spec.cpus > board_class.max_cpus:
+            raise CloudkvmError(f"cpus: the {spec.board} board has at most {board_class.max_cpus} vCPUs "
+                                f"(got {spec.cpus})", f"use {board_class.max_cpus} or fewer")
         if spec.cpus > self.kvm.max_vcpus():
             raise CloudkvmError(f"cpus: {spec.cpus} is more than this host's KVM allows ({self.kvm.max_vcpus()})")
         self.quirks = hostquirks.detect() if spec.host_quirks else hostquirks.HostQuirks()

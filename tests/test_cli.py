@@ -116,3 +116,11 @@ def test_impossible_memory_sizes_are_one_line_errors(memory, expect):
 
     line = one_line_error(cloudkvm("boot", "--kernel", str(fetch_debian_kernel()), "--memory", memory))
     assert line.startswith("cloudkvm: error: memory:") and expect in line
+
+
+@pytest.mark.skipif(not kvm_available()[0], reason=f"/dev/kvm unavailable: {kvm_available()[1]}")
+def test_more_vcpus_than_the_board_describes_is_a_one_line_error():
+    from cloudkvm.guests.debian import fetch_debian_kernel
+
+    line = one_line_error(cloudkvm("boot", "--kernel", str(fetch_debian_kernel()), "--cpus", "300"))
+    assert "at most 255 vCPUs" in line

@@ -73,8 +73,9 @@ def write_acpi_tables(folder, cpus: int, virtio_slots: list[VirtioMmioSlot] = ()
     """The tables an x86 VM with `cpus` vCPUs gets, one `<name>.dat` file each (as `iasl -d` reads them)."""
     from pathlib import Path
 
-    if not 1 <= cpus <= 255:
-        raise CloudkvmError(f"--cpus {cpus}: an x86 VM has 1 to 255 vCPUs", "pick a count in that range")
+    if not 1 <= cpus <= X86Board.max_cpus:
+        raise CloudkvmError(f"--cpus {cpus}: an x86 VM has 1 to {X86Board.max_cpus} vCPUs",
+                            "pick a count in that range")
     board = X86Board(cpus, CpuPolicy(), HostQuirks())
     tables = build_tables(board.acpi_config(list(virtio_slots)), ACPI_TABLES_ADDR)
     folder = Path(folder)
@@ -104,6 +105,7 @@ class X86Board:
 
     name = "x86"
     arch = "x86_64"
+    max_cpus = 255  # the MADT's Processor Local APIC entries carry 8-bit APIC ids (ACPI 6.4 §5.2.12.2)
 
     def __init__(self, cpus: int, cpu_policy: CpuPolicy, quirks: HostQuirks):
         self.cpus = cpus
