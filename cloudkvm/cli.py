@@ -105,17 +105,15 @@ def up(profile: Path = typer.Argument(..., help="profile YAML"),
 
 def _run_foreground(profile) -> None:
     from .instances import Instance
-    from .launcher import attach_backends, check_forwards, prepare_disks, spec_for, virtio_devices
-    from .machine import Machine
+    from .launcher import check_forwards, machine_for, prepare_disks
     from .terminal import raw_terminal
 
     instance = Instance.named(profile.name)
     instance.dir.mkdir(parents=True, exist_ok=True)
     check_forwards(profile)
-    spec = spec_for(profile, sys.stdout.fileno(), virtio_devices(profile, prepare_disks(profile, instance)))
-    spec.console_input_fd, spec.console_escape = sys.stdin.fileno(), True
-    with raw_terminal(sys.stdin.fileno()), Machine(spec) as machine:
-        attach_backends(machine)
+    disks = prepare_disks(profile, instance)
+    with machine_for(profile, disks, sys.stdout.fileno(), sys.stdin.fileno()) as machine, \
+            raw_terminal(sys.stdin.fileno()):
         result = machine.run()
     typer.echo(f"\ncloudkvm: VM ended: {result}", err=True)
     raise typer.Exit(0 if result.clean else 1)

@@ -107,23 +107,31 @@ def instance_info(profile: Profile, source: str | None) -> dict:
             "created_at": time.time()}
 
 
+def machine_for(profile: Profile, disks, console_fd: int | None, console_input_fd: int | None = None) -> Machine:
+    """The VM a profile describes, its devices built and their backends on its I/O thread (daemon and
+    foreground alike)."""
+    spec = spec_for(profile, console_fd, virtio_devices(profile, disks))
+    if console_input_fd is not None:
+        spec.console_input_fd, spec.console_escape = console_input_fd, True
+    machine = Machine(spec)
+    try:
+        attach_backends(machine)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
 def _run_vm(instance: Instance, profile: Profile, disks, ready) -> int:
     """The daemon's body: build the machine, serve the control socket, run, record how the VM ended."""
     console_fd = os.open(instance.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    with Machine(spec_for(profile, console_fd, virtio_devices(profile, disks))) as machine:
-        attach_backends(machine)
+    with machine_for(profile, disks, console_fd) as machine:
         info = {**instance.info(), "started_at": time.time(), "pid": os.getpid()}
         instance.write_json(instance.info_file, info)
         server = control.ControlServer(machine, instance.control_socket, {"name": profile.name})
         signal.signal(signal.SIGTERM, lambda *_: machine.end(_stopped("SIGTERM")))
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        started = []
-
-        def say_ready():
-            if not started:
-                started.append(True)
-                ready(daemon.READY)
-        machine.io.call_soon(say_ready)  # once the I/O thread serves the socket, the VM is up
+        machine.io.call_soon(lambda: ready(daemon.READY))  # once the I/O thread serves the socket, the VM is up
         result = machine.run()
         server.close()
     instance.write_json(instance.result_file, {"reason": result.reason, "detail": result.detail,

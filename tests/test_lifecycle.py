@@ -245,3 +245,13 @@ def test_the_serial_log_goes_where_the_profile_says(env, tmp_path):
         assert "power_button: ready" in logs.stdout
     finally:
         cli(env, "down", "logged", "--force")
+
+
+def test_up_foreground_runs_attached_with_the_console_here(env, tmp_path):
+    guest = build_flat(os.path.join(GUESTS, "c_hello.c"))
+    profile = tmp_path / "fg.yaml"
+    profile.write_text(f"name: fg\narch: x86_64\ncpus: 2\nmemory: 64M\nboot:\n  kernel: {guest}\n  format: flat\n")
+    proc = cli(env, "up", "--foreground", str(profile), stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "c_hello: vCPU 1 of 2" in proc.stdout and "VM ended: poweroff" in proc.stderr
+    assert not (tmp_path / "state" / "fg" / "vmm.pid").exists()  # nothing was daemonized
