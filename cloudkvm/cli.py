@@ -171,9 +171,14 @@ def console(name: str) -> None:
     instance = launcher.existing(name)
     if instance.state() != "running":
         raise CloudkvmError(f"instance '{name}' is not running", f"cloudkvm logs {name} shows its console log")
-    typer.echo(f"cloudkvm: attached to {name} (Ctrl-] detaches)", err=True)
-    with raw_terminal(sys.stdin.fileno()):
-        why = attach_console(instance.control_socket, sys.stdin.fileno(), sys.stdout.fileno())
+    try:
+        with raw_terminal(sys.stdin.fileno()):
+            why = attach_console(instance.control_socket, sys.stdin.fileno(), sys.stdout.fileno(),
+                                 on_attached=lambda: typer.echo(f"cloudkvm: attached to {name} (Ctrl-] detaches)\r",
+                                                                err=True))
+    except OSError as exc:
+        raise CloudkvmError(f"instance '{name}': cannot reach its control socket ({exc.strerror or exc})",
+                            f"cloudkvm status {name} says whether it is still running") from None
     typer.echo(f"\ncloudkvm: {why}", err=True)
 
 

@@ -152,8 +152,9 @@ def request(path, cmd: str, timeout: float = 10.0) -> dict:
 DETACH = 0x1D  # Ctrl-]
 
 
-def attach_console(path, in_fd: int, out_fd: int, detach: int = DETACH) -> str:
-    """Relay an instance's serial console to this terminal until Ctrl-] (or the VM ends). Returns why it ended."""
+def attach_console(path, in_fd: int, out_fd: int, detach: int = DETACH, on_attached=None) -> str:
+    """Relay an instance's serial console to this terminal until Ctrl-] (or the VM ends). Returns why it ended;
+    `on_attached()` runs once the VM accepted the connection."""
     import selectors
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -167,6 +168,8 @@ def attach_console(path, in_fd: int, out_fd: int, detach: int = DETACH) -> str:
             reply += chunk
         if not json.loads(reply).get("ok"):
             return "the VM refused the console"
+        if on_attached is not None:
+            on_attached()
         sel = selectors.DefaultSelector()
         sel.register(sock, selectors.EVENT_READ, "vm")
         sel.register(in_fd, selectors.EVENT_READ, "user")

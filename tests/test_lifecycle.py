@@ -255,3 +255,16 @@ def test_up_foreground_runs_attached_with_the_console_here(env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "c_hello: vCPU 1 of 2" in proc.stdout and "VM ended: poweroff" in proc.stderr
     assert not (tmp_path / "state" / "fg" / "vmm.pid").exists()  # nothing was daemonized
+
+
+def test_console_to_a_vm_whose_socket_is_gone_is_a_one_line_error(env, profile, tmp_path):
+    assert cli(env, "up", str(profile)).returncode == 0
+    state = tmp_path / "state" / "pb"
+    try:
+        (state / "control.sock").unlink()  # the daemon lives on, its socket does not
+        proc = cli(env, "console", "pb", stdin=subprocess.DEVNULL)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and "control socket" in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        cli(env, "down", "pb", "--force")
