@@ -353,6 +353,21 @@ class VirtioMmioTransport:
                 except Exception:
                     self._log_exception("queue notify")
 
+    def run_on_queue(self, index: int, work):
+        """Device-initiated work on queue `index` (e.g. a received frame): `work(queue)` runs under the transport's
+        lock with the same error handling and interrupt decision as a notification. Returns its result, or None
+        when the queue is not live (quietly: devices ask before the driver is ready)."""
+        with self._lock:
+            live = (self.status & DRIVER_OK and not self.status & DEVICE_NEEDS_RESET and index < len(self.queues)
+                    and self.queues[index].ready)
+            if not live:
+                return None
+            try:
+                return self._run(index, work)
+            except Exception:
+                self._log_exception("device work")
+                return None
+
     def _notify(self, index: int) -> None:
         if not self.status & DRIVER_OK or self.status & DEVICE_NEEDS_RESET:
             self._once("notify-inactive", msg="%s: notification while the device is not live; ignored")
@@ -360,12 +375,18 @@ class VirtioMmioTransport:
         if index >= len(self.queues):
             self._once("notify-index", msg="%s: notification for missing queue %d; ignored", args=(index,))
             return
-        q = self.queues[index]
-        if not q.ready:
+        if not self.queues[index].ready:
             self._once("notify-not-ready", index, msg="%s: notification for queue %d, which is not ready; ignored")
             return
+        self._run(index, lambda q: self.device.process(index, q))
+
+    def _run(self, index: int, work):
+        """`work(queue)`, then the used-buffer interrupt if the driver wants one; errors put the device in
+        NEEDS_RESET. Returns what `work` returned (None when it failed)."""
+        q = self.queues[index]
+        result = None
         try:
-            self.device.process(index, q)
+            result = work(q)
         except VirtqueueError as e:
             self._once("queue-" + e.kind, msg="%s: %s", args=(e.reason,))
             self._need_reset(f"queue {index} is broken")
@@ -382,6 +403,7 @@ class VirtioMmioTransport:
             self._need_reset(f"queue {index} rings are outside guest RAM")
         if self.device.needs_reset:
             self._need_reset("device error")
+        return result
 
     # ---- logging ---------------------------------------------------------------------------------------------------
 

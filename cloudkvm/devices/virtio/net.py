@@ -8,9 +8,9 @@ one VLAN tag), 1518 by default.
 
 Threads: queue processing runs under the transport's lock (the transport calls `process`). Frames for the guest
 arrive on the I/O thread through `deliver`, outside any transport call, yet a used buffer needs the lock and an
-interrupt: `deliver` parks the frame and asks the transport to process the receive queue (`queue_notify(0)`), so
-the transport's lock, its "device is live" checks, its error handling and its interrupt decision all apply. The
-transport sets itself as `device.transport` when it is built.
+interrupt: `deliver` places the frame through `transport.run_on_queue(0, ...)`, so the transport's lock, its
+"device is live" checks, its error handling and its interrupt decision all apply. The transport sets itself as
+`device.transport` when it is built.
 
 Malformed guest input never raises: a bad descriptor chain is logged once per kind and returned with used length 0
 (or puts the device into DEVICE_NEEDS_RESET when it cannot be returned, as for every virtio device here); a bad
@@ -20,7 +20,6 @@ MRG_RXBUF) than the posted buffer, is dropped.
 import hashlib
 import string
 import struct
-import threading
 
 from ...errors import CloudkvmError
 from .device import VirtioDevice
@@ -204,8 +203,6 @@ class VirtioNet(VirtioDevice):
         # The largest frame either way: the MTU plus the Ethernet header and one VLAN tag (§5.1.4.1).
         self.max_frame = (mtu if mtu is not None else ETH_DATA_LEN) + ETH_HLEN + VLAN_HLEN
         self.stats = {"tx_frames": 0, "tx_dropped": 0, "rx_frames": 0, "rx_dropped": 0, "rx_no_buffer": 0}
-        self._pending: dict[int, tuple[bytes, list]] = {}   # thread → (frame, [result]) while deliver waits
-        self._batch: tuple[int, Virtqueue] | None = None   # (thread, rx queue) while backend.rx_ready() runs
         self._closed = False
         backend.connect(self.deliver)
 
@@ -224,10 +221,6 @@ class VirtioNet(VirtioDevice):
 
     # ---- life cycle ------------------------------------------------------------------------------------------------
 
-    def reset(self) -> None:
-        super().reset()
-        self._batch = None
-
     def close(self) -> None:
         """Close the backend (the machine closes its virtio devices when it closes)."""
         if not self._closed:
@@ -238,12 +231,6 @@ class VirtioNet(VirtioDevice):
         if queue_index == TX_QUEUE:
             return self._transmit(queue)
         if queue_index == RX_QUEUE:
-            pending = self._pending.pop(threading.get_ident(), None)
-            if pending is not None:                  # deliver() asked for this call
-                frame, result = pending
-                used_before = queue.used_idx
-                result[0] = self._receive(queue, frame)
-                return queue.used_idx != used_before
             return self._rx_buffers_posted(queue)
         return False
 
@@ -310,25 +297,15 @@ class VirtioNet(VirtioDevice):
         """A frame for the guest (the backend calls this on the I/O thread). False when no receive buffer is posted:
         the backend keeps the frame and retries after `backend.rx_ready()`. True when the frame was placed in the
         receive queue, or dropped for good (malformed, too large for the posted buffers, a broken driver)."""
-        batch = self._batch
-        if batch is not None and batch[0] == threading.get_ident():
-            # Called back from backend.rx_ready() inside our own process(): the transport's lock is held, and the
-            # transport decides about the interrupt once the batch ends.
-            return self._receive(batch[1], frame)
         transport = self.transport
         if transport is None:
             self.warn_once("no-transport", "%s: a frame arrived but the device has no transport; kept", self.name)
             return False
         if not self._live(transport):
             return False
-        result = [False]
-        ident = threading.get_ident()
-        self._pending[ident] = (frame, result)
-        try:
-            transport.queue_notify(RX_QUEUE)         # lock, process(RX_QUEUE), needs_interrupt → interrupt
-        finally:
-            self._pending.pop(ident, None)
-        return result[0]
+        # Under the transport's lock (re-entrant: rx_ready() calls back here from inside process()), with its
+        # error handling and interrupt decision.
+        return bool(transport.run_on_queue(RX_QUEUE, lambda queue: self._receive(queue, frame)))
 
     def _live(self, transport) -> bool:
         """Whether the receive queue can take frames now (read without the lock: a hint that spares the transport
@@ -340,16 +317,13 @@ class VirtioNet(VirtioDevice):
         return not self.needs_reset and len(queues) > RX_QUEUE and queues[RX_QUEUE].ready
 
     def _rx_buffers_posted(self, queue: Virtqueue) -> bool:
-        """The driver notified the receive queue: it posted buffers. Let the backend retry the frames it kept; the
-        deliveries it makes from inside rx_ready() go straight into `queue` (the lock is already held)."""
+        """The driver notified the receive queue: it posted buffers. Let the backend retry the frames it kept (its
+        deliveries come back through `deliver`)."""
         used_before = queue.used_idx
-        self._batch = (threading.get_ident(), queue)
         try:
             self.backend.rx_ready()
         except Exception as e:
             self.warn_once(f"backend-rx-ready-{type(e).__name__}", "%s: backend rx_ready failed: %r", self.name, e)
-        finally:
-            self._batch = None
         return queue.used_idx != used_before
 
     def _receive(self, queue: Virtqueue, frame) -> bool:
