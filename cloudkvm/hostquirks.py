@@ -15,6 +15,7 @@ class HostQuirks:
     cpuid_hide: tuple[str, ...] = ()
     linux_cmdline: tuple[str, ...] = ()
     linux_clearcpuid: tuple[str, ...] = ()  # features to clear in Linux too (clearcpuid=): the KVM ignores CPUID
+    boot_assists: bool = False  # guest kernel code is interpreted: the VMM finishes what it can do at once
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -37,6 +38,7 @@ PVM_QUIRKS = HostQuirks(
     cpuid_hide=PVM_HIDDEN_FEATURES,
     linux_cmdline=("noxsave", "nopti"),
     linux_clearcpuid=PVM_LINUX_CLEARED,
+    boot_assists=True,
     notes=("software KVM (kvm_pvm): guest kernel code is interpreted, expect slow guest kernels",),
 )
 

@@ -147,6 +147,8 @@ class VcpuLoop:
                 return True
             host.end(self.describe_internal_error())
             return False
+        if reason == lib.KVM_EXIT_DEBUG and host.board.handle_debug_exit(vcpu):
+            return True
         if reason == lib.KVM_EXIT_SHUTDOWN:
             host.end(VmResult("triple-fault", "the guest triple-faulted (x86 shutdown)", vcpu.index,
                               host.board.rip(vcpu)))

@@ -202,3 +202,21 @@ def test_the_busybox_initramfs_expands_host_side_to_a_cpio_with_init(tmp_path, m
     assert expanded != str(initramfs)
     names = {e.name for e in read_newc(open(expanded, "rb").read())}
     assert "init" in names and "bin/busybox" in names
+
+
+def test_the_kernels_bss_clears_are_found_for_the_boot_assist(kernel):
+    """Debian's kernel clears .bss and .brk with inlined `rep stos` (head64.c clear_bss); both are found, each
+    right after the region's start address is loaded."""
+    from elftools.elf.elffile import ELFFile
+
+    from cloudkvm.boot.linux_bss import REP_STOS, bss_clear_sites
+    from cloudkvm.boot.linux_x86 import vmlinux_cache
+
+    vmlinux = vmlinux_cache(kernel).read_bytes()
+    sites = bss_clear_sites(vmlinux)
+    assert len(sites) == 2
+    with open(vmlinux_cache(kernel), "rb") as f:
+        text = ELFFile(f).get_section_by_name(".init.text")
+        code, base = text.data(), text["sh_addr"]
+    for site in sites:
+        assert any(code[site - base:].startswith(op) for op in REP_STOS)

@@ -16,7 +16,8 @@ from ..devices.uart16550 import Uart16550
 from ..errors import CloudkvmError, GuestMemoryError
 from ..hostquirks import HostQuirks
 from ..kvm.native import ffi, lib
-from .x86_complete import complete
+from ..boot.linux_bss import bss_clear_sites
+from .x86_complete import complete, complete_zero_store
 from .x86_cpu import CpuPolicy, linux_clearcpuid
 
 log = logging.getLogger("cloudkvm.x86")
@@ -113,6 +114,7 @@ class X86Board:
         self.quirks = quirks
         self.uart: Uart16550 | None = None
         self.completed: dict[str, int] = {}  # instructions completed for the host's emulator, by name
+        self.assist_sites: list[int] = []  # boot assists: guest-virtual breakpoints armed on vCPU 0
 
     def memory_layout(self, memory: int) -> list[tuple[int, int]]:
         return memory_layout(memory)
@@ -241,10 +243,13 @@ class X86Board:
         RSI = zero page, the others wait for INIT/SIPI from the guest. Returns what was placed where."""
         kernel_path = str(kernel_path)
         try:
-            original = linux_x86.parse_kernel(_read(kernel_path, "kernel"), kernel_path)
+            vmlinux = _read(kernel_path, "kernel")
+            original = linux_x86.parse_kernel(vmlinux, kernel_path)
             elf_path = linux_x86.vmlinux_cache(kernel_path)
+            if original.kind != "elf":
+                vmlinux = _read(str(elf_path), "kernel")
             image = original if original.kind == "elf" else linux_x86.parse_kernel(
-                _read(str(elf_path), "kernel"), f"{kernel_path} (decompressed)")
+                vmlinux, f"{kernel_path} (decompressed)")
         except MemoryError:
             raise CloudkvmError(f"{kernel_path}: too large to load", "is this really a kernel?") from None
         header = original.header if original.kind == "bzimage" else linux_x86.SetupHeader.for_elf(
@@ -281,6 +286,8 @@ class X86Board:
             self.setup_cpuid(kvm, vcpu)
             self.setup_lapic(vcpu)
         self.enter_long_mode(vcpus[0], image.entry, rsi=BOOT_PARAMS_ADDR)
+        if self.quirks.boot_assists:
+            self.arm_zero_store_assists(vcpus[0], bss_clear_sites(vmlinux))
         return {"entry": image.entry, "cmdline": line, "initrd": initrd, "rsdp": tables.rsdp_addr,
                 "vmlinux": str(elf_path)}
 
@@ -332,6 +339,33 @@ class X86Board:
             log.warning("host quirk: completing '%s' for the guest (the host KVM's emulator rejects it)", name)
         return True
 
+    def arm_zero_store_assists(self, vcpu, sites) -> None:
+        """Boot assists: hardware breakpoints at (up to four) `rep stos` instructions that clear memory the VM
+        was given zeroed, such as Linux's `clear_bss`; `handle_debug_exit` finishes them."""
+        self.assist_sites = list(sites)[:4]
+        if self.assist_sites:
+            vcpu.set_guest_debug(self.assist_sites)
+
+    def handle_debug_exit(self, vcpu) -> bool:
+        """A boot-assist breakpoint: finish the guest's `rep stos` of zeros over zeroed RAM at once when it is one
+        (else the guest runs it itself), then disarm it. False for a breakpoint that is not ours."""
+        cpu = KvmCpuAccess(vcpu)
+        rip = cpu.reg("rip")
+        if rip not in self.assist_sites:
+            return False
+        try:
+            name = complete_zero_store(cpu.read_virt(rip, 4), cpu)
+        except GuestMemoryError:
+            name = None
+        if name is not None:
+            cpu.commit()
+            self.completed[name] = self.completed.get(name, 0) + 1
+        log.info("boot assist at 0x%x: %s", rip, "finished the kernel's clear of zeroed memory" if name
+                 else "left to the guest (not a zero store over zeroed memory)")
+        self.assist_sites.remove(rip)
+        vcpu.set_guest_debug(self.assist_sites)
+        return True
+
 
 XSAVE_MXCSR_WORD = 24 // 4       # SDM Vol. 1 §10.5.1 table 10-2: MXCSR at byte 24 of the legacy region
 XSAVE_XSTATE_BV_WORD = 512 // 4  # SDM Vol. 1 §13.4.2: XSTATE_BV at byte 512
@@ -366,6 +400,12 @@ class KvmCpuAccess:
             pieces.append((gpa, chunk))
             addr, length = addr + chunk, length - chunk
         return pieces
+
+    def virt_is_zero(self, addr: int, length: int) -> bool:
+        try:
+            return all(self.vcpu.memory.is_zero(gpa, n) for gpa, n in _merged(self._phys(addr, length)))
+        except GuestMemoryError:
+            return False
 
     def read_virt(self, addr: int, length: int) -> bytes:
         return b"".join(self.vcpu.memory.read(gpa, n) for gpa, n in self._phys(addr, length))
@@ -415,3 +455,14 @@ class KvmCpuAccess:
             events.exception.has_error_code = 0
             events.exception.error_code = 0
             self.vcpu.set_vcpu_events(events)
+
+
+def _merged(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent guest-physical (address, length) pieces joined into runs."""
+    runs: list[tuple[int, int]] = []
+    for gpa, n in pieces:
+        if runs and runs[-1][0] + runs[-1][1] == gpa:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n)
+        else:
+            runs.append((gpa, n))
+    return runs

@@ -6,8 +6,10 @@ the caller to report."""
 from dataclasses import dataclass
 from typing import Protocol
 
+RFLAGS_DF = 1 << 10  # SDM Vol. 1 §3.4.3.2: string instructions count down when set
 GPR64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")  # SDM Vol. 2A §2.1.5 table 2-2 register order
+MAX_ZERO_STORE = 1 << 30  # longer `rep stos` runs are left to the guest (checking them would take too long)
 BP_VECTOR = 3  # SDM Vol. 3A §6.3.1: #BP
 
 
@@ -21,6 +23,7 @@ class CpuAccess(Protocol):
     def xmm(self, index: int) -> bytes: ...
     def set_xmm(self, index: int, value: bytes) -> None: ...
     def inject_exception(self, vector: int) -> None: ...
+    def virt_is_zero(self, addr: int, length: int) -> bool: ...
 
 
 class DecodeError(ValueError):
@@ -131,3 +134,31 @@ def complete(code: bytes, cpu: CpuAccess) -> str | None:
         return None
     cpu.set_reg("rip", rip + length)
     return name
+
+
+def complete_zero_store(code: bytes, cpu: CpuAccess) -> str | None:
+    """Finish `rep stos{b,w,d,q}` (SDM Vol. 2B "REP", "STOS") at RIP at once when it stores zeros over memory that
+    already reads as zero: only RDI, RCX and RIP change, as if every iteration had run. None (nothing changed)
+    for any other instruction, a non-zero value, DF set, 32-bit addressing, or a destination holding data."""
+    pos, opsize, rep = 0, False, False
+    while pos < len(code) and code[pos] in (0x66, 0xF3):
+        opsize |= code[pos] == 0x66
+        rep |= code[pos] == 0xF3
+        pos += 1
+    rex = code[pos] if pos < len(code) and 0x40 <= code[pos] <= 0x4F else 0
+    pos += bool(rex)
+    if not rep or pos >= len(code) or code[pos] not in (0xAA, 0xAB):
+        return None
+    width = 1 if code[pos] == 0xAA else 8 if rex & 8 else 2 if opsize else 4
+    if cpu.reg("rax") & ((1 << (8 * width)) - 1) or cpu.reg("rflags") & RFLAGS_DF:
+        return None
+    count, dest = cpu.reg("rcx"), cpu.reg("rdi")
+    length = count * width
+    if length > MAX_ZERO_STORE or dest + length > 1 << 64:
+        return None
+    if length and not cpu.virt_is_zero(dest, length):
+        return None
+    cpu.set_reg("rdi", dest + length)
+    cpu.set_reg("rcx", 0)
+    cpu.set_reg("rip", cpu.reg("rip") + pos + 1)
+    return "rep stos"

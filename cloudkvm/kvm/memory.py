@@ -37,6 +37,8 @@ class GuestMemory:
             if self.regions and gpa < self.regions[-1].end:
                 raise ValueError(f"memory region 0x{gpa:x} overlaps the previous one")
             m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                m.madvise(mmap.MADV_HUGEPAGE)
             host = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
             self.regions.append(MemoryRegion(gpa, size, m, memoryview(m), host))
 
@@ -72,6 +74,10 @@ class GuestMemory:
 
     def write(self, gpa: int, data) -> None:
         self.view(gpa, len(data))[:] = data
+
+    def is_zero(self, gpa: int, length: int) -> bool:
+        """Whether every byte of the range is zero (raises like `read` outside guest RAM)."""
+        return self.view(gpa, length) == bytes(length)
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         r, off = self._locate(gpa, length)

@@ -105,6 +105,21 @@ class Vcpu:
         ioctl(self.fd, lib.KVM_TRANSLATE, tr)
         return tr.physical_address if tr.valid else None
 
+    def set_guest_debug(self, breakpoints=()) -> None:
+        """KVM_SET_GUEST_DEBUG: instruction breakpoints at up to four guest-virtual addresses (DR0-DR3, SDM Vol. 3B
+        §18.2.4: R/W 00 = execute, LEN 00); each hit is a KVM_EXIT_DEBUG. No addresses turns guest debug off."""
+        if len(breakpoints) > 4:
+            raise ValueError("x86 has four breakpoint address registers")
+        debug = ffi.new("struct kvm_guest_debug *")
+        if breakpoints:
+            debug.control = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP
+            dr7 = 1 << 10  # reserved, reads as 1
+            for i, address in enumerate(breakpoints):
+                debug.arch.debugreg[i] = address
+                dr7 |= 0b11 << (2 * i)  # local and global enable
+            debug.arch.debugreg[7] = dr7
+        ioctl(self.fd, lib.KVM_SET_GUEST_DEBUG, debug)
+
     def close(self) -> None:
         if self.fd >= 0:
             self.run_page.release()

@@ -240,3 +240,33 @@ def test_syscall_and_sysret_round_trip_between_user_and_kernel_mode(guest_binary
     assert "syscall: call 1 handled at CPL 0" in run.console, run.console
     assert "syscall: user/kernel round trips work" in run.console
     assert run.result.reason == "poweroff", run.result
+
+
+def test_zero_store_assist_finishes_rep_stos_over_zeroed_memory_and_leaves_the_rest_to_the_guest(guest_binary):
+    """Boot assists (host quirk for interpreting KVMs): breakpoints at two `rep stos`. The one storing zeros over
+    zeroed RAM is finished by the VMM in one exit; the one over data is left to the guest, which runs it. The
+    guest checks RDI/RCX and the memory either way."""
+    from cloudkvm.machine import FlatBinary, Machine, MachineSpec
+
+    binary = guest_binary("zero_store")
+    image = binary.read_bytes()
+    sites = [0x100000 + image.index(b"\xf3\xaa"), 0x100000 + image.index(b"\xf3\x48\xab")]
+    with Machine(MachineSpec(payload=FlatBinary(binary))) as machine:
+        machine.board.arm_zero_store_assists(machine.vcpus[0], sites)
+        result = machine.run(timeout=60)
+        completed, left = dict(machine.board.completed), list(machine.board.assist_sites)
+        console = machine.console.text()
+    assert result.reason == "poweroff", (result, console)
+    assert "zero stores: all ok" in console
+    assert completed == {"rep stos": 1} and left == []
+
+
+def test_a_breakpoint_exit_that_is_not_a_boot_assist_ends_the_vm_with_a_report(guest_binary):
+    from cloudkvm.machine import FlatBinary, Machine, MachineSpec
+
+    binary = guest_binary("zero_store")
+    site = 0x100000 + binary.read_bytes().index(b"\xf3\xaa")
+    with Machine(MachineSpec(payload=FlatBinary(binary))) as machine:
+        machine.vcpus[0].set_guest_debug([site])  # armed behind the board's back
+        result = machine.run(timeout=60)
+    assert result.reason == "unhandled-exit" and "debug" in result.detail and result.rip == site

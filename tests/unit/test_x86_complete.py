@@ -1,7 +1,7 @@
 """Instruction completion for the software-KVM quirks, against a fake CPU."""
 import pytest
 
-from cloudkvm.boards.x86_complete import complete
+from cloudkvm.boards.x86_complete import MAX_ZERO_STORE, complete, complete_zero_store
 
 
 class FakeCpu:
@@ -39,6 +39,10 @@ class FakeCpu:
 
     def inject_exception(self, vector):
         self.injected.append(vector)
+
+    def virt_is_zero(self, addr, length):
+        self.zero_checks = getattr(self, "zero_checks", []) + [(addr, length)]
+        return not any(self.memory.get(a, 0) for a in self.memory if addr <= a < addr + length)
 
 
 def test_int3_advances_rip_and_injects_bp():
@@ -104,3 +108,44 @@ def test_anything_else_is_left_alone(code):
     before = dict(cpu.regs)
     result = complete(bytes.fromhex(code), cpu)
     assert result is None and cpu.regs == before and cpu.injected == []
+
+
+# --- rep stos of zeros over zeroed memory (boot assists) -------------------------------------------------------
+
+@pytest.mark.parametrize("code, width", [("f3aa", 1), ("66f3ab", 2), ("f3ab", 4), ("f348ab", 8), ("f366ab", 2)])
+def test_rep_stos_of_zeros_over_zeros_advances_rdi_rcx_and_rip_as_every_iteration_would(code, width):
+    cpu = FakeCpu(rdi=0x10000, rcx=100, rax=0xFFFF_FFFF_FFFF_FF00 if width == 1 else 0, rflags=0x2)
+    assert complete_zero_store(bytes.fromhex(code), cpu) == "rep stos"
+    assert cpu.regs["rdi"] == 0x10000 + 100 * width and cpu.regs["rcx"] == 0
+    assert cpu.regs["rip"] == 0x1000 + len(code) // 2
+    assert cpu.zero_checks == [(0x10000, 100 * width)]
+
+
+@pytest.mark.parametrize("why, code, regs", [
+    ("stores a non-zero byte", "f3aa", {"rax": 1}),
+    ("stores a non-zero qword", "f348ab", {"rax": 1 << 40}),
+    ("counts down (DF set)", "f3aa", {"rflags": 0x402}),
+    ("has no rep prefix", "aa", {}),
+    ("uses 32-bit addressing (67 prefix)", "67f3aa", {}),
+    ("is another string instruction (rep movsb)", "f3a4", {}),
+    ("is too long to check", "f348ab", {"rcx": MAX_ZERO_STORE}),
+    ("wraps the address space", "f3aa", {"rdi": (1 << 64) - 16, "rcx": 32}),
+])
+def test_rep_stos_is_left_to_the_guest_when(why, code, regs):
+    cpu = FakeCpu(**{"rdi": 0x10000, "rcx": 64, "rflags": 0x2, **regs})
+    before = dict(cpu.regs)
+    assert complete_zero_store(bytes.fromhex(code), cpu) is None, why
+    assert cpu.regs == before
+
+
+def test_rep_stos_over_memory_holding_data_is_left_to_the_guest():
+    cpu = FakeCpu(rdi=0x10000, rcx=64, rflags=0x2)
+    cpu.write_virt(0x10000 + 63, b"\x01")
+    assert complete_zero_store(b"\xf3\xaa", cpu) is None
+    assert cpu.regs["rdi"] == 0x10000 and cpu.regs["rcx"] == 64 and cpu.regs["rip"] == 0x1000
+
+
+def test_rep_stos_with_a_zero_count_only_moves_rip():
+    cpu = FakeCpu(rdi=0x10000, rcx=0, rflags=0x2)
+    assert complete_zero_store(b"\xf3\xaa", cpu) == "rep stos"
+    assert cpu.regs["rdi"] == 0x10000 and cpu.regs["rip"] == 0x1002
