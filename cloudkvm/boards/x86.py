@@ -254,14 +254,12 @@ class X86Board:
             raise CloudkvmError(f"{kernel_path}: too large to load", "is this really a kernel?") from None
         header = original.header if original.kind == "bzimage" else linux_x86.SetupHeader.for_elf(
             image.kernel_alignment, image.load_address, image.init_size)
-        segments = linux_x86.load_elf_segments(image)
-        kernel_end = max(gpa + len(data) for gpa, data in segments)
+        kernel_end = max(s.end for s in image.segments)
         ram_top = memory.regions[0].end
         if kernel_end + (2 << 20) > ram_top:
             raise CloudkvmError(f"{kernel_path}: the kernel needs {kernel_end >> 20} MiB of low memory, the VM has "
                                 f"{ram_top >> 20} MiB", "give the VM more memory")
-        for gpa, data in segments:
-            memory.write(gpa, data)
+        linux_x86.load_elf_segments(image, memory)
         line = self.linux_cmdline(cmdline)
         encoded = line.encode()
         if len(encoded) >= min(CMDLINE_MAX, header.effective_cmdline_size + 1):

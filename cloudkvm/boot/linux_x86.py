@@ -206,7 +206,7 @@ class ElfSegment:
     memsz: int
     flags: int
     align: int
-    data: bytes = field(repr=False)
+    data: bytes | memoryview = field(repr=False)
 
     @property
     def filesz(self) -> int:
@@ -366,6 +366,7 @@ def _parse_elf(data: bytes, name: str) -> KernelImage:
     if size < _EHDR64.size:
         raise _err(name, f"is a truncated ELF: {size} bytes, shorter than the 64-byte ELF64 header")
     (_, e_type, _, _, e_entry, e_phoff, _, _, _, e_phentsize, e_phnum, _, _, _) = _EHDR64.unpack_from(data, 0)
+    view = memoryview(data)  # segments are views into `data`: a vmlinux is tens of MiB
     if e_type not in (ET_EXEC, ET_DYN):
         kind = {ET_REL: "a relocatable object (.o)", ET_CORE: "a core dump"}.get(e_type, f"of type {e_type}")
         raise _err(name, f"is an ELF {kind}, not a linked vmlinux executable")
@@ -393,7 +394,7 @@ def _parse_elf(data: bytes, name: str) -> KernelImage:
             raise _err(name, f"has PT_LOAD segment {i} at physical 0x{p_paddr:X}..0x{p_paddr + p_memsz:X}, "
                              "outside the sane range 1 MiB..1 TiB (is it a kernel linked for physical loading?)")
         segments.append(ElfSegment(paddr=p_paddr, vaddr=p_vaddr, memsz=p_memsz, flags=p_flags, align=p_align,
-                                   data=data[p_offset:p_offset + p_filesz]))
+                                   data=view[p_offset:p_offset + p_filesz]))
     if not segments:
         raise _err(name, "is an ELF without PT_LOAD segments: nothing to load")
     ordered = sorted(segments, key=lambda s: s.paddr)
@@ -425,12 +426,16 @@ def _elf_entry(e_entry: int, segments: list[ElfSegment], name: str) -> int:
     raise _err(name, f"has its ELF entry point 0x{e_entry:X} outside every PT_LOAD segment: corrupt ELF")
 
 
-def load_elf_segments(image: KernelImage) -> list[tuple[int, bytes]]:
-    """(guest-physical address, bytes zero-filled to p_memsz) for each PT_LOAD, at its p_paddr."""
+def load_elf_segments(image: KernelImage, memory) -> None:
+    """Copy each PT_LOAD to its p_paddr in `memory` (a GuestMemory: write/fill by guest-physical address) and
+    zero the rest of its p_memsz."""
     if image.kind != "elf":
         raise CloudkvmError(f"{image.name} is a bzImage, not an ELF: its segments are inside the compressed payload",
                             "decompress it first (vmlinux_cache) or load the bzImage's protected-mode code")
-    return [(s.paddr, s.data + bytes(s.memsz - len(s.data))) for s in image.segments]
+    for s in image.segments:
+        memory.write(s.paddr, s.data)
+        if s.memsz > s.filesz:
+            memory.fill(s.paddr + s.filesz, s.memsz - s.filesz)
 
 
 # --- decompression ------------------------------------------------------------------------------------------

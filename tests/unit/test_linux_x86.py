@@ -226,15 +226,19 @@ def test_elf_virtual_entry_is_translated():
     assert img.entry == 0x1000010
 
 
-def test_load_elf_segments_zero_fills(elf):
+def test_load_elf_segments_copies_each_segment_and_zero_fills_to_memsz(elf):
+    from cloudkvm.kvm.memory import GuestMemory
+
     img = parse_kernel(elf, "vmlinux")
-    loaded = load_elf_segments(img)
-    assert [(gpa, len(b)) for gpa, b in loaded] == [(0x1000000, 0x1000), (0x1200000, 0x3000)]
-    first = loaded[0][1]
+    memory = GuestMemory([(0, 32 * MiB)])
+    memory.fill(0, 32 * MiB, 0xEE)  # not fresh: the zero fill must be written, not assumed
+    load_elf_segments(img, memory)
+    first, second = memory.read(0x1000000, 0x1000), memory.read(0x1200000, 0x3000)
     assert first.startswith(b"\x90" * 0x300 + b"TEXT") and first[0x304:] == bytes(0x1000 - 0x304)
-    assert loaded[1][1][:256] == b"DATA" * 64 and not any(loaded[1][1][256:])
+    assert second[:256] == b"DATA" * 64 and not any(second[256:])
+    assert memory.read(0x1000000 - 16, 16) == b"\xee" * 16 and memory.read(0x1203000, 16) == b"\xee" * 16
     with pytest.raises(CloudkvmError, match="is a bzImage"):
-        load_elf_segments(parse_kernel(make_bzimage(compress("gzip", elf)), "bz"))
+        load_elf_segments(parse_kernel(make_bzimage(compress("gzip", elf)), "bz"), memory)
 
 
 def test_aarch64_elf():
@@ -471,7 +475,7 @@ def _parse_and_decompress(data: bytes) -> None:
         except CloudkvmError:
             pass
     else:
-        load_elf_segments(img)
+        assert sum(s.filesz for s in img.segments) <= len(data)
 
 
 @FUZZ
