@@ -114,6 +114,7 @@ class Machine:
         self.console = ConsoleLog(spec.console_fd)
         self.stopping = threading.Event()
         self.samples: dict | None = None  # filled by vCPU threads while sample_rips() waits
+        self.ticks_due: set[int] = set()  # vCPUs that owe the board a `vcpu_tick` (see _tick)
         self.result: VmResult | None = None
         self._result_lock = threading.Lock()
         self.pio_bus, self.mmio_bus = Bus("pio", sink_ports=0x10000), Bus("mmio")
@@ -215,6 +216,14 @@ class Machine:
     def guest_power(self, reason: str, detail: str) -> None:
         self.end(VmResult(reason, detail))
 
+    def _tick(self) -> None:
+        """I/O thread: ask every vCPU thread to run the board's `vcpu_tick` at its next exit (kicked out now)."""
+        if self.stopping.is_set():
+            return
+        self.ticks_due.update(vcpu.index for vcpu in self.vcpus)
+        self._kick_all()
+        self.io.call_later(self.board.tick_interval, self._tick)
+
     def _kick_all(self) -> None:
         for vcpu in self.vcpus:
             vcpu.run.immediate_exit = 1
@@ -236,6 +245,8 @@ class Machine:
                          for loop in self.loops]
         for thread in self._threads:
             thread.start()
+        if getattr(self.board, "tick_interval", None):
+            self.io.call_later(self.board.tick_interval, self._tick)
         try:
             if not self.stopping.wait(timeout):
                 self.end(VmResult("timeout", f"still running after {timeout:g} s"))

@@ -63,6 +63,9 @@ class VcpuLoop:
                         run.immediate_exit = 0
                         if host.samples is not None:  # someone asked where the vCPUs are (Machine.sample_rips)
                             host.samples[vcpu.index] = host.board.rip(vcpu)
+                        if vcpu.index in host.ticks_due:
+                            host.ticks_due.discard(vcpu.index)
+                            host.board.vcpu_tick(vcpu)
                         continue
                     host.end(VmResult("error", f"KVM_RUN failed: {errno.errorcode.get(-rc, -rc)}", vcpu.index))
                     return

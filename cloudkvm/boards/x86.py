@@ -17,7 +17,9 @@ from ..errors import CloudkvmError, GuestMemoryError
 from ..hostquirks import HostQuirks
 from ..kvm.native import ffi, lib
 from ..boot.linux_bss import bss_clear_sites
-from .x86_complete import complete, complete_zero_store
+from .x86_assist import TICK_SECONDS, BootAssists
+from .x86_complete import complete
+from .x86_kvm_access import KvmCpuAccess
 from .x86_cpu import CpuPolicy, linux_clearcpuid
 
 log = logging.getLogger("cloudkvm.x86")
@@ -114,7 +116,8 @@ class X86Board:
         self.quirks = quirks
         self.uart: Uart16550 | None = None
         self.completed: dict[str, int] = {}  # instructions completed for the host's emulator, by name
-        self.assist_sites: list[int] = []  # boot assists: guest-virtual breakpoints armed on vCPU 0
+        self.assists = BootAssists(syscalls=quirks.boot_assists)
+        self.tick_interval: float | None = None  # seconds between `vcpu_tick` calls, when the board wants them
 
     def memory_layout(self, memory: int) -> list[tuple[int, int]]:
         return memory_layout(memory)
@@ -285,7 +288,8 @@ class X86Board:
             self.setup_lapic(vcpu)
         self.enter_long_mode(vcpus[0], image.entry, rsi=BOOT_PARAMS_ADDR)
         if self.quirks.boot_assists:
-            self.arm_zero_store_assists(vcpus[0], bss_clear_sites(vmlinux))
+            self.assists.arm_zero_stores(vcpus[0], bss_clear_sites(vmlinux))
+            self.tick_interval = TICK_SECONDS  # the syscall assist arms once the kernel has set up `syscall`
         return {"entry": image.entry, "cmdline": line, "initrd": initrd, "rsdp": tables.rsdp_addr,
                 "vmlinux": str(elf_path)}
 
@@ -337,130 +341,10 @@ class X86Board:
             log.warning("host quirk: completing '%s' for the guest (the host KVM's emulator rejects it)", name)
         return True
 
-    def arm_zero_store_assists(self, vcpu, sites) -> None:
-        """Boot assists: hardware breakpoints at (up to four) `rep stos` instructions that clear memory the VM
-        was given zeroed, such as Linux's `clear_bss`; `handle_debug_exit` finishes them."""
-        self.assist_sites = list(sites)[:4]
-        if self.assist_sites:
-            vcpu.set_guest_debug(self.assist_sites)
-
     def handle_debug_exit(self, vcpu) -> bool:
-        """A boot-assist breakpoint: finish the guest's `rep stos` of zeros over zeroed RAM at once when it is one
-        (else the guest runs it itself), then disarm it. False for a breakpoint that is not ours."""
-        cpu = KvmCpuAccess(vcpu)
-        rip = cpu.reg("rip")
-        if rip not in self.assist_sites:
-            return False
-        try:
-            name = complete_zero_store(cpu.read_virt(rip, 4), cpu)
-        except GuestMemoryError:
-            name = None
-        if name is not None:
-            cpu.commit()
-            self.completed[name] = self.completed.get(name, 0) + 1
-        log.info("boot assist at 0x%x: %s", rip, "finished the kernel's clear of zeroed memory" if name
-                 else "left to the guest (not a zero store over zeroed memory)")
-        self.assist_sites.remove(rip)
-        vcpu.set_guest_debug(self.assist_sites)
-        return True
+        """A breakpoint or single step of the boot assists; False for one that is not ours."""
+        return self.assists.handle_debug_exit(vcpu)
 
-
-XSAVE_MXCSR_WORD = 24 // 4       # SDM Vol. 1 §10.5.1 table 10-2: MXCSR at byte 24 of the legacy region
-XSAVE_XSTATE_BV_WORD = 512 // 4  # SDM Vol. 1 §13.4.2: XSTATE_BV at byte 512
-XSTATE_SSE = 1 << 1
-
-
-class KvmCpuAccess:
-    """`x86_complete.CpuAccess` over a stopped vCPU: registers, guest-virtual memory via KVM_TRANSLATE, SSE state."""
-
-    def __init__(self, vcpu):
-        self.vcpu = vcpu
-        self.regs = vcpu.get_regs()
-        self._fpu = None
-        self._regs_dirty = self._fpu_dirty = False
-        self._inject: int | None = None
-
-    def reg(self, name: str) -> int:
-        return getattr(self.regs, name)
-
-    def set_reg(self, name: str, value: int) -> None:
-        setattr(self.regs, name, value & 0xFFFFFFFFFFFFFFFF)
-        self._regs_dirty = True
-
-    def _phys(self, addr: int, length: int) -> list[tuple[int, int]]:
-        """Guest-physical pieces of [addr, addr+length), split at page boundaries; raises if unmapped."""
-        pieces = []
-        while length:
-            chunk = min(length, 0x1000 - (addr & 0xFFF))
-            gpa = self.vcpu.translate(addr)
-            if gpa is None:
-                raise GuestMemoryError(f"guest-virtual 0x{addr:x} is not mapped")
-            pieces.append((gpa, chunk))
-            addr, length = addr + chunk, length - chunk
-        return pieces
-
-    def virt_is_zero(self, addr: int, length: int) -> bool:
-        try:
-            return all(self.vcpu.memory.is_zero(gpa, n) for gpa, n in _merged(self._phys(addr, length)))
-        except GuestMemoryError:
-            return False
-
-    def read_virt(self, addr: int, length: int) -> bytes:
-        return b"".join(self.vcpu.memory.read(gpa, n) for gpa, n in self._phys(addr, length))
-
-    def write_virt(self, addr: int, data: bytes) -> None:
-        offset = 0
-        for gpa, n in self._phys(addr, len(data)):
-            self.vcpu.memory.write(gpa, data[offset:offset + n])
-            offset += n
-
-    def _fpu_state(self):
-        if self._fpu is None:
-            self._fpu = self.vcpu.get_fpu()
-        return self._fpu
-
-    # MXCSR lives in the XSAVE legacy region (SDM Vol. 1 §13.4.1, offset 24): KVM_SET_FPU does not load it, and
-    # KVM_SET_XSAVE loads it only when XSTATE_BV (header offset 512) marks SSE state present (§13.6).
-    def mxcsr(self) -> int:
-        return self.vcpu.get_xsave().region[XSAVE_MXCSR_WORD]
-
-    def set_mxcsr(self, value: int) -> None:
-        xsave = self.vcpu.get_xsave()
-        xsave.region[XSAVE_MXCSR_WORD] = value
-        xsave.region[XSAVE_XSTATE_BV_WORD] |= XSTATE_SSE
-        self.vcpu.set_xsave(xsave)
-
-    def xmm(self, index: int) -> bytes:
-        return bytes(self._fpu_state().xmm[index])
-
-    def set_xmm(self, index: int, value: bytes) -> None:
-        self._fpu_state().xmm[index] = list(value)
-        self._fpu_dirty = True
-
-    def inject_exception(self, vector: int) -> None:
-        self._inject = vector
-
-    def commit(self) -> None:
-        """Write back what the completion changed, in one go."""
-        if self._fpu_dirty:
-            self.vcpu.set_fpu(self._fpu)
-        if self._regs_dirty:
-            self.vcpu.set_regs(self.regs)
-        if self._inject is not None:
-            events = self.vcpu.get_vcpu_events()
-            events.exception.injected = 1
-            events.exception.nr = self._inject
-            events.exception.has_error_code = 0
-            events.exception.error_code = 0
-            self.vcpu.set_vcpu_events(events)
-
-
-def _merged(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Adjacent guest-physical (address, length) pieces joined into runs."""
-    runs: list[tuple[int, int]] = []
-    for gpa, n in pieces:
-        if runs and runs[-1][0] + runs[-1][1] == gpa:
-            runs[-1] = (runs[-1][0], runs[-1][1] + n)
-        else:
-            runs.append((gpa, n))
-    return runs
+    def vcpu_tick(self, vcpu) -> None:
+        """Every `tick_interval` seconds, on each vCPU's thread."""
+        self.assists.tick(vcpu)

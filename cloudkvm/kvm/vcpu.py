@@ -105,14 +105,17 @@ class Vcpu:
         ioctl(self.fd, lib.KVM_TRANSLATE, tr)
         return tr.physical_address if tr.valid else None
 
-    def set_guest_debug(self, breakpoints=()) -> None:
+    def set_guest_debug(self, breakpoints=(), single_step: bool = False) -> None:
         """KVM_SET_GUEST_DEBUG: instruction breakpoints at up to four guest-virtual addresses (DR0-DR3, SDM Vol. 3B
-        §18.2.4: R/W 00 = execute, LEN 00); each hit is a KVM_EXIT_DEBUG. No addresses turns guest debug off."""
+        §18.2.4: R/W 00 = execute, LEN 00) and/or one single step; each is a KVM_EXIT_DEBUG. Neither turns guest
+        debug off."""
         if len(breakpoints) > 4:
             raise ValueError("x86 has four breakpoint address registers")
         debug = ffi.new("struct kvm_guest_debug *")
+        if single_step:
+            debug.control = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP
         if breakpoints:
-            debug.control = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP
+            debug.control |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP
             dr7 = 1 << 10  # reserved, reads as 1
             for i, address in enumerate(breakpoints):
                 debug.arch.debugreg[i] = address
