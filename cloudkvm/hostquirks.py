@@ -27,6 +27,8 @@ class HostQuirks:
 # more (docs/host-quirks.md). Its guests see mostly the host's CPUID whatever KVM_SET_CPUID2 says (the cx16 bit
 # is honoured, popcnt/smap/umip are not), so Linux guests are also told with clearcpuid=, and XSAVE with noxsave.
 # sse3/ssse3/sse4: Linux's boot-time users (blake2s_compress_ssse3 for the RNG) run SSE code at CPL0.
+# cryptomgr.notests: interpreted, the crypto self-tests' RSA math outlasts the kernel's 60 s wait for them, so
+# loading the built-in X.509 key fails with -ETIMEDOUT and the boot then spends many minutes in MPI code.
 PVM_LINUX_CLEARED = ("cx16", "smap", "smep", "umip", "pcid", "invpcid", "fsgsbase", "popcnt", "bmi1", "bmi2",
                      "abm", "movbe", "rdrand", "rdseed", "erms", "fsrm", "avx", "avx2", "avx512f", "aes",
                      "pclmulqdq", "sha_ni", "adx", "rdpid", "clflushopt", "clwb", "sse3", "ssse3", "sse4_1",
@@ -36,7 +38,7 @@ PVM_HIDDEN_FEATURES = PVM_LINUX_CLEARED + ("xsaveopt", "xsavec", "xsaves")
 PVM_QUIRKS = HostQuirks(
     name="kvm_pvm",
     cpuid_hide=PVM_HIDDEN_FEATURES,
-    linux_cmdline=("noxsave", "nopti"),
+    linux_cmdline=("noxsave", "nopti", "cryptomgr.notests"),
     linux_clearcpuid=PVM_LINUX_CLEARED,
     boot_assists=True,
     notes=("software KVM (kvm_pvm): guest kernel code is interpreted, expect slow guest kernels",),
