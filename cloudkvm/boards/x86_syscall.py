@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 FAULT_FRAME = struct.Struct("<6Q")  # error code, RIP, CS, RFLAGS, RSP, SS (SDM Vol. 3A §6.14.2, 64-bit frame)
 PF_USER = 1 << 2                    # #PF error code bit 2: the access came from user mode (SDM Vol. 3A §4.7)
-RFLAGS_RF, RFLAGS_FIXED = 1 << 16, 1 << 1
+RFLAGS_RF, RFLAGS_IF, RFLAGS_FIXED = 1 << 16, 1 << 9, 1 << 1
 IDT_GATE = struct.Struct("<HHBBHII")  # offset 15:0, selector, IST, type/attr, offset 31:16, offset 63:32, zero
 GATE_PRESENT = 0x80
 PF_VECTOR = 14
@@ -28,9 +28,15 @@ class SyscallEntry:
 
 def syscall_from_fault(frame: bytes, cr2: int, lstar: int, star: int, sfmask: int, r11: int) -> SyscallEntry | None:
     """The entry state of the `syscall` behind this #PF frame, or None when the fault is any other fault: one from
-    user mode, on fetching the instruction at LSTAR itself. R11 holds the user RFLAGS (`syscall` saved them)."""
-    error, rip, cs, _, rsp, _ = FAULT_FRAME.unpack(frame)
+    user mode, on fetching the instruction at LSTAR itself, with SFMASK already applied to the pushed RFLAGS (the
+    KVM's `syscall` did that). R11 holds the user RFLAGS (`syscall` saved them).
+
+    The SFMASK test tells a real `syscall` from a user program that merely jumps to LSTAR with a forged R11 (say,
+    IOPL 3): user mode cannot clear IF, so such a jump faults with IF set, as on hardware, and stays a fault."""
+    error, rip, cs, pushed_rflags, rsp, _ = FAULT_FRAME.unpack(frame)
     if not lstar or cs & 3 != 3 or not error & PF_USER or rip != lstar or cr2 != lstar:
+        return None
+    if not sfmask & RFLAGS_IF or pushed_rflags & sfmask:
         return None
     kernel_cs = (star >> 32) & 0xFFFC
     rflags = (r11 & ~sfmask & ~RFLAGS_RF) | RFLAGS_FIXED

@@ -10,12 +10,13 @@ STAR = 0x23 << 48 | 0x10 << 32              # Linux syscall_init: __USER32_CS fo
 SFMASK = 0x47700                             # Linux: TF, DF, IF, IOPL, AC, NT cleared on entry
 
 
-def frame(error=0x5, rip=LSTAR, cs=0x33, rflags=0x10246, rsp=0x7FFE58B5CDD0, ss=0x2B) -> bytes:
+def frame(error=0x5, rip=LSTAR, cs=0x33, rflags=0x10046, rsp=0x7FFE58B5CDD0, ss=0x2B) -> bytes:
+    """A #PF frame as kvm_pvm's `syscall` leaves it: SFMASK applied to RFLAGS (IF clear), RF set by the fault."""
     return FAULT_FRAME.pack(error, rip, cs, rflags, rsp, ss)
 
 
 def test_the_fault_at_lstar_from_user_mode_becomes_the_syscall_entry():
-    entry = syscall_from_fault(frame(), cr2=LSTAR, lstar=LSTAR, star=STAR, sfmask=SFMASK, r11=0x10246 | 0x200)
+    entry = syscall_from_fault(frame(), cr2=LSTAR, lstar=LSTAR, star=STAR, sfmask=SFMASK, r11=0x246)
     assert entry is not None
     assert (entry.rip, entry.rsp, entry.cs, entry.ss) == (LSTAR, 0x7FFE58B5CDD0, 0x10, 0x18)
     assert entry.rflags == 0x46 | 0x2  # IF masked by SFMASK, RF cleared, bit 1 set
@@ -27,6 +28,8 @@ def test_the_fault_at_lstar_from_user_mode_becomes_the_syscall_entry():
     ("fault elsewhere", {"frame": frame(rip=LSTAR + 16)}),
     ("cr2 elsewhere (a data access at RIP=LSTAR)", {"cr2": 0x1000}),
     ("no LSTAR set", {"lstar": 0}),
+    ("a user jump to LSTAR: IF still set in the pushed RFLAGS", {"frame": frame(rflags=0x10246), "r11": 0x3246}),
+    ("SFMASK does not clear IF, so a jump cannot be told from a syscall", {"sfmask": 0x500}),
 ])
 def test_any_other_fault_is_left_to_the_guest(why, kwargs):
     args = {"frame": frame(), "cr2": LSTAR, "lstar": LSTAR, "star": STAR, "sfmask": SFMASK, "r11": 0x202, **kwargs}
