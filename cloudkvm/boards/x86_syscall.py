@@ -36,7 +36,7 @@ def syscall_from_fault(frame: bytes, cr2: int, lstar: int, star: int, sfmask: in
     error, rip, cs, pushed_rflags, rsp, _ = FAULT_FRAME.unpack(frame)
     if not lstar or cs & 3 != 3 or not error & PF_USER or rip != lstar or cr2 != lstar:
         return None
-    if not sfmask & RFLAGS_IF or pushed_rflags & sfmask:
+    if not sfmask & RFLAGS_IF or pushed_rflags & sfmask & ~RFLAGS_RF:  # the fault itself sets RF in the frame
         return None
     kernel_cs = (star >> 32) & 0xFFFC
     rflags = (r11 & ~sfmask & ~RFLAGS_RF) | RFLAGS_FIXED

@@ -126,7 +126,7 @@ int guest_main(u64 cpu, u64 ncpus)
     __asm__ __volatile__("wrmsr" :: "c"(MSR_EFER), "a"(lo | 1), "d"(hi));   /* SCE */
     __asm__ __volatile__("wrmsr" :: "c"(MSR_STAR), "a"(0), "d"(0x08 | (0x10 << 16)));
     __asm__ __volatile__("wrmsr" :: "c"(MSR_LSTAR), "a"((u32)(u64)syscall_entry), "d"((u32)((u64)syscall_entry >> 32)));
-    __asm__ __volatile__("wrmsr" :: "c"(MSR_SFMASK), "a"(0x200), "d"(0));
+    __asm__ __volatile__("wrmsr" :: "c"(MSR_SFMASK), "a"(0x257fd5), "d"(0));  /* Linux 6.1's mask, RF included */
     mmio_write32(0xd0000000ul, 1);   /* the test's doorbell: "syscall and the IDT are set up" */
     puts("syscall_pf: entering CPL3\n");
     __asm__ __volatile__(
