@@ -109,7 +109,7 @@ class Machine:
         if spec.cpus > self.kvm.max_vcpus():
             raise CloudkvmError(f"cpus: {spec.cpus} is more than this host's KVM allows ({self.kvm.max_vcpus()})")
         self.quirks = hostquirks.detect() if spec.host_quirks else hostquirks.HostQuirks()
-        self.board = BOARDS[spec.board](spec.cpus, spec.cpu, self.quirks)
+        self.board = board_class(spec.cpus, spec.cpu, self.quirks)
         self.unmapped_mmio = spec.unmapped_mmio
         self.console = ConsoleLog(spec.console_fd)
         self.stopping = threading.Event()

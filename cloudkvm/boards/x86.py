@@ -6,6 +6,7 @@ from ..boot import linux_x86
 from ..boot import x86_longmode as lm
 from ..boot.acpi import AcpiConfig, VirtioMmioSlot, build_tables
 from ..boot.initrd import expanded_initrd
+from ..boot.linux_bss import bss_clear_sites
 from ..devices.acpi_power import AcpiPowerControl
 from ..devices.bus import Bus
 from ..devices.cmos_rtc import CmosRtc
@@ -16,7 +17,6 @@ from ..devices.uart16550 import Uart16550
 from ..errors import CloudkvmError, GuestMemoryError
 from ..hostquirks import HostQuirks
 from ..kvm.native import ffi, lib
-from ..boot.linux_bss import bss_clear_sites
 from .x86_assist import TICK_SECONDS, BootAssists
 from .x86_complete import complete
 from .x86_kvm_access import KvmCpuAccess
@@ -247,12 +247,11 @@ class X86Board:
         kernel_path = str(kernel_path)
         try:
             vmlinux = _read(kernel_path, "kernel")
-            original = linux_x86.parse_kernel(vmlinux, kernel_path)
+            image = original = linux_x86.parse_kernel(vmlinux, kernel_path)
             elf_path = linux_x86.vmlinux_cache(kernel_path)
             if original.kind != "elf":
                 vmlinux = _read(str(elf_path), "kernel")
-            image = original if original.kind == "elf" else linux_x86.parse_kernel(
-                vmlinux, f"{kernel_path} (decompressed)")
+                image = linux_x86.parse_kernel(vmlinux, f"{kernel_path} (decompressed)")
         except MemoryError:
             raise CloudkvmError(f"{kernel_path}: too large to load", "is this really a kernel?") from None
         header = original.header if original.kind == "bzimage" else linux_x86.SetupHeader.for_elf(
@@ -271,7 +270,7 @@ class X86Board:
         memory.write(CMDLINE_ADDR, encoded + b"\0")
         initrd = None
         if initrd_path:
-            data = _read(expanded_initrd(str(initrd_path)), "initrd")
+            data = expanded_initrd(_read(str(initrd_path), "initrd"), str(initrd_path))
             addr = linux_x86.initrd_placement(len(data), ram_top, header.effective_initrd_addr_max,
                                               max(kernel_end, original.kernel_end))
             memory.write(addr, data)
