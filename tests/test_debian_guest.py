@@ -198,9 +198,10 @@ def test_the_busybox_initramfs_expands_host_side_to_a_cpio_with_init(tmp_path, m
 
     _, initramfs = debian.default_guest()
     monkeypatch.setenv("CLOUDKVM_CACHE", str(tmp_path))
-    expanded = expanded_initrd(str(initramfs))
-    assert expanded != str(initramfs)
-    names = {e.name for e in read_newc(open(expanded, "rb").read())}
+    packed = initramfs.read_bytes()
+    expanded = expanded_initrd(packed, str(initramfs))
+    assert expanded != packed
+    names = {e.name for e in read_newc(expanded)}
     assert "init" in names and "bin/busybox" in names
 
 

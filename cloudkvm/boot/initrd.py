@@ -68,17 +68,23 @@ def expand(data: bytes) -> bytes | None:
     return b"".join(out) if out else None
 
 
-def expanded_initrd(path: str) -> str:
-    """The path of the initrd the guest should get: a cached host-side expansion, or `path` itself."""
-    data = Path(path).read_bytes()
+def expanded_initrd(data: bytes, name: str) -> bytes:
+    """The initrd the guest should get: a host-side expansion of `data` (cached by its hash), or `data` itself.
+    The cache is only a speed-up: when it cannot be written, the expansion is used uncached."""
     if data[:6] in NEWC_MAGICS:
-        return path  # already uncompressed
+        return data  # already uncompressed
     cached = cache_dir() / "initrd" / f"{hashlib.sha256(data).hexdigest()[:24]}.cpio"
-    if cached.is_file():
-        return str(cached)
+    try:
+        return cached.read_bytes()
+    except OSError:
+        pass
     inner = expand(data)
     if inner is None:
-        log.info("%s: left compressed (not a plain compressed initramfs)", path)
-        return path
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    return str(atomic_write(cached, inner))
+        log.info("%s: left compressed (not a plain compressed initramfs)", name)
+        return data
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cached, inner)
+    except OSError as exc:
+        log.info("%s: expansion not cached (%s: %s)", name, cached.parent, exc.strerror)
+    return inner

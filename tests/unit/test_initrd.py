@@ -39,11 +39,18 @@ def test_anything_else_is_left_to_the_kernel(data):
 def test_expanded_initrd_is_cached_and_an_uncompressed_one_is_used_as_is(tmp_path, monkeypatch):
     monkeypatch.setenv("CLOUDKVM_CACHE", str(tmp_path / "cache"))
     inner = archive(("init", b"#!/bin/sh\n"))
-    compressed = tmp_path / "initrd.gz"
-    compressed.write_bytes(gzip.compress(inner))
-    first = initrd.expanded_initrd(str(compressed))
-    assert first != str(compressed) and open(first, "rb").read() == inner
-    assert initrd.expanded_initrd(str(compressed)) == first
-    plain = tmp_path / "initrd.cpio"
-    plain.write_bytes(inner)
-    assert initrd.expanded_initrd(str(plain)) == str(plain)
+    compressed = gzip.compress(inner)
+    assert initrd.expanded_initrd(compressed, "initrd.gz") == inner
+    cached = list((tmp_path / "cache" / "initrd").iterdir())
+    assert len(cached) == 1 and cached[0].read_bytes() == inner
+    monkeypatch.setattr(initrd, "expand", lambda data: pytest.fail("expanded again despite the cache"))
+    assert initrd.expanded_initrd(compressed, "initrd.gz") == inner
+    assert initrd.expanded_initrd(inner, "initrd.cpio") is inner
+
+
+def test_an_unwritable_cache_only_costs_the_caching(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("CLOUDKVM_CACHE", str(blocker / "cache"))
+    inner = archive(("init", b"#!/bin/sh\n"))
+    assert initrd.expanded_initrd(gzip.compress(inner), "initrd.gz") == inner
