@@ -73,20 +73,22 @@ def _apt_with_update(cmd: list[str], cwd: Path | None = None) -> subprocess.Comp
     return proc
 
 
-def _resolve_kernel_package() -> str:
-    """The versioned package the cloud-kernel metapackage depends on, e.g. linux-image-6.1.0-50-cloud-amd64."""
-    proc = _apt_with_update(["apt-cache", "depends", KERNEL_METAPACKAGE])
+def resolve_kernel_package(metapackage: str = KERNEL_METAPACKAGE) -> str:
+    """The versioned package a kernel metapackage depends on, e.g. linux-image-6.1.0-50-cloud-amd64 (a
+    `:arch` suffix on the metapackage, as in linux-image-arm64:arm64, is kept on the answer)."""
+    proc = _apt_with_update(["apt-cache", "depends", metapackage])
     for line in proc.stdout.splitlines():
         m = re.match(r"\s*\|?Depends:\s*(linux-image-\S+)", line)
-        if m and m.group(1) != KERNEL_METAPACKAGE:
+        if m and m.group(1) != metapackage:
             return m.group(1)
-    raise CloudkvmError(f"{KERNEL_METAPACKAGE} has no linux-image-* dependency in apt-cache", _APT_HINT)
+    raise CloudkvmError(f"{metapackage} has no linux-image-* dependency in apt-cache", _APT_HINT)
 
 
-def _download_and_extract(package: str, workdir: Path) -> tuple[Path, str]:
-    """apt-get download + dpkg-deb -x into workdir/root; returns (root, package version)."""
+def download_and_extract(package: str, workdir: Path) -> tuple[Path, str]:
+    """apt-get download + dpkg-deb -x into workdir/root; returns (root, package version). `package` may name
+    a foreign architecture (`busybox-static:arm64`, once `dpkg --add-architecture arm64` is done)."""
     _apt_with_update(["apt-get", "download", package], cwd=workdir)
-    debs = sorted(workdir.glob(f"{package}_*.deb"))
+    debs = sorted(workdir.glob(f"{package.partition(':')[0]}_*.deb"))
     if not debs:
         raise CloudkvmError(f"apt-get download {package} produced no .deb file", _APT_HINT)
     root = workdir / "root"
@@ -127,9 +129,9 @@ def fetch_debian_kernel(cache: Path | None = None) -> Path:
                      lambda p: p.parent.name)
     if cached is not None:
         return cached
-    package = _resolve_kernel_package()
+    package = resolve_kernel_package()
     with tempfile.TemporaryDirectory(prefix="cloudkvm-apt-") as tmp:
-        root, pkg_version = _download_and_extract(package, Path(tmp))
+        root, pkg_version = download_and_extract(package, Path(tmp))
         images = sorted((root / "boot").glob("vmlinuz-*"))
         if not images:
             raise CloudkvmError(f"{package} contains no boot/vmlinuz-*", "Debian changed the package layout")
@@ -168,7 +170,7 @@ def fetch_busybox(cache: Path | None = None) -> Path:
     if cached is not None:
         return cached
     with tempfile.TemporaryDirectory(prefix="cloudkvm-apt-") as tmp:
-        root, pkg_version = _download_and_extract(BUSYBOX_PACKAGE, Path(tmp))
+        root, pkg_version = download_and_extract(BUSYBOX_PACKAGE, Path(tmp))
         binary = root / "bin" / "busybox"
         if not binary.is_file():
             raise CloudkvmError(f"{BUSYBOX_PACKAGE} contains no bin/busybox", "Debian changed the package layout")

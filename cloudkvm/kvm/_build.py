@@ -7,8 +7,6 @@ import platform
 
 from cffi import FFI
 
-ffibuilder = FFI()
-
 COMMON_CDEF = r"""
 typedef unsigned char __u8; typedef unsigned short __u16; typedef unsigned int __u32;
 typedef unsigned long long __u64;
@@ -263,9 +261,15 @@ def build_cdef(machine: str) -> str:
     return cdef
 
 
+def make_ffibuilder(machine: str) -> FFI:
+    """The cffi builder for one architecture (a cross build emits its C code and compiles it elsewhere)."""
+    builder = FFI()
+    builder.cdef(build_cdef(machine))
+    builder.set_source("cloudkvm.kvm._native", C_SOURCE, extra_compile_args=["-O2"])
+    return builder
 
-ffibuilder.cdef(build_cdef(platform.machine()))
-ffibuilder.set_source("cloudkvm.kvm._native", C_SOURCE, extra_compile_args=["-O2"])
+
+ffibuilder = make_ffibuilder(platform.machine())
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

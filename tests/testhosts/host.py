@@ -1,0 +1,155 @@
+"""Boots an emulated KVM test host (QEMU TCG), runs one shell command inside it, returns output and status.
+
+The command runs as root in a chroot of the host's root (9p, read-only) with /proc, /sys, /dev (with /dev/kvm),
+a tmpfs /tmp and HOME, and these writable 9p shares at their own paths: a per-run scratch folder and cloudkvm's
+cache (so a guest built or fetched here is reused there). For a foreign architecture the project tree is shared
+read-only at its own path too, with cloudkvm's cffi core for that architecture beside the host's.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cloudkvm.cache import cache_dir
+
+from .build import PROJECT_ROOT, HostImages, build_host
+from .recipes import RECIPES, HostRecipe
+
+KERNEL_ARGS = "panic=-1 loglevel=4 mitigations=off rdinit=/init"
+FOREIGN_CORE_NAME = {"arm64": "_native.cpython-311-aarch64-linux-gnu.so"}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    status: int | None  # the command's exit status; None when it did not finish (time-out, test host died)
+    output: str         # its stdout and stderr
+    console: str        # the test host's own serial console (its kernel log, the init's messages)
+    seconds: float      # wall time from QEMU start to its exit
+
+    def describe(self) -> str:
+        """The output, or the console where the command never ran: for assertion messages."""
+        return self.output[-6000:] if self.output else "no output; test host console:\n" + self.console[-6000:]
+
+
+class TestHost:
+    """One kind of emulated KVM host; each `run` boots a fresh one (about 20 s to the command)."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, recipe: HostRecipe, images: HostImages):
+        self.recipe, self.images = recipe, images
+
+    def _python_env(self) -> dict[str, str]:
+        if self.recipe.own_root:
+            bindir = os.path.dirname(os.path.realpath(sys.executable))
+            return {"PATH": f"{bindir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT)}
+
+    def _shares(self) -> list[tuple[str, Path, str]]:
+        """(tag, host path, mount mode) of the 9p shares mounted at their own paths in the test host's root."""
+        cache = cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        shares = [("cache", cache, "rw,cache=none")]
+        if not self.recipe.own_root:
+            shares.insert(0, ("tree", PROJECT_ROOT, "ro,cache=loose"))
+        return shares
+
+    def _install_foreign_core(self) -> None:
+        """Put the cross-built cffi core beside the host's in the tree (its file name is the arch's own)."""
+        target = PROJECT_ROOT / "cloudkvm" / "kvm" / FOREIGN_CORE_NAME[self.recipe.name]
+        data = self.images.native_core.read_bytes()
+        if not target.is_file() or target.read_bytes() != data:
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+
+    def qemu_command(self, scratch: Path, shares: list[tuple[str, Path, str]]) -> list[str]:
+        cmd = [self.recipe.qemu, *self.recipe.machine_args, "-accel", "tcg,thread=multi",
+               "-display", "none", "-monitor", "none", "-nic", "none", "-no-reboot",
+               "-serial", f"file:{scratch / 'console.log'}",
+               "-kernel", str(self.images.kernel), "-initrd", str(self.images.initramfs),
+               "-append", f"console={self.recipe.console} {KERNEL_ARGS}"]
+        exports = [("root", self.images.root, True), ("scratch", scratch, False)]
+        exports += [(tag, path, mode.startswith("ro")) for tag, path, mode in shares]
+        for i, (tag, path, readonly) in enumerate(exports):
+            cmd += ["-fsdev", f"local,id=fs{i},path={path},security_model=none,multidevs=remap"
+                              + (",readonly=on" if readonly else ""),
+                    "-device", f"virtio-9p-pci,fsdev=fs{i},mount_tag={tag}"]
+        return cmd
+
+    def run(self, command: str, *, cwd: Path | str = PROJECT_ROOT, env: dict[str, str] | None = None,
+            timeout: float = 1800, on_output: Callable[[str], None] | None = None) -> RunResult:
+        """Boot the test host, run `command` with /bin/sh in `cwd`, and return when the host has powered off."""
+        if self.images.native_core is not None:
+            self._install_foreign_core()
+        shares = self._shares()
+        if not self.recipe.own_root:  # the mount points, made in the (read-only shared) root beforehand
+            for _tag, path, _mode in shares:
+                (self.images.root / path.relative_to("/")).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"cloudkvm-testhost-{self.recipe.name}-") as tmp:
+            scratch = Path(tmp)
+            scratch.chmod(0o755)
+            all_env = {"HOME": "/tmp/home", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "CLOUDKVM_CACHE": str(cache_dir()),
+                       "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", **self._python_env(), **(env or {})}
+            exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in all_env.items())
+            (scratch / "command.sh").write_text(f"{exports}mkdir -p \"$HOME\"\ncd {shlex.quote(str(cwd))}\n"
+                                                f"{command}\n")
+            (scratch / "command-path").write_text(str(scratch / "command.sh"))
+            (scratch / "shares").write_text("".join(f"{tag} {path} {mode}\n" for tag, path, mode in
+                                                    [("scratch", scratch, "rw,cache=none"), *shares]))
+            return self._boot(self.qemu_command(scratch, shares), scratch, timeout, on_output)
+
+    def _boot(self, cmd: list[str], scratch: Path, timeout: float,
+              on_output: Callable[[str], None] | None) -> RunResult:
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        shown = 0
+        try:
+            while proc.poll() is None and time.monotonic() - start < timeout:
+                time.sleep(0.5)
+                shown = _follow(scratch / "output", shown, on_output)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            qemu_messages = proc.communicate()[0].decode(errors="replace")
+        _follow(scratch / "output", shown, on_output)
+        status_file = scratch / "status"
+        status = int(status_file.read_text().strip()) if status_file.is_file() else None
+        console = _read(scratch / "console.log") + (f"\n[qemu] {qemu_messages}" if qemu_messages.strip() else "")
+        return RunResult(status, _read(scratch / "output"), console, time.monotonic() - start)
+
+
+def _read(path: Path) -> str:
+    return path.read_bytes().decode(errors="replace") if path.is_file() else ""
+
+
+def _follow(path: Path, shown: int, on_output: Callable[[str], None] | None) -> int:
+    """Pass what `path` gained since `shown` bytes to `on_output`; returns the new length."""
+    if on_output is None or not path.is_file():
+        return shown
+    with path.open("rb") as f:
+        f.seek(shown)
+        new = f.read()
+    if new:
+        on_output(new.decode(errors="replace"))
+    return shown + len(new)
+
+
+def get_host(name: str) -> TestHost:
+    """The test host called `name` (x86_64, arm64), built into the cache on first use."""
+    if name not in RECIPES:
+        raise ValueError(f"no test host {name!r}: choose from {', '.join(RECIPES)}")
+    recipe = RECIPES[name]
+    if shutil.which(recipe.qemu) is None:
+        raise RuntimeError(f"{recipe.qemu} not found: apt-get install qemu-system-x86 qemu-system-arm")
+    return TestHost(recipe, build_host(recipe))
