@@ -290,14 +290,21 @@ def inspect_acpi(output: Path = typer.Option(..., "--output", "-o", help="folder
 @app.command()
 def doctor() -> None:
     """Say whether this host can run VMs and which host quirks apply."""
+    import platform
+
     from . import hostquirks
+    from .kvm.capabilities import host_capabilities
     from .kvm.system import Kvm
 
     kvm = Kvm()
     try:
         typer.echo(f"/dev/kvm: API {kvm.api_version}, up to {kvm.max_vcpus()} vCPUs")
+        caps = host_capabilities(kvm)
     finally:
         kvm.close()
+    typer.echo(f"KVM capabilities for {platform.machine()} boards:")
+    for cap in caps:
+        typer.echo(f"  {cap.describe()}")
     quirks = hostquirks.detect()
     if quirks.active:
         typer.echo(f"host quirks: {quirks.name}")
@@ -308,6 +315,10 @@ def doctor() -> None:
             typer.echo(f"note: {note}")
     else:
         typer.echo("host quirks: none")
+    missing = [c.name for c in caps if c.needed and not c.value]
+    if missing:
+        raise CloudkvmError(f"this KVM lacks {', '.join(missing)}, which cloudkvm needs",
+                            "use a newer host kernel (KVM from Linux 5.10 or later)")
 
 
 def main() -> None:

@@ -159,6 +159,18 @@ class X86Board:
             state[reg:reg + 4] = value.to_bytes(4, "little")
         vcpu.set_lapic(bytes(state))
 
+    def setup_msrs(self, vcpu) -> None:
+        """What firmware leaves in every processor's MSRs alike: fast strings on, and MTRRs on with write-back
+        as the default type (SDM Vol. 3A §11.11.8: all processors of an MP system must have the same MTRRs)."""
+        vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING, MSR_MTRR_DEF_TYPE: MTRR_ENABLE_WB})
+
+    def reset_vcpus(self, kvm, vcpus) -> None:
+        """The per-vCPU state every payload starts from: CPUID, local APIC wiring, MSRs."""
+        for vcpu in vcpus:
+            self.setup_cpuid(kvm, vcpu)
+            self.setup_lapic(vcpu)
+            self.setup_msrs(vcpu)
+
     def write_long_mode_tables(self, memory) -> None:
         memory.write(GDT_ADDR, lm.gdt_bytes())
         memory.write(IDT_ADDR, bytes(8))
@@ -185,7 +197,6 @@ class X86Board:
         fpu = ffi.new("struct kvm_fpu *")
         fpu.fcw, fpu.mxcsr = 0x37F, 0x1F80
         vcpu.set_fpu(fpu)
-        vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING, MSR_MTRR_DEF_TYPE: MTRR_ENABLE_WB})
 
     def boot_flat(self, kvm, vcpus, memory, image: bytes, load_addr: int, entry: int) -> None:
         """Flat test payload: every vCPU enters `entry` in long mode at once, RDI = index, RSI = vCPU count."""
@@ -193,9 +204,8 @@ class X86Board:
             raise ValueError(f"flat payload of {len(image)} bytes does not fit at 0x{load_addr:x}")
         memory.write(load_addr, image)
         self.write_long_mode_tables(memory)
+        self.reset_vcpus(kvm, vcpus)
         for vcpu in vcpus:
-            self.setup_cpuid(kvm, vcpu)
-            self.setup_lapic(vcpu)
             self.enter_long_mode(vcpu, entry, rsp=FLAT_STACKS_TOP - vcpu.index * FLAT_STACK_SIZE,
                                  rsi=len(vcpus), rdi=vcpu.index)
             vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
@@ -282,9 +292,7 @@ class X86Board:
                                                 initrd, tables.rsdp_addr)
         memory.write(BOOT_PARAMS_ADDR, zero_page)
         self.write_long_mode_tables(memory)
-        for vcpu in vcpus:
-            self.setup_cpuid(kvm, vcpu)
-            self.setup_lapic(vcpu)
+        self.reset_vcpus(kvm, vcpus)
         self.enter_long_mode(vcpus[0], image.entry, rsi=BOOT_PARAMS_ADDR)
         if self.quirks.boot_assists:
             self.assists.arm_zero_stores(vcpus[0], bss_clear_sites(vmlinux))

@@ -101,6 +101,15 @@ class Vm:
         ioctl(self.fd, lib.KVM_CREATE_DEVICE, arg)
         return arg.fd
 
+    def can_create_device(self, dev_type: int) -> bool:
+        """KVM_CREATE_DEVICE with KVM_CREATE_DEVICE_TEST: whether this KVM has that device (none is made)."""
+        arg = ffi.new("struct kvm_create_device *", {"type": dev_type, "flags": lib.KVM_CREATE_DEVICE_TEST})
+        try:
+            ioctl(self.fd, lib.KVM_CREATE_DEVICE, arg)
+        except OSError:
+            return False
+        return True
+
     def set_device_attr(self, dev_fd: int, group: int, attr: int, value_ptr=None) -> None:
         arg = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr,
                                                    "addr": int(ffi.cast("uintptr_t", value_ptr)) if value_ptr else 0})

@@ -87,11 +87,13 @@ class TestHost:
         return cmd
 
     def run(self, command: str, *, cwd: Path | str = PROJECT_ROOT, env: dict[str, str] | None = None,
-            timeout: float = 1800, on_output: Callable[[str], None] | None = None) -> RunResult:
-        """Boot the test host, run `command` with /bin/sh in `cwd`, and return when the host has powered off."""
+            writable: tuple[Path, ...] = (), timeout: float = 1800,
+            on_output: Callable[[str], None] | None = None) -> RunResult:
+        """Boot the test host, run `command` with /bin/sh in `cwd` (with `writable` folders of this machine
+        writable there at their own paths), and return when the host has powered off."""
         if self.images.native_core is not None:
             self._install_foreign_core()
-        shares = self._shares()
+        shares = self._shares() + [(f"rw{i}", Path(p).resolve(), "rw,cache=none") for i, p in enumerate(writable)]
         if not self.recipe.own_root:  # the mount points, made in the (read-only shared) root beforehand
             for _tag, path, _mode in shares:
                 (self.images.root / path.relative_to("/")).mkdir(parents=True, exist_ok=True)
