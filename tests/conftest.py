@@ -7,6 +7,10 @@ import pytest
 from cloudkvm.kvm.system import kvm_available
 
 GUESTS = Path(__file__).parent / "guests"
+# QEMU TCG's SVM VMRUN loads the guest's DR7 from the VMCB without arming its breakpoints (target/i386/tcg/
+# sysemu/svm_helper.c, helper_vmrun), so in the x86_64 test host KVM's guest-debug breakpoints never fire.
+NO_NESTED_HW_BREAKPOINTS = ("in the emulated x86_64 test host, KVM_SET_GUEST_DEBUG hardware breakpoints never "
+                            "fire: QEMU TCG's nested SVM loads DR7 without arming them")
 
 
 def pytest_addoption(parser):
@@ -35,6 +39,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.kvm)  # everything in tests/kvm/ runs real guests
         if "kvm" in item.keywords and not ok:
             item.add_marker(pytest.mark.skip(reason=f"/dev/kvm unavailable: {why}"))
+        if "hw_breakpoints" in item.keywords and os.environ.get("CLOUDKVM_TESTHOST") == "x86_64":
+            item.add_marker(pytest.mark.xfail(strict=True, reason=NO_NESTED_HW_BREAKPOINTS))
         if "slow" in item.keywords and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: needs VMX/SVM or --run-slow"))
 

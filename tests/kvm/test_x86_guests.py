@@ -245,6 +245,7 @@ def test_syscall_and_sysret_round_trip_between_user_and_kernel_mode(guest_binary
     assert run.result.reason == "poweroff", run.result
 
 
+@pytest.mark.hw_breakpoints
 def test_zero_store_assist_finishes_rep_stos_over_zeroed_memory_and_leaves_the_rest_to_the_guest(guest_binary):
     """Boot assists (host quirk for interpreting KVMs): breakpoints at two `rep stos`. The one storing zeros over
     zeroed RAM is finished by the VMM in one exit; the one over data is left to the guest, which runs it. The
@@ -264,6 +265,7 @@ def test_zero_store_assist_finishes_rep_stos_over_zeroed_memory_and_leaves_the_r
     assert completed == {"rep stos": 1} and left == []
 
 
+@pytest.mark.hw_breakpoints
 def test_a_breakpoint_exit_that_is_not_a_boot_assist_ends_the_vm_with_a_report(guest_binary):
     from cloudkvm.machine import FlatBinary, Machine, MachineSpec
 

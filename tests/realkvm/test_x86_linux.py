@@ -9,7 +9,7 @@ from bootlog import only_in
 from cloudkvm.boot.linux_x86 import vmlinux_cache
 from cloudkvm.guests.debian import INIT_MARKER, default_guest
 
-pytestmark = pytest.mark.realkvm
+pytestmark = [pytest.mark.realkvm, pytest.mark.timeout(2700)]  # includes the test host's boot
 APPEND = "console=ttyS0 panic=-1"
 
 

@@ -100,8 +100,9 @@ class TestHost:
         with tempfile.TemporaryDirectory(prefix=f"cloudkvm-testhost-{self.recipe.name}-") as tmp:
             scratch = Path(tmp)
             scratch.chmod(0o755)
-            all_env = {"HOME": "/tmp/home", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "CLOUDKVM_CACHE": str(cache_dir()),
-                       "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", **self._python_env(), **(env or {})}
+            all_env = {"CLOUDKVM_TESTHOST": self.recipe.name, "HOME": "/tmp/home", "TMPDIR": "/tmp",
+                       "LANG": "C.UTF-8", "CLOUDKVM_CACHE": str(cache_dir()), "PYTHONDONTWRITEBYTECODE": "1",
+                       "PYTHONUNBUFFERED": "1", **self._python_env(), **(env or {})}
             exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in all_env.items())
             (scratch / "command.sh").write_text(f"{exports}mkdir -p \"$HOME\"\ncd {shlex.quote(str(cwd))}\n"
                                                 f"{command}\n")

@@ -37,7 +37,7 @@ class HostRecipe:
 
 X86_64 = HostRecipe(
     arch="amd64", name="x86_64", qemu="qemu-system-x86_64",
-    machine_args=("-M", "q35", "-cpu", "max", "-smp", "2", "-m", "3072"),
+    machine_args=("-M", "q35", "-cpu", "max", "-smp", "1", "-m", "3072"),
     console="ttyS0",
     modules=(*NINE_P_MODULES, "kvm_amd"),
     own_root=True,
