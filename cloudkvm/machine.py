@@ -14,7 +14,6 @@ from .boards.x86_cpu import CpuPolicy
 from .console import ConsoleLog
 from .devices.bus import Bus
 from .devices.irq import IrqFd
-from .devices.virtio.mmio import NOTIFY_OFFSET, VirtioMmioTransport
 from .errors import CloudkvmError
 from .iothread import IoThread
 from .kvm.memory import GuestMemory
@@ -129,7 +128,7 @@ class Machine:
         self.vm.add_memory(self.memory)
         self.board.create_chips(self.vm)
         self.board.create_devices(self.vm, self.pio_bus, self.mmio_bus, self)
-        self.virtio: list[VirtioMmioTransport] = []
+        self.virtio: list = []  # VirtioMmioTransport, one per slot in use
         self._eventfds: list[int] = []
         self._irqfds: list[IrqFd] = []
         for device in spec.virtio:
@@ -152,6 +151,8 @@ class Machine:
     def _attach_virtio(self, device) -> None:
         """A virtio-mmio slot for `device`: registers on the MMIO bus, one ioeventfd per queue (served by the
         I/O thread, so a notification costs the vCPU no exit to userspace), and an irqfd for its interrupt."""
+        from .devices.virtio.mmio import NOTIFY_OFFSET, VirtioMmioTransport  # only VMs with virtio pay its import
+
         slot = self.board.virtio_slot(len(self.virtio))
         irq = IrqFd(self.vm, slot.gsi)
         self._irqfds.append(irq)

@@ -3,6 +3,7 @@ import errno
 import logging
 from dataclasses import dataclass
 
+from .kvm.fastpath import new_tx_buffer, take_tx
 from .kvm.native import ffi, lib
 
 log = logging.getLogger("cloudkvm.vcpu")
@@ -45,6 +46,7 @@ class VcpuLoop:
         self.vcpu = vcpu
         self.host = host
         self.exits = 0
+        self.tx = new_tx_buffer()  # console bytes the C loop took from a polled UART (tx.total: all so far)
         self._warned: set = set()
 
     def run(self) -> None:
@@ -53,11 +55,17 @@ class VcpuLoop:
         run_loop, fd = lib.ckvm_run_loop, vcpu.fd
         sink = ffi.from_buffer(host.pio_bus.sink_table)
         exits = ffi.new("uint64_t *")
+        fast_uart = host.board.fast_uart
+        uart_state, tx = (fast_uart.state, self.tx) if fast_uart is not None else (ffi.NULL, ffi.NULL)
         pio_lookup, mmio_lookup = host.pio_bus.lookup, host.mmio_bus.lookup
         stopping = host.stopping
         try:
             while not stopping.is_set():
-                rc = run_loop(fd, run, sink, exits)
+                rc = run_loop(fd, run, sink, exits, uart_state, tx)
+                if fast_uart is not None and self.tx.len:  # before any other exit, so output keeps its order
+                    fast_uart.emit(take_tx(self.tx))
+                if rc == 1:  # a line (or a full buffer) of console output, passed on above
+                    continue
                 if rc < 0:
                     if rc in (-errno.EINTR, -errno.EAGAIN):
                         run.immediate_exit = 0

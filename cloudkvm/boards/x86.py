@@ -6,14 +6,15 @@ from ..boot import linux_x86
 from ..boot import x86_longmode as lm
 from ..boot.acpi import AcpiConfig, VirtioMmioSlot, build_tables
 from ..boot.initrd import expanded_initrd
-from ..boot.linux_bss import bss_clear_sites
 from ..devices.acpi_power import AcpiPowerControl
 from ..devices.bus import Bus
 from ..devices.cmos_rtc import CmosRtc
 from ..devices.i8042 import I8042
 from ..devices.irq import KvmIrqLine
 from ..devices.legacy import PciConfigNoDevices, PortSink
+from ..devices import uart16550
 from ..devices.uart16550 import Uart16550
+from ..kvm.fastpath import FastUart
 from ..errors import CloudkvmError, GuestMemoryError
 from ..hostquirks import HostQuirks
 from ..kvm.native import ffi, lib
@@ -115,6 +116,7 @@ class X86Board:
         self.cpu_policy = cpu_policy
         self.quirks = quirks
         self.uart: Uart16550 | None = None
+        self.fast_uart: FastUart | None = None  # the console UART's C fast path, for the vCPU loops
         self.completed: dict[str, int] = {}  # instructions completed for the host's emulator, by name
         self.assists = BootAssists(syscalls=quirks.boot_assists)
         self.tick_interval: float | None = None  # seconds between `vcpu_tick` calls, when the board wants them
@@ -131,6 +133,8 @@ class X86Board:
     def create_devices(self, vm, pio: Bus, mmio: Bus, host) -> None:
         """Legacy devices every x86 guest expects; `host` gives console output and power callbacks."""
         self.uart = Uart16550(KvmIrqLine(vm, COM1_IRQ), host.console.write)
+        self.fast_uart = FastUart(COM1_PORT + uart16550.RBR_THR_DLL, COM1_PORT + uart16550.LSR, self.uart.emit)
+        self.uart.attach_fast_path(self.fast_uart.state)
         pio.add(COM1_PORT, 8, self.uart, "COM1")
         pio.add(I8042_PORT, 5, I8042(on_reset=lambda: host.guest_power("reset", "i8042 reset")), "i8042")
         pio.add(RTC_PORT, 2, CmosRtc(), "rtc")
@@ -295,6 +299,8 @@ class X86Board:
         self.reset_vcpus(kvm, vcpus)
         self.enter_long_mode(vcpus[0], image.entry, rsi=BOOT_PARAMS_ADDR)
         if self.quirks.boot_assists:
+            from ..boot.linux_bss import bss_clear_sites  # pyelftools: only interpreting KVMs pay its import
+
             self.assists.arm_zero_stores(vcpus[0], bss_clear_sites(vmlinux))
             self.tick_interval = TICK_SECONDS  # the syscall assist arms once the kernel has set up `syscall`
         return {"entry": image.entry, "cmdline": line, "initrd": initrd, "rsdp": tables.rsdp_addr,

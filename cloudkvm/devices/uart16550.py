@@ -83,6 +83,18 @@ class Uart16550:
         self._dlm = 0
         self._thre_pending = False
         self._irq_level = False
+        self._fast = None  # the C run loop's view of LSR/THR (kvm.fastpath.FastUart.state), if any
+
+    def attach_fast_path(self, state) -> None:
+        """Keep `state.enabled`/`state.lsr` true so a run loop may complete polled LSR reads and THR writes."""
+        with self._lock:
+            self._fast = state
+            self._publish()
+
+    def emit(self, data: bytes) -> None:
+        """Bytes the guest wrote to THR while the fast path was enabled (so they go straight out)."""
+        with self._tx_lock:
+            self._on_output(data)
 
     # --- host side -----------------------------------------------------------
 
@@ -230,3 +242,16 @@ class Uart16550:
         if level != self._irq_level:
             self._irq_level = level
             self._irq.set_level(level)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Tell the fast path whether LSR reads and THR writes are plain now: no divisor latch, no loopback, no
+        THRE interrupt to raise, no latched error for a read to clear; and what LSR reads."""
+        fast = self._fast
+        if fast is None:
+            return
+        if self._lcr & LCR_DLAB or self._mcr & MCR_LOOP or self._ier & IER_ETBEI or self._lsr_err:
+            fast.enabled = 0
+        else:
+            fast.lsr = self._lsr()
+            fast.enabled = 1

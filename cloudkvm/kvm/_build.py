@@ -137,7 +137,11 @@ int ioctl(int fd, unsigned long request, ...);
 
 /* cloudkvm helpers (see the C source below) */
 int ckvm_run(int vcpu_fd);
-int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_sink, uint64_t *exits);
+#define CKVM_TX_MAX ...
+struct ckvm_uart_fast { uint16_t thr_port; uint16_t lsr_port; uint8_t enabled; uint8_t lsr; };
+struct ckvm_tx { uint32_t len; uint64_t total; uint8_t data[...]; };
+int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_sink, uint64_t *exits,
+                  const struct ckvm_uart_fast *uart, struct ckvm_tx *tx);
 int ckvm_install_kick_handler(int signo);
 int ckvm_errno(void);
 """
@@ -228,20 +232,49 @@ int ckvm_run(int vcpu_fd)
     return ioctl(vcpu_fd, KVM_RUN, 0) < 0 ? -errno : 0;
 }
 
+/* A polled 16550's two busy registers, completed in C while the Python model says they are plain (polled
+ * transmit, no loopback, no divisor latch, no latched line error): LSR reads get `lsr`, THR writes are
+ * appended to the vCPU's `ckvm_tx` buffer. Linux's serial console writes every byte as an LSR read and a THR
+ * write, so a boot's log otherwise costs two Python exits per byte. The model updates both fields after every
+ * register access it handles (PC16550D register summary, Table II); KVM_RUN is an opaque call, so each
+ * iteration reads them afresh. */
+#define CKVM_TX_MAX 256
+struct ckvm_uart_fast { uint16_t thr_port; uint16_t lsr_port; uint8_t enabled; uint8_t lsr; };
+struct ckvm_tx { uint32_t len; uint64_t total; uint8_t data[CKVM_TX_MAX]; };
+
 /* KVM_RUN repeatedly, completing in C the exits no device model needs: port I/O to ports marked in `pio_sink`
- * (65536 flags; writes dropped, reads all ones, e.g. the POST port 0x80 Linux uses for I/O delays). Returns 0 on
- * any other exit, or -errno. `exits` counts every exit. Python-side exit handling costs several microseconds per
- * exit on a software KVM (each exit cools the caches), so the trivial cases stay here. */
-int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_sink, uint64_t *exits)
+ * (65536 flags; writes dropped, reads all ones, e.g. the POST port 0x80 Linux uses for I/O delays), and the
+ * polled UART's LSR reads and THR writes when `uart` is given and enabled. Returns 0 on any other exit, 1 when
+ * `tx` ends a line or is full (the caller passes its bytes on; no exit is pending), or -errno. `exits` counts
+ * every exit. Python-side exit handling costs several microseconds per exit on a hardware KVM and far more on
+ * an emulated or software one, so the frequent trivial cases stay here. */
+int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_sink, uint64_t *exits,
+                  const struct ckvm_uart_fast *uart, struct ckvm_tx *tx)
 {
     for (;;) {
         if (ioctl(vcpu_fd, KVM_RUN, 0) < 0)
             return -errno;
         (*exits)++;
-        if (run->exit_reason != KVM_EXIT_IO || !pio_sink[run->io.port])
+        if (run->exit_reason != KVM_EXIT_IO)
             return 0;
-        if (run->io.direction == KVM_EXIT_IO_IN)
-            memset((char *)run + run->io.data_offset, 0xff, (size_t)run->io.size * run->io.count);
+        uint8_t *data = (uint8_t *)run + run->io.data_offset;
+        if (pio_sink[run->io.port]) {
+            if (run->io.direction == KVM_EXIT_IO_IN)
+                memset(data, 0xff, (size_t)run->io.size * run->io.count);
+            continue;
+        }
+        if (uart == NULL || !uart->enabled || run->io.size != 1 || run->io.count != 1)
+            return 0;
+        if (run->io.port == uart->lsr_port && run->io.direction == KVM_EXIT_IO_IN) {
+            *data = uart->lsr;
+            continue;
+        }
+        if (run->io.port != uart->thr_port || run->io.direction != KVM_EXIT_IO_OUT)
+            return 0;
+        tx->data[tx->len++] = *data;
+        tx->total++;
+        if (*data == '\n' || tx->len == CKVM_TX_MAX)
+            return 1;
     }
 }
 

@@ -461,3 +461,52 @@ def test_no_guest_access_sequence_raises_and_the_line_matches_iir(seq):
         assert 0 <= mcr <= 0x1F and iir & 0x30 == 0
         assert level == (not iir & IIR_NO_INT and bool(mcr & MCR_OUT2)), (lcr, mcr, iir)
         assert 0 <= u.rx_space() <= RX_CAPACITY
+
+
+# --- the run loop's fast path view (kvm.fastpath.FastUart.state) ----------------------------------------------
+
+class FastState:
+    enabled = 0
+    lsr = 0
+
+
+def fast_uart():
+    u, irq, out = make()
+    state = FastState()
+    u.attach_fast_path(state)
+    return u, state, out
+
+
+def test_polled_mode_is_published_as_plain_with_the_lsr_a_read_would_see():
+    u, state, _ = fast_uart()
+    assert state.enabled == 1 and state.lsr == LSR_THRE | LSR_TEMT
+    u.receive(b"k")
+    assert state.enabled == 1 and state.lsr == LSR_THRE | LSR_TEMT | LSR_DR
+    assert rd(u, RBR) == ord("k") and state.lsr == LSR_THRE | LSR_TEMT
+
+
+def test_every_state_a_plain_access_would_get_wrong_turns_the_fast_path_off():
+    for register, value in ((LCR, 0x80), (MCR, MCR_LOOP), (IER, IER_THRI)):
+        u, state, _ = fast_uart()
+        wr(u, register, value)
+        assert state.enabled == 0, register
+        wr(u, register, 0)
+        assert state.enabled == 1, register
+
+
+def test_a_latched_overrun_keeps_lsr_reads_in_the_model_until_one_clears_it():
+    u, state, _ = fast_uart()
+    wr(u, MCR, MCR_LOOP)
+    for _ in range(RX_CAPACITY + 1):
+        wr(u, THR, 0x55)  # loopback into a full receiver: overrun
+    wr(u, MCR, 0)
+    assert state.enabled == 0
+    assert rd(u, LSR) & LSR_OE
+    assert state.enabled == 1
+
+
+def test_emit_passes_fast_path_bytes_on_in_order():
+    u, _, out = fast_uart()
+    wr(u, THR, ord("a"))
+    u.emit(b"bc")
+    assert b"".join(out) == b"abc"

@@ -1,0 +1,27 @@
+"""The C run loop's console fast path (kvm/_build.py `ckvm_run_loop`): a polled 16550's LSR reads and THR writes
+completed without returning to Python; the device model keeps `state` true, the vCPU loop passes the bytes on."""
+from __future__ import annotations
+
+from typing import Callable
+
+from .native import ffi
+
+
+class FastUart:
+    """`state` is the C view (`enabled`, `lsr`) the UART model updates; `emit(bytes)` takes the bytes C buffered."""
+
+    def __init__(self, thr_port: int, lsr_port: int, emit: Callable[[bytes], None]):
+        self.state = ffi.new("struct ckvm_uart_fast *", {"thr_port": thr_port, "lsr_port": lsr_port})
+        self.emit = emit
+
+
+def new_tx_buffer():
+    """One vCPU's buffer of THR bytes completed in C (`len` pending, `total` ever)."""
+    return ffi.new("struct ckvm_tx *")
+
+
+def take_tx(tx) -> bytes:
+    """The bytes pending in `tx`, which is left empty."""
+    data = bytes(ffi.buffer(tx.data, tx.len))
+    tx.len = 0
+    return data
