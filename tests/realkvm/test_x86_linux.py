@@ -23,7 +23,7 @@ def boots(testhost, tmp_path_factory):
     k, i, o, a = (shlex.quote(str(x)) for x in (kernel, initrd, out, APPEND))
     script = f"""
 python3 -m cloudkvm doctor > {o}/doctor.txt 2>&1
-python3 -m cloudkvm boot --kernel {k} --initrd {i} --cpus 2 --memory 512M --append {a} --timeout 900 \\
+python3 -m cloudkvm boot --kernel {k} --initrd {i} --cpus 2 --memory 512M --append {a} --timeout 400 \\
     > {o}/cloudkvm.log 2> {o}/cloudkvm.err
 echo $? > {o}/cloudkvm.rc
 for attempt in 1 2 3; do  # the reference only: QEMU's guest here now and then stops mid-boot (nested TCG SVM)
@@ -33,7 +33,7 @@ for attempt in 1 2 3; do  # the reference only: QEMU's guest here now and then s
     grep -q "reboot: Power down" {o}/qemu.log && break
 done
 """
-    result = host.run(script, writable=(out,), timeout=2400)
+    result = host.run(script, writable=(out,), timeout=1200)
     assert result.status == 0, result.describe()
     return {f.name: f.read_text(errors="replace") for f in out.iterdir()}
 

@@ -25,6 +25,9 @@ from .build import PROJECT_ROOT, HostImages, build_host
 from .recipes import RECIPES, HostRecipe
 
 KERNEL_ARGS = "panic=-1 loglevel=4 mitigations=off rdinit=/init"
+# QEMU TCG's nested SVM now and then leaves the emulated CPU in the L2 guest for good (docs/testing.md): the init's
+# heartbeat stops, and the run is booted once more. A command that fails is never retried.
+HANG_SECONDS, HANG_ATTEMPTS = 90, 2
 FOREIGN_CORE_NAME = {"arm64": "_native.cpython-311-aarch64-linux-gnu.so"}
 
 
@@ -34,10 +37,13 @@ class RunResult:
     output: str         # its stdout and stderr
     console: str        # the test host's own serial console (its kernel log, the init's messages)
     seconds: float      # wall time from QEMU start to its exit
+    hung: bool = False  # the emulated machine stopped running (its heartbeat stopped), not the command failing
+    attempts: int = 1   # boots it took: a hung machine is booted once more
 
     def describe(self) -> str:
         """The output, or the console where the command never ran: for assertion messages."""
-        return self.output[-6000:] if self.output else "no output; test host console:\n" + self.console[-6000:]
+        hung = f"the emulated machine hung on each of {self.attempts} boots; " if self.hung else ""
+        return hung + (self.output[-6000:] if self.output else "no output; test host console:\n" + self.console[-6000:])
 
 
 class TestHost:
@@ -97,6 +103,15 @@ class TestHost:
         if not self.recipe.own_root:  # the mount points, made in the (read-only shared) root beforehand
             for _tag, path, _mode in shares:
                 (self.images.root / path.relative_to("/")).mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, HANG_ATTEMPTS + 1):
+            result = self._run_once(command, cwd, env, shares, timeout, on_output)
+            if not result.hung:
+                break
+            print(f"testhost: the emulated {self.recipe.name} machine stopped running (no heartbeat for "
+                  f"{HANG_SECONDS} s) on attempt {attempt} of {HANG_ATTEMPTS}", file=sys.stderr, flush=True)
+        return RunResult(result.status, result.output, result.console, result.seconds, result.hung, attempt)
+
+    def _run_once(self, command: str, cwd, env, shares, timeout: float, on_output) -> RunResult:
         with tempfile.TemporaryDirectory(prefix=f"cloudkvm-testhost-{self.recipe.name}-") as tmp:
             scratch = Path(tmp)
             scratch.chmod(0o755)
@@ -116,20 +131,29 @@ class TestHost:
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        shown = 0
+        shown, hung = 0, False
         try:
-            while proc.poll() is None and time.monotonic() - start < timeout:
+            while proc.poll() is None and time.monotonic() - start < timeout and not hung:
                 time.sleep(0.5)
                 shown = _follow(scratch / "output", shown, on_output)
+                hung = _stale(scratch / "heartbeat", HANG_SECONDS) and proc.poll() is None
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             qemu_messages = proc.communicate()[0].decode(errors="replace")
         _follow(scratch / "output", shown, on_output)
         status_file = scratch / "status"
-        status = int(status_file.read_text().strip()) if status_file.is_file() else None
+        status = int(status_file.read_text().strip()) if status_file.is_file() and not hung else None
         console = _read(scratch / "console.log") + (f"\n[qemu] {qemu_messages}" if qemu_messages.strip() else "")
-        return RunResult(status, _read(scratch / "output"), console, time.monotonic() - start)
+        return RunResult(status, _read(scratch / "output"), console, time.monotonic() - start, hung)
+
+
+def _stale(heartbeat: Path, seconds: float) -> bool:
+    """Whether the test host's heartbeat file (touched every 5 s once its init runs) is older than `seconds`."""
+    try:
+        return time.time() - heartbeat.stat().st_mtime > seconds
+    except FileNotFoundError:
+        return False  # still booting: the overall time-out covers that
 
 
 def _read(path: Path) -> str:

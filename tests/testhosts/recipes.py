@@ -25,6 +25,7 @@ class HostRecipe:
     modules: tuple[str, ...]        # modules the init loads, in this order (dependencies first, found by the build)
     own_root: bool                  # True: the host machine's / is the test host's root (same architecture)
     rootfs_packages: tuple[str, ...] = ()  # for a foreign architecture: the Debian packages of its root
+    module_params: tuple[tuple[str, str], ...] = ()  # (module, insmod parameters)
 
     @property
     def kernel_metapackage(self) -> str:
@@ -41,6 +42,8 @@ X86_64 = HostRecipe(
     console="ttyS0",
     modules=(*NINE_P_MODULES, "kvm_amd"),
     own_root=True,
+    # vgif=0: L1's KVM does not use the emulated CPU's virtual GIF (see docs/testing.md, "hangs")
+    module_params=(("kvm_amd", "vgif=0"),),
 )
 
 ARM64 = HostRecipe(
