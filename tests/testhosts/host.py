@@ -27,7 +27,7 @@ from .recipes import RECIPES, HostRecipe
 KERNEL_ARGS = "panic=-1 loglevel=4 mitigations=off rdinit=/init"
 # QEMU TCG's nested SVM now and then leaves the emulated CPU in the L2 guest for good (docs/testing.md): the init's
 # heartbeat stops, and the run is booted once more. A command that fails is never retried.
-HANG_SECONDS, HANG_ATTEMPTS = 90, 2
+HANG_SECONDS, HANG_ATTEMPTS = 90, 3
 FOREIGN_CORE_NAME = {"arm64": "_native.cpython-311-aarch64-linux-gnu.so"}
 
 

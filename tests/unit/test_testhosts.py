@@ -1,0 +1,49 @@
+"""The test-host harness's own logic (tests/testhosts), without booting one."""
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from cloudkvm.boot.cpio import read_newc
+from testhosts import build, kmod
+from testhosts.host import _stale
+
+
+def test_modules_load_after_what_they_depend_on(monkeypatch):
+    deps = {"9p": ["9pnet", "netfs", "fscache"], "9pnet": [], "netfs": [], "fscache": ["netfs"],
+            "kvm_amd": ["kvm", "ccp"], "kvm": ["irqbypass"], "irqbypass": [], "ccp": []}
+    index = {name: Path(f"/m/{name.replace('_', '-')}.ko") for name in deps}
+    monkeypatch.setattr(kmod, "modinfo_depends", lambda ko: deps[kmod.module_name(ko)])
+    order = [kmod.module_name(p) for p in kmod.load_order(["9p", "kvm-amd"], index)]
+    assert sorted(order) == sorted(deps) and len(order) == len(set(order))
+    for name, needs in deps.items():
+        assert all(order.index(d) < order.index(name) for d in needs), name
+
+
+def test_an_unknown_module_names_who_needed_it(monkeypatch):
+    monkeypatch.setattr(kmod, "modinfo_depends", lambda ko: ["missing_one"])
+    with pytest.raises(ValueError, match="missing_one not found .needed by kvm"):
+        kmod.load_order(["kvm"], {"kvm": Path("/m/kvm.ko")})
+
+
+def test_the_initramfs_has_the_init_the_applets_and_numbered_modules_with_their_parameters(tmp_path):
+    mods = [tmp_path / "virtio.ko", tmp_path / "kvm-amd.ko"]
+    for m in mods:
+        m.write_bytes(b"\x7fELF" + m.name.encode())
+    entries = {e.name: e for e in read_newc(build.render_initramfs(b"\x7fELFbusybox", mods, {"kvm_amd": "vgif=0"}))}
+    assert entries["init"].data == build.INIT_SCRIPT.encode() and entries["init"].mode & 0o111
+    assert entries["modules/00-virtio.ko"].data == b"\x7fELFvirtio.ko"
+    assert entries["modules/01-kvm-amd.ko.params"].data == b"vgif=0"
+    assert "modules/00-virtio.ko.params" not in entries
+    assert all(entries[f"bin/{a}"].data == b"busybox" for a in build.APPLETS)
+
+
+def test_a_heartbeat_is_stale_only_once_it_exists_and_is_old(tmp_path):
+    beat = tmp_path / "heartbeat"
+    assert not _stale(beat, 90)  # still booting
+    beat.touch()
+    assert not _stale(beat, 90)
+    old = time.time() - 120
+    os.utime(beat, (old, old))
+    assert _stale(beat, 90)
