@@ -63,7 +63,7 @@ class VcpuLoop:
             while not stopping.is_set():
                 rc = run_loop(fd, run, sink, exits, uart_state, tx)
                 if fast_uart is not None and self.tx.len:  # before any other exit, so output keeps its order
-                    fast_uart.emit(take_tx(self.tx))
+                    self._emit(fast_uart, take_tx(self.tx))
                 if rc == 1:  # a line (or a full buffer) of console output, passed on above
                     continue
                 if rc < 0:
@@ -114,6 +114,12 @@ class VcpuLoop:
             host.end(VmResult("error", f"VMM error: {type(exc).__name__}: {exc}", vcpu.index))
         finally:
             self.exits = exits[0]
+
+    def _emit(self, fast_uart, data: bytes) -> None:
+        try:
+            fast_uart.emit(data)
+        except Exception:  # as for a device's own write: a console listener's failure must not end the VM
+            self._warn(("emit", fast_uart.state.thr_port), "console output of %d bytes failed", len(data))
 
     def _read(self, hit, size: int, addr: int) -> int:
         offset, device = hit

@@ -139,7 +139,7 @@ int ioctl(int fd, unsigned long request, ...);
 int ckvm_run(int vcpu_fd);
 #define CKVM_TX_MAX ...
 struct ckvm_uart_fast { uint16_t thr_port; uint16_t lsr_port; uint8_t enabled; uint8_t lsr; };
-struct ckvm_tx { uint32_t len; uint64_t total; uint8_t data[...]; };
+struct ckvm_tx { uint32_t len; uint8_t polling; uint64_t total; uint8_t data[...]; };
 int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_sink, uint64_t *exits,
                   const struct ckvm_uart_fast *uart, struct ckvm_tx *tx);
 int ckvm_install_kick_handler(int signo);
@@ -240,12 +240,13 @@ int ckvm_run(int vcpu_fd)
  * iteration reads them afresh. */
 #define CKVM_TX_MAX 256
 struct ckvm_uart_fast { uint16_t thr_port; uint16_t lsr_port; uint8_t enabled; uint8_t lsr; };
-struct ckvm_tx { uint32_t len; uint64_t total; uint8_t data[CKVM_TX_MAX]; };
+struct ckvm_tx { uint32_t len; uint8_t polling; uint64_t total; uint8_t data[CKVM_TX_MAX]; };
 
 /* KVM_RUN repeatedly, completing in C the exits no device model needs: port I/O to ports marked in `pio_sink`
  * (65536 flags; writes dropped, reads all ones, e.g. the POST port 0x80 Linux uses for I/O delays), and the
  * polled UART's LSR reads and THR writes when `uart` is given and enabled. Returns 0 on any other exit, 1 when
- * `tx` ends a line or is full (the caller passes its bytes on; no exit is pending), or -errno. `exits` counts
+ * `tx` ends a line, is full, or the guest polls LSR twice with bytes pending (the caller passes the bytes on; no
+ * exit is pending), or -errno. `exits` counts
  * every exit. Python-side exit handling costs several microseconds per exit on a hardware KVM and far more on
  * an emulated or software one, so the frequent trivial cases stay here. */
 int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_sink, uint64_t *exits,
@@ -263,14 +264,21 @@ int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_sink, uin
                 memset(data, 0xff, (size_t)run->io.size * run->io.count);
             continue;
         }
-        if (uart == NULL || !uart->enabled || run->io.size != 1 || run->io.count != 1)
+        if (uart == NULL || run->io.size != 1 || run->io.count != 1
+            || !__atomic_load_n(&uart->enabled, __ATOMIC_ACQUIRE))
             return 0;
         if (run->io.port == uart->lsr_port && run->io.direction == KVM_EXIT_IO_IN) {
-            *data = uart->lsr;
+            *data = __atomic_load_n(&uart->lsr, __ATOMIC_RELAXED);
+            /* A transmitter reads LSR once per byte (THRE is always set here); a second read in a row means
+             * the guest now waits for something else (input), so what it printed must be seen first. */
+            if (tx->len && tx->polling)
+                return 1;
+            tx->polling = 1;
             continue;
         }
-        if (run->io.port != uart->thr_port || run->io.direction != KVM_EXIT_IO_OUT)
+        if (run->io.port != uart->thr_port || run->io.direction != KVM_EXIT_IO_OUT || tx->len >= CKVM_TX_MAX)
             return 0;
+        tx->polling = 0;
         tx->data[tx->len++] = *data;
         tx->total++;
         if (*data == '\n' || tx->len == CKVM_TX_MAX)

@@ -1,7 +1,8 @@
 /* The console UART's C fast path (polled LSR reads and THR writes completed in the run loop) must hand back every
  * register state it cannot complete: polled output, then loopback (THR bytes come back on RBR), then a THRE
  * interrupt source (IER.ETBEI: IIR reports THRE after a write), then a divisor-latch write, then polled output
- * again and a partial line that only the power-off exit flushes. Register layout: PC16550D Table II. */
+ * again, a prompt that must show while the guest polls for a key, and a partial line that only the power-off
+ * exit flushes. Register layout: PC16550D Table II. */
 #include "guest.h"
 
 #define THR 0
@@ -39,6 +40,12 @@ int guest_main(u64 cpu, u64 ncpus)
     outb(COM1 + THR, 0x01);
     outb(COM1 + LCR, 0x03);
     polled_puts("uart_fast: polled line 2\n");
-    polled_puts("uart_fast: no newline");
+    polled_puts("uart_fast: key? ");             /* a prompt, then polling for input: it must be seen first */
+    while (!(inb(COM1 + LSR) & 0x01))            /* DR */
+        ;
+    u8 key = inb(COM1 + THR);
+    polled_puts("got ");
+    outb(COM1 + THR, key);
+    polled_puts("\nuart_fast: no newline");
     return 0;
 }

@@ -1,24 +1,39 @@
 """The console UART's C fast path on a real guest: polled LSR reads and THR writes are completed in the run loop,
 every other register state goes through the Python model, and the output keeps its bytes and their order."""
-from cloudkvm.machine import FlatBinary, Machine, MachineSpec
+import threading
 
+from cloudkvm.machine import FlatBinary, Machine, MachineSpec
+from cloudkvm.vcpu_loop import VmResult
+
+PROMPT = b"uart_fast: key? "
 EXPECTED = ("uart_fast: polled line 1\nuart_fast: loopback ok\n.\nuart_fast: thre ok\n"
-            "uart_fast: polled line 2\nuart_fast: no newline")
+            "uart_fast: polled line 2\nuart_fast: key? got k\nuart_fast: no newline")
+
+
+def run_uart_guest(binary, fast: bool):
+    """Run the guest; type 'k' once its prompt is on the console (a prompt stuck in a buffer never gets it)."""
+    with Machine(MachineSpec(payload=FlatBinary(binary))) as machine:
+        if not fast:  # ports that never match: every access goes through the model
+            machine.board.fast_uart.state.thr_port = machine.board.fast_uart.state.lsr_port = 0xFFFF
+
+        def type_key():
+            if machine.console.wait_for(PROMPT, 20):
+                machine.board.serial_input(b"k")
+            else:
+                machine.end(VmResult("stopped", "the prompt never showed"))
+        threading.Thread(target=type_key, daemon=True).start()
+        result = machine.run(timeout=30)
+        return result, machine.console.text(), sum(loop.tx.total for loop in machine.loops)
 
 
 def test_polled_output_takes_the_fast_path_and_every_other_state_the_model(guest_binary):
-    with Machine(MachineSpec(payload=FlatBinary(guest_binary("uart_fast")))) as machine:
-        result = machine.run(timeout=30)
-        console = machine.console.text()
-        fast_bytes = sum(loop.tx.total for loop in machine.loops)
-    assert result.reason == "poweroff", result
-    assert console == EXPECTED  # the partial last line was flushed by the power-off exit
+    result, console, fast_bytes = run_uart_guest(guest_binary("uart_fast"), fast=True)
+    assert result.reason == "poweroff", (result, console)
+    assert console == EXPECTED  # the prompt showed while polling; the last partial line flushed at power-off
     assert fast_bytes == len(EXPECTED) - 1  # all but the '.' written while THRE interrupts were enabled
 
 
 def test_without_the_fast_path_the_output_is_the_same(guest_binary):
-    with Machine(MachineSpec(payload=FlatBinary(guest_binary("uart_fast")))) as machine:
-        machine.board.fast_uart.state.thr_port = machine.board.fast_uart.state.lsr_port = 0xFFFF  # never matches
-        result = machine.run(timeout=30)
-        assert machine.console.text() == EXPECTED and result.reason == "poweroff"
-        assert sum(loop.tx.total for loop in machine.loops) == 0
+    result, console, fast_bytes = run_uart_guest(guest_binary("uart_fast"), fast=False)
+    assert console == EXPECTED and result.reason == "poweroff"
+    assert fast_bytes == 0

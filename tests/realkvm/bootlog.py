@@ -4,9 +4,8 @@ import re
 # What a clean boot must not print; each names a kernel defect report or a complaint about the virtual platform.
 WARNING_CLASS = re.compile(
     r"WARNING:|Call Trace|BUG:|Oops|mtrr:|tsc: Marking|Firmware Bug|Firmware Warn|FW BUG|"
-    r"Kernel panic|segfault|general protection|unchecked MSR|unhandled|soft lockup|hung_task|"
-    r"timed out|spurious|inconsistent|ACPI (Error|Warning)|ACPI BIOS (Error|Warning)|"
-    r"clocksource .* unstable|TSC.*unsynchronized")
+    r"Kernel panic|segfault|general protection|unchecked MSR|unhandled|inconsistent|"
+    r"ACPI (Error|Warning)|ACPI BIOS (Error|Warning)|clocksource .* unstable|TSC.*unsynchronized")
 _TIMESTAMP = re.compile(r"^\[\s*\d+\.\d+\]\s*")
 _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\b[0-9a-fA-F]{8,}\b|\d+")
 

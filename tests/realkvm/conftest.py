@@ -1,7 +1,8 @@
 """Fixtures for tests that run in an emulated KVM test host (tests/testhosts): a real, upstream /dev/kvm.
 
-The hosts are built into the cache on first use. Where they cannot be built (no QEMU, not Debian) the tests
-skip and say why, except under CLOUDKVM_REQUIRE_REALKVM=1 (set by .ci/run), where that is a failure."""
+The hosts are built into the cache on first use. Where a tool they need is missing (no QEMU, no apt: not a
+Debian host) the tests skip and say why, except under CLOUDKVM_REQUIRE_REALKVM=1 (set by .ci/run), where that is
+a failure. A build that fails (no network, not root for `dpkg --add-architecture arm64`) is an error."""
 import os
 import shutil
 

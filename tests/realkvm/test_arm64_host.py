@@ -2,12 +2,12 @@
 cross-built cffi core, and `cloudkvm doctor` finds what the aarch64 virt board needs."""
 import pytest
 
-pytestmark = pytest.mark.realkvm
+pytestmark = [pytest.mark.realkvm, pytest.mark.timeout(1800)]  # the first build, up to three boots
 
 
 @pytest.fixture(scope="module")
 def doctor(testhost):
-    result = testhost("arm64").run("uname -m; python3 -m cloudkvm doctor", timeout=900)
+    result = testhost("arm64").run("uname -m; python3 -m cloudkvm doctor", timeout=400)
     assert result.status == 0, result.describe()
     return result.output
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-pytestmark = [pytest.mark.realkvm, pytest.mark.timeout(2700)]  # includes the test host's boot
+pytestmark = [pytest.mark.realkvm, pytest.mark.timeout(3000)]  # includes the test host's boot
 MUST_PASS = ("test_x86_guests.py", "test_virtio_guest.py", "test_virtio_net_guest.py", "test_kvm_core.py",
              "test_linux_boot.py")
 
@@ -12,7 +12,7 @@ MUST_PASS = ("test_x86_guests.py", "test_virtio_guest.py", "test_virtio_net_gues
 def test_the_kvm_suite_passes_on_the_real_kvm(testhost):
     # `slow` (the full boot) is deselected: test_x86_linux covers it, with the boot-log comparison
     result = testhost("x86_64").run("python3 -m pytest tests/kvm -q -rA -p no:cacheprovider -m 'not slow' "
-                                    "--timeout 600", timeout=1200)
+                                    "--timeout 600", timeout=900)
     lines = result.output.splitlines()
     summary = lines[-1] if lines else ""
     assert result.status == 0, result.describe()

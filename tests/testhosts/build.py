@@ -153,7 +153,8 @@ def build_foreign_root(recipe: HostRecipe, rootfs: Path) -> None:
 
 
 def build_host(recipe: HostRecipe, cache: Path | None = None) -> HostImages:
-    """The test host's images, built on first use (minutes) and then taken from the cache (no apt at all)."""
+    """The test host's images, built on first use (under a minute) and then taken from the cache (one
+    `apt-cache depends` names the current kernel package, so a Debian kernel update builds a new host)."""
     if not recipe.own_root:
         ensure_foreign_architecture(recipe.arch)
     kernel_package = debian.resolve_kernel_package(recipe.kernel_metapackage)

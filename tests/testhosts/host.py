@@ -7,6 +7,7 @@ read-only at its own path too, with cloudkvm's cffi core for that architecture b
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from cloudkvm.cache import cache_dir
+from cloudkvm.fsutil import atomic_write
 
 from .build import PROJECT_ROOT, HostImages, build_host
 from .recipes import RECIPES, HostRecipe
@@ -28,6 +30,7 @@ KERNEL_ARGS = "panic=-1 loglevel=4 mitigations=off rdinit=/init"
 # QEMU TCG's nested SVM now and then leaves the emulated CPU in the L2 guest for good (docs/testing.md): the init's
 # heartbeat stops, and the run is booted once more. A command that fails is never retried.
 HANG_SECONDS, HANG_ATTEMPTS = 90, 3
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 FOREIGN_CORE_NAME = {"arm64": "_native.cpython-311-aarch64-linux-gnu.so"}
 
 
@@ -47,7 +50,7 @@ class RunResult:
 
 
 class TestHost:
-    """One kind of emulated KVM host; each `run` boots a fresh one (about 20 s to the command)."""
+    """One kind of emulated KVM host; each `run` boots a fresh one (5-10 s to the command)."""
 
     __test__ = False  # not a pytest test class
 
@@ -74,9 +77,7 @@ class TestHost:
         target = PROJECT_ROOT / "cloudkvm" / "kvm" / FOREIGN_CORE_NAME[self.recipe.name]
         data = self.images.native_core.read_bytes()
         if not target.is_file() or target.read_bytes() != data:
-            tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            atomic_write(target, data, mode=0o755)
 
     def qemu_command(self, scratch: Path, shares: list[tuple[str, Path, str]]) -> list[str]:
         cmd = [self.recipe.qemu, *self.recipe.machine_args, "-accel", "tcg,thread=multi",
@@ -129,8 +130,10 @@ class TestHost:
     def _boot(self, cmd: list[str], scratch: Path, timeout: float,
               on_output: Callable[[str], None] | None) -> RunResult:
         start = time.monotonic()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        qemu_log = (scratch / "qemu.log").open("wb")  # a file, not a pipe nobody reads while it runs
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        qemu_log.close()
         shown, hung = 0, False
         try:
             while proc.poll() is None and time.monotonic() - start < timeout and not hung:
@@ -140,12 +143,19 @@ class TestHost:
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-            qemu_messages = proc.communicate()[0].decode(errors="replace")
+            proc.wait()
+        qemu_messages = _read(scratch / "qemu.log")
         _follow(scratch / "output", shown, on_output)
         status_file = scratch / "status"
         status = int(status_file.read_text().strip()) if status_file.is_file() and not hung else None
         console = _read(scratch / "console.log") + (f"\n[qemu] {qemu_messages}" if qemu_messages.strip() else "")
         return RunResult(status, _read(scratch / "output"), console, time.monotonic() - start, hung)
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child: be killed when the harness dies (a killed test run must not leave TCG running)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _stale(heartbeat: Path, seconds: float) -> bool:
