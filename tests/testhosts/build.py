@@ -24,7 +24,7 @@ from cloudkvm.boot.cpio import NewcWriter
 from cloudkvm.cache import cache_dir
 from cloudkvm.guests import debian
 
-from .kmod import index_modules, load_order, module_name
+from .kmod import index_modules, load_order
 from .recipes import HostRecipe
 
 RECIPE_VERSION = "1"  # bump when the build below changes, so cached hosts made by older code are not reused
@@ -40,7 +40,7 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-for m in /modules/*.ko; do insmod "$m" $(cat "$m.params" 2>/dev/null) || echo "testhost: insmod $m failed"; done
+for m in /modules/*.ko; do insmod "$m" || echo "testhost: insmod $m failed"; done
 mkdir -p /scratch /newroot
 fail() {{ echo "testhost: $*"; poweroff -f; }}
 mount {NINE_P},cache=none scratch /scratch || fail "cannot mount the scratch share"
@@ -103,7 +103,7 @@ def host_key(recipe: HostRecipe, kernel_package: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def render_initramfs(busybox: bytes, modules: list[Path], params: dict[str, str]) -> bytes:
+def render_initramfs(busybox: bytes, modules: list[Path]) -> bytes:
     w = NewcWriter()
     for d in ("bin", "dev", "proc", "sys", "tmp", "modules"):
         w.add_dir(d)
@@ -113,8 +113,6 @@ def render_initramfs(busybox: bytes, modules: list[Path], params: dict[str, str]
         w.add_symlink(f"bin/{applet}", "busybox")
     for i, ko in enumerate(modules):  # numbered so the shell's glob loads them in dependency order
         w.add_file(f"modules/{i:02d}-{ko.name}", ko.read_bytes())
-        if module_name(ko) in params:
-            w.add_file(f"modules/{i:02d}-{ko.name}.params", params[module_name(ko)].encode())
     w.add_file("init", INIT_SCRIPT.encode(), 0o755)
     return w.to_bytes()
 
@@ -131,7 +129,7 @@ def build_kernel_and_initramfs(recipe: HostRecipe, kernel_package: str, out: Pat
     shutil.copyfile(vmlinuz, out / "vmlinuz")
     modules = load_order(list(recipe.modules), index_modules(kroot / "lib" / "modules"))
     busybox_root = _extract(recipe.package("busybox-static"), work / "busybox")
-    initramfs = render_initramfs((busybox_root / "bin" / "busybox").read_bytes(), modules, dict(recipe.module_params))
+    initramfs = render_initramfs((busybox_root / "bin" / "busybox").read_bytes(), modules)
     (out / "initramfs.cpio.gz").write_bytes(gzip.compress(initramfs, compresslevel=6, mtime=0))
 
 

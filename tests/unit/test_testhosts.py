@@ -27,15 +27,14 @@ def test_an_unknown_module_names_who_needed_it(monkeypatch):
         kmod.load_order(["kvm"], {"kvm": Path("/m/kvm.ko")})
 
 
-def test_the_initramfs_has_the_init_the_applets_and_numbered_modules_with_their_parameters(tmp_path):
+def test_the_initramfs_has_the_init_the_applets_and_the_modules_numbered_in_load_order(tmp_path):
     mods = [tmp_path / "virtio.ko", tmp_path / "kvm-amd.ko"]
     for m in mods:
         m.write_bytes(b"\x7fELF" + m.name.encode())
-    entries = {e.name: e for e in read_newc(build.render_initramfs(b"\x7fELFbusybox", mods, {"kvm_amd": "vgif=0"}))}
+    entries = {e.name: e for e in read_newc(build.render_initramfs(b"\x7fELFbusybox", mods))}
     assert entries["init"].data == build.INIT_SCRIPT.encode() and entries["init"].mode & 0o111
     assert entries["modules/00-virtio.ko"].data == b"\x7fELFvirtio.ko"
-    assert entries["modules/01-kvm-amd.ko.params"].data == b"vgif=0"
-    assert "modules/00-virtio.ko.params" not in entries
+    assert entries["modules/01-kvm-amd.ko"].data == b"\x7fELFkvm-amd.ko"
     assert all(entries[f"bin/{a}"].data == b"busybox" for a in build.APPLETS)
 
 
