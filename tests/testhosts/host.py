@@ -2,8 +2,9 @@
 
 The command runs as root in a chroot of the host's root (9p, read-only) with /proc, /sys, /dev (with /dev/kvm),
 a tmpfs /tmp and HOME, and these writable 9p shares at their own paths: a per-run scratch folder and cloudkvm's
-cache (so a guest built or fetched here is reused there). For a foreign architecture the project tree is shared
-read-only at its own path too, with cloudkvm's cffi core for that architecture beside the host's.
+cache (so a guest built or fetched here is reused there). The project tree is shared read-only at its own path
+too (on x86_64 it may live under /tmp, a tmpfs there); for a foreign architecture with cloudkvm's cffi core for
+that architecture beside the host's.
 """
 from __future__ import annotations
 
@@ -67,10 +68,8 @@ class TestHost:
         """(tag, host path, mount mode) of the 9p shares mounted at their own paths in the test host's root."""
         cache = cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
-        shares = [("cache", cache, "rw,cache=none")]
-        if not self.recipe.own_root:
-            shares.insert(0, ("tree", PROJECT_ROOT, "ro,cache=loose"))
-        return shares
+        # the tree too where the root is this machine's own: it may live under /tmp, which is a tmpfs there
+        return [("tree", PROJECT_ROOT, "ro,cache=loose"), ("cache", cache, "rw,cache=none")]
 
     def _install_foreign_core(self) -> None:
         """Put the cross-built cffi core beside the host's in the tree (its file name is the arch's own)."""
