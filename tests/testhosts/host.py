@@ -119,7 +119,7 @@ class TestHost:
                        "LANG": "C.UTF-8", "CLOUDKVM_CACHE": str(cache_dir()), "PYTHONDONTWRITEBYTECODE": "1",
                        "PYTHONUNBUFFERED": "1", **self._python_env(), **(env or {})}
             exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in all_env.items())
-            (scratch / "command.sh").write_text(f"{exports}mkdir -p \"$HOME\"\ncd {shlex.quote(str(cwd))}\n"
+            (scratch / "command.sh").write_text(f"{exports}mkdir -p \"$HOME\"\ncd {shlex.quote(str(cwd))} || exit 125\n"
                                                 f"{command}\n")
             (scratch / "command-path").write_text(str(scratch / "command.sh"))
             (scratch / "shares").write_text("".join(f"{tag} {path} {mode}\n" for tag, path, mode in
