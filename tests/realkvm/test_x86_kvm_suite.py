@@ -18,8 +18,9 @@ def test_the_kvm_suite_passes_on_the_real_kvm(testhost):
     assert result.status == 0, result.describe()
     assert re.search(r"\d+ passed", summary) and not re.search(r"\d+ (failed|errors?)\b", summary), summary
     passed = [ln for ln in lines if ln.startswith("PASSED ")]
+    assert len(passed) >= 70, summary
     for module in MUST_PASS:
-        assert sum(module in ln for ln in passed) >= 3, f"too few passed in {module}: {summary}"
+        assert any(module in ln for ln in passed), f"nothing passed in {module}: {summary}"
     xfailed = [ln for ln in lines if ln.startswith("XFAIL ")]
     assert all("hardware breakpoints never fire" in ln for ln in xfailed), xfailed
     skipped = [ln for ln in lines if ln.startswith("SKIPPED ")]  # only what is about the software KVM

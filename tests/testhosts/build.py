@@ -33,8 +33,8 @@ APPLETS = ("sh", "mount", "mkdir", "insmod", "chroot", "poweroff", "cat", "echo"
 NINE_P = "-t 9p -o trans=virtio,version=9p2000.L,msize=512000"
 
 # The test host's /init. /scratch (9p, writable) holds `shares` ("tag path mode" per line: the 9p shares to
-# mount in the new root at their own paths; `scratch` itself is bound there), `command.sh` (what to run, written by the harness), and receives
-# `output` and `status`. The root is 9p tag `root`, read-only.
+# mount in the new root at their own paths; `scratch` itself is bound there), `command-path` (the script the
+# harness wrote), and receives `output`, `status` and `heartbeat`. The root is 9p tag `root`, read-only.
 INIT_SCRIPT = f"""#!/bin/sh
 export PATH=/bin
 mount -t proc proc /proc
