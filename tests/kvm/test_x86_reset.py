@@ -1,24 +1,13 @@
 """The x86 board's vCPU reset state is the same on every vCPU, as firmware leaves an MP system."""
-from cloudkvm.boards.x86 import MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB, X86Board
-from cloudkvm.boards.x86_cpu import CpuPolicy
-from cloudkvm.hostquirks import HostQuirks
-from cloudkvm.kvm.system import Kvm
-from cloudkvm.kvm.vm import Vm
+from cloudkvm.machine import FlatBinary, Machine, MachineSpec
+
+MSR_MTRR_DEF_TYPE = 0x2FF  # Intel SDM Vol. 4, IA32_MTRR_DEF_TYPE
+MTRR_ENABLE = 1 << 11      # E: MTRRs enabled
+WRITE_BACK = 6             # the default memory type in bits 0-7
 
 
-def test_every_vcpu_gets_the_same_mtrr_default_type():
+def test_every_vcpu_gets_the_same_enabled_write_back_mtrr_default_type(guest_binary):
     """Linux compares MTRRdefType across CPUs ("your CPUs had inconsistent MTRRdefType settings")."""
-    kvm = Kvm()
-    vm = Vm(kvm)
-    board = X86Board(3, CpuPolicy(), HostQuirks())
-    vcpus = []
-    try:
-        board.create_chips(vm)
-        vcpus = [vm.create_vcpu(i) for i in range(3)]
-        board.reset_vcpus(kvm, vcpus)
-        assert [v.get_msrs([MSR_MTRR_DEF_TYPE]) for v in vcpus] == [{MSR_MTRR_DEF_TYPE: MTRR_ENABLE_WB}] * 3
-    finally:
-        for v in vcpus:
-            v.close()
-        vm.close()
-        kvm.close()
+    with Machine(MachineSpec(payload=FlatBinary(guest_binary("c_hello")), cpus=3)) as machine:
+        values = [vcpu.get_msrs([MSR_MTRR_DEF_TYPE])[MSR_MTRR_DEF_TYPE] for vcpu in machine.vcpus]
+    assert values == [MTRR_ENABLE | WRITE_BACK] * 3
