@@ -7,7 +7,7 @@ import time
 import traceback
 from typing import Callable
 
-from .instances import Instance
+from .instances import Instance, pid_record
 
 READY, FAILED = "running", "error"
 
@@ -58,7 +58,7 @@ def _daemon_main(instance: Instance, target, ready_fd: int) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s cloudkvm[%(process)d] %(levelname)s %(message)s")
-    instance.pid_file.write_text(f"{os.getpid()}\n")
+    instance.pid_file.write_text(pid_record(os.getpid()))
     said = []
 
     def ready(state: str) -> None:

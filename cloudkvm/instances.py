@@ -28,14 +28,22 @@ def check_name(name: str) -> str:
     return name
 
 
-def _pid_alive(pid: int) -> bool:
+def process_start_time(pid: int) -> int | None:
+    """When process `pid` started (field 22 of /proc/PID/stat, clock ticks after boot; proc(5)); None when there
+    is no such process. With the pid, it names one process for sure: a reused pid gets a later start time."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:  # the command name (field 2) may hold spaces and parentheses: count fields after its last ')'
+        return int(stat.rpartition(")")[2].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_record(pid: int) -> str:
+    """The pid file's text for process `pid`: its pid and its start time."""
+    return f"{pid} {process_start_time(pid)}\n"
 
 
 @dataclass(frozen=True)
@@ -87,11 +95,22 @@ class Instance:
     def write_json(self, path: Path, data: dict) -> None:
         atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
-    def pid(self) -> int | None:
+    def recorded_pid(self) -> tuple[int, int] | None:
+        """(pid, start time) as the daemon wrote them; None for no file or anything else in it."""
         try:
-            return int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
+            fields = self.pid_file.read_text().split()
+            pid, started = int(fields[0]), int(fields[1])
+        except (OSError, ValueError, IndexError):
             return None
+        return (pid, started) if len(fields) == 2 and pid > 1 else None
+
+    def pid(self) -> int | None:
+        """The daemon's pid while that very process runs (the pid and its start time as recorded), else None:
+        a pid reused by another process, or a pid file holding 0, 1 or -1, names no daemon to signal."""
+        record = self.recorded_pid()
+        if record is None or process_start_time(record[0]) != record[1]:
+            return None
+        return record[0]
 
     def result(self) -> dict | None:
         try:
@@ -101,22 +120,25 @@ class Instance:
 
     def state(self) -> str:
         """running | stopped (ended, with a result) | crashed (daemon gone without a result) | created."""
-        pid = self.pid()
-        if pid is not None and _pid_alive(pid):
+        if self.pid() is not None:
             return "running"
         if self.result() is not None:
             return "stopped"
-        if pid is not None:
+        if self.pid_file.exists():
             return "crashed"
         return "created"
 
-    def crash_reason(self, lines: int = 5) -> str:
-        """The last lines of the VMM log: why a daemon died without saying how its VM ended."""
+    def log_tail(self, lines: int = 5) -> str:
+        """The last lines of the VMM log, on one line."""
         try:
             tail = self.vmm_log.read_text(errors="replace").strip().splitlines()[-lines:]
         except OSError:
             return "no log"
         return " | ".join(tail) or "empty log"
+
+    def crash_reason(self) -> str:
+        """Why a daemon died without saying how its VM ended: that, and the end of its log."""
+        return f"the VM process died without recording a result: {self.log_tail()}"
 
     def uptime(self) -> float | None:
         started = self.info().get("started_at")

@@ -163,7 +163,7 @@ def up(profile: Profile, source: str | None, name: str | None = None, wait: floa
     instance.write_json(instance.info_file, instance_info(profile, source))
     message, pid = daemon.spawn(instance, lambda ready: _run_vm(instance, profile, disks, ready), wait)
     if message != daemon.READY:
-        tail = instance.crash_reason()
+        tail = instance.log_tail()
         raise CloudkvmError(f"instance '{profile.name}' did not start: {message}", f"log: {tail}")
     return instance
 

@@ -51,7 +51,7 @@ def test_up_ls_status_console_logs_down_rm(env, profile, tmp_path):
     assert started.returncode == 0, started.stderr
     assert "pb: running" in started.stdout
     state = tmp_path / "state" / "pb"
-    pid = int((state / "vmm.pid").read_text())
+    pid = int((state / "vmm.pid").read_text().split()[0])
     try:
         runner = CliRunner()
         listed = runner.invoke(app, ["ls"])
@@ -94,7 +94,7 @@ def test_up_ls_status_console_logs_down_rm(env, profile, tmp_path):
 
 def test_rm_refuses_a_running_vm_and_down_force_stops_it(env, profile, tmp_path):
     assert cli(env, "up", str(profile)).returncode == 0
-    pid = int((tmp_path / "state" / "pb" / "vmm.pid").read_text())
+    pid = int((tmp_path / "state" / "pb" / "vmm.pid").read_text().split()[0])
     try:
         refused = cli(env, "rm", "pb")
         assert refused.returncode == 2 and "is running" in refused.stderr
@@ -114,7 +114,7 @@ def test_rm_refuses_a_running_vm_and_down_force_stops_it(env, profile, tmp_path)
 
 def test_a_dead_daemon_is_crashed_never_running(env, profile, tmp_path):
     assert cli(env, "up", str(profile)).returncode == 0
-    pid = int((tmp_path / "state" / "pb" / "vmm.pid").read_text())
+    pid = int((tmp_path / "state" / "pb" / "vmm.pid").read_text().split()[0])
     os.kill(pid, 9)
     assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
     status = json.loads(CliRunner().invoke(app, ["status", "pb", "--json"]).output)
@@ -182,7 +182,7 @@ def test_two_vms_asking_for_the_same_host_port_the_second_fails_and_the_first_is
             f"name: {name}\narch: x86_64\nmemory: 64M\nboot:\n  kernel: {guest}\n  format: flat\n"
             f"network:\n  mode: user\n  forwards: ['tcp:127.0.0.1:{port}-:22']\n")
     assert cli(env, "up", str(tmp_path / "first.yaml")).returncode == 0
-    pid = int((tmp_path / "state" / "first" / "vmm.pid").read_text())
+    pid = int((tmp_path / "state" / "first" / "vmm.pid").read_text().split()[0])
     try:
         second = cli(env, "up", str(tmp_path / "second.yaml"))
         assert second.returncode == 2, second
