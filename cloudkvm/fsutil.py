@@ -1,5 +1,6 @@
 """Files written whole or not at all (temp file in the same folder, fsync, rename): caches never hold half a file."""
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,3 +20,13 @@ def atomic_write(path, data: bytes, mode: int = 0o644) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def install_dir(staging: Path, final: Path) -> None:
+    """Atomically publish a fully written staging folder as `final` (a concurrent winner is kept)."""
+    try:
+        staging.rename(final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)

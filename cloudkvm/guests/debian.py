@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cloudkvm.boot.cpio import NewcWriter
 from cloudkvm.cache import cache_dir
-from cloudkvm.fsutil import atomic_write
+from cloudkvm.fsutil import atomic_write, install_dir
 from cloudkvm.errors import CloudkvmError
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
@@ -112,16 +112,6 @@ def _newest(paths: list[Path], key_of: Callable[[Path], str]) -> Path | None:
     return max(paths, key=lambda p: _natural_key(key_of(p)), default=None)
 
 
-def _install_dir(staging: Path, final: Path) -> None:
-    """Atomically publish a fully written staging directory (a concurrent winner is kept)."""
-    try:
-        staging.rename(final)
-    except OSError:
-        if not final.is_dir():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def fetch_debian_kernel(cache: Path | None = None) -> Path:
     """Debian's cloud kernel as <cache>/debian/<kernel-release>/vmlinuz (with config and System.map beside it)."""
     debian = _debian_dir(cache)
@@ -145,7 +135,7 @@ def fetch_debian_kernel(cache: Path | None = None) -> Path:
                     (staging / dst).chmod(0o644)
             (staging / "package").write_text(f"{package} {pkg_version}\n")
             staging.chmod(0o755)
-            _install_dir(staging, debian / release)
+            install_dir(staging, debian / release)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return debian / release / "vmlinuz"
@@ -180,7 +170,7 @@ def fetch_busybox(cache: Path | None = None) -> Path:
             shutil.copyfile(binary, staging / "busybox")
             (staging / "busybox").chmod(0o755)
             staging.chmod(0o755)
-            _install_dir(staging, final)
+            install_dir(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return final / "busybox"

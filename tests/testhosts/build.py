@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cloudkvm.boot.cpio import NewcWriter
 from cloudkvm.cache import cache_dir
+from cloudkvm.fsutil import atomic_write, install_dir
 from cloudkvm.guests import debian
 
 from .kmod import index_modules, load_order
@@ -168,8 +169,9 @@ def build_host(recipe: HostRecipe, cache: Path | None = None) -> HostImages:
                 build_foreign_root(recipe, staging / "rootfs")
             (staging / "ready").write_text(f"{kernel_package}\n")
             staging.chmod(0o755)
-            shutil.rmtree(final, ignore_errors=True)
-            staging.rename(final)
+            if final.is_dir() and not (final / "ready").is_file():  # half-built by a run that was killed
+                shutil.rmtree(final, ignore_errors=True)
+            install_dir(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     native = None if recipe.own_root else cross_compiled_core(recipe, base)
@@ -195,5 +197,5 @@ def cross_compiled_core(recipe: HostRecipe, base: Path) -> Path:
         _sh(["aarch64-linux-gnu-gcc", "-shared", "-fPIC", "-O2", f"-I{headers}/usr/include/python3.11",
              f"-I{headers}/usr/include", "-o", str(work / "core.so"), str(c_file)],
             "cross-compiling the cffi core (apt-get install gcc-aarch64-linux-gnu)")
-        shutil.copyfile(work / "core.so", out)
+        atomic_write(out, (work / "core.so").read_bytes(), mode=0o755)
     return out

@@ -9,6 +9,7 @@ that architecture beside the host's.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import shlex
 import shutil
@@ -109,7 +110,7 @@ class TestHost:
                 break
             print(f"testhost: the emulated {self.recipe.name} machine stopped running (no heartbeat for "
                   f"{HANG_SECONDS} s) on attempt {attempt} of {HANG_ATTEMPTS}", file=sys.stderr, flush=True)
-        return RunResult(result.status, result.output, result.console, result.seconds, result.hung, attempt)
+        return dataclasses.replace(result, attempts=attempt)
 
     def _run_once(self, command: str, cwd, env, shares, timeout: float, on_output) -> RunResult:
         with tempfile.TemporaryDirectory(prefix=f"cloudkvm-testhost-{self.recipe.name}-") as tmp:
@@ -119,8 +120,8 @@ class TestHost:
                        "LANG": "C.UTF-8", "CLOUDKVM_CACHE": str(cache_dir()), "PYTHONDONTWRITEBYTECODE": "1",
                        "PYTHONUNBUFFERED": "1", **self._python_env(), **(env or {})}
             exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in all_env.items())
-            (scratch / "command.sh").write_text(f"{exports}mkdir -p \"$HOME\"\ncd {shlex.quote(str(cwd))} || exit 125\n"
-                                                f"{command}\n")
+            (scratch / "command.sh").write_text(f"{exports}mkdir -p \"$HOME\"\n"
+                                                f"cd {shlex.quote(str(cwd))} || exit 125\n{command}\n")
             (scratch / "command-path").write_text(str(scratch / "command.sh"))
             (scratch / "shares").write_text("".join(f"{tag} {path} {mode}\n" for tag, path, mode in
                                                     [("scratch", scratch, "rw,cache=none"), *shares]))
