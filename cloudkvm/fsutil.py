@@ -1,6 +1,8 @@
 """Files written whole or not at all (temp file in the same folder, fsync, rename): caches never hold half a file."""
+import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -30,3 +32,15 @@ def install_dir(staging: Path, final: Path) -> None:
         if not final.is_dir():
             raise
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_regular(path, limit: int = 1 << 20) -> bytes:
+    """The first `limit` bytes of `path` if it is a regular file reached without following a symlink; else
+    OSError. A FIFO, device or symlink planted where a state file belongs never blocks or redirects the read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CloudkvmError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, read_regular
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -88,7 +88,7 @@ class Instance:
 
     def info(self) -> dict:
         try:
-            return json.loads(self.info_file.read_text())
+            return json.loads(read_regular(self.info_file))
         except (OSError, ValueError):
             return {}
 
@@ -98,7 +98,7 @@ class Instance:
     def recorded_pid(self) -> tuple[int, int] | None:
         """(pid, start time) as the daemon wrote them; None for no file or anything else in it."""
         try:
-            fields = self.pid_file.read_text().split()
+            fields = read_regular(self.pid_file, 64).split()
             pid, started = int(fields[0]), int(fields[1])
         except (OSError, ValueError, IndexError):
             return None
@@ -114,7 +114,7 @@ class Instance:
 
     def result(self) -> dict | None:
         try:
-            return json.loads(self.result_file.read_text())
+            return json.loads(read_regular(self.result_file))
         except (OSError, ValueError):
             return None
 
@@ -124,7 +124,7 @@ class Instance:
             return "running"
         if self.result() is not None:
             return "stopped"
-        if self.pid_file.exists():
+        if os.path.lexists(self.pid_file):
             return "crashed"
         return "created"
 

@@ -53,3 +53,15 @@ def test_a_pid_file_that_does_not_name_the_daemon_for_sure_is_a_crash_and_down_s
     assert launcher.status(instance)["reason"].startswith("the VM process died without recording a result")
     assert launcher.down(instance, force=True) == "vm is not running"
     assert signals == [] and stranger.poll() is None
+
+
+@pytest.mark.timeout(10)
+def test_a_fifo_or_symlink_planted_as_the_pid_file_is_never_read_through(instance, stranger, signals, tmp_path):
+    os.mkfifo(instance.pid_file)  # reading it would block until a writer came
+    assert instance.pid() is None and instance.state() == "crashed"
+    instance.pid_file.unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text(pid_record(stranger.pid))  # a valid record, but not in the instance's own file
+    instance.pid_file.symlink_to(elsewhere)
+    assert instance.pid() is None and instance.state() == "crashed"
+    assert launcher.down(instance, force=True) == "vm is not running" and signals == []
