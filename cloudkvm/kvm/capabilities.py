@@ -40,9 +40,17 @@ def host_capabilities(kvm: Kvm, machine: str | None = None) -> list[Capability]:
     caps = [Capability(name, kvm.check_extension(getattr(lib, attr)), needed)
             for name, attr, needed in (*_COMMON, *_BY_ARCH.get(machine, ()))]
     if machine == "aarch64":
-        vm = Vm(kvm)
-        try:
-            caps.append(Capability("vgic-v3", int(vm.can_create_device(lib.KVM_DEV_TYPE_ARM_VGIC_V3)), True))
-        finally:
-            vm.close()
+        caps.append(Capability("vgic-v3", int(_has_device(kvm, lib.KVM_DEV_TYPE_ARM_VGIC_V3)), True))
     return caps
+
+
+def _has_device(kvm: Kvm, dev_type: int) -> bool:
+    """Whether a VM here can have that in-kernel device; a VM that cannot even be made has none."""
+    try:
+        vm = Vm(kvm)
+    except OSError:
+        return False
+    try:
+        return vm.can_create_device(dev_type)
+    finally:
+        vm.close()

@@ -45,3 +45,15 @@ def test_doctor_fails_in_one_line_naming_what_is_missing(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2
     assert err.startswith("cloudkvm: error: this KVM lacks irqfd, which cloudkvm needs") and "\n" not in err
+
+
+def test_a_vm_that_cannot_be_made_means_no_vgic_not_a_traceback(monkeypatch):
+    def refuse(kvm):
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr("cloudkvm.kvm.capabilities.Vm", refuse)
+    kvm = Kvm()
+    try:
+        caps = {c.name: c for c in host_capabilities(kvm, machine="aarch64")}
+    finally:
+        kvm.close()
+    assert caps["vgic-v3"].value == 0 and caps["vgic-v3"].needed
