@@ -53,7 +53,7 @@ class VcpuLoop:
         vcpu, host = self.vcpu, self.host
         run, io, mmio, page = vcpu.run, vcpu.io, vcpu.mmio, vcpu.run_page
         run_loop, fd = lib.ckvm_run_loop, vcpu.fd
-        sink = ffi.from_buffer(host.pio_bus.sink_table)
+        codes = ffi.from_buffer(host.pio_bus.c_table)
         exits = ffi.new("uint64_t *")
         fast_uart = host.board.fast_uart
         uart_state, tx = (fast_uart.state, self.tx) if fast_uart is not None else (ffi.NULL, ffi.NULL)
@@ -61,7 +61,7 @@ class VcpuLoop:
         stopping = host.stopping
         try:
             while not stopping.is_set():
-                rc = run_loop(fd, run, sink, exits, uart_state, tx)
+                rc = run_loop(fd, run, codes, exits, uart_state, tx)
                 if fast_uart is not None and self.tx.len:  # before any other exit, so output keeps its order
                     self._emit(fast_uart, take_tx(self.tx))
                 if rc == 1:  # a line (or a full buffer) of console output, passed on above
@@ -119,7 +119,7 @@ class VcpuLoop:
         try:
             fast_uart.emit(data)
         except Exception:  # as for a device's own write: a console listener's failure must not end the VM
-            self._warn(("emit", fast_uart.state.thr_port), "console output of %d bytes failed", len(data))
+            self._warn(("emit",), "console output of %d bytes failed", len(data))
 
     def _read(self, hit, size: int, addr: int) -> int:
         offset, device = hit

@@ -7,13 +7,12 @@ from ..boot import x86_longmode as lm
 from ..boot.acpi import AcpiConfig, VirtioMmioSlot, build_tables
 from ..boot.initrd import expanded_initrd
 from ..devices.acpi_power import AcpiPowerControl
-from ..devices.bus import Bus
+from ..devices.bus import C_UART_LSR, C_UART_THR, Bus
 from ..devices.cmos_rtc import CmosRtc
 from ..devices.i8042 import I8042
 from ..devices.irq import KvmIrqLine
 from ..devices.legacy import PciConfigNoDevices, PortSink
-from ..devices import uart16550
-from ..devices.uart16550 import Uart16550
+from ..devices.uart16550 import LSR, RBR_THR_DLL, Uart16550
 from ..kvm.fastpath import FastUart
 from ..errors import CloudkvmError, GuestMemoryError
 from ..hostquirks import HostQuirks
@@ -133,9 +132,9 @@ class X86Board:
     def create_devices(self, vm, pio: Bus, mmio: Bus, host) -> None:
         """Legacy devices every x86 guest expects; `host` gives console output and power callbacks."""
         self.uart = Uart16550(KvmIrqLine(vm, COM1_IRQ), host.console.write)
-        self.fast_uart = FastUart(COM1_PORT + uart16550.RBR_THR_DLL, COM1_PORT + uart16550.LSR, self.uart.emit)
+        self.fast_uart = FastUart(self.uart.emit)
         self.uart.attach_fast_path(self.fast_uart.state)
-        pio.add(COM1_PORT, 8, self.uart, "COM1")
+        pio.add(COM1_PORT, 8, self.uart, "COM1", c_ports={RBR_THR_DLL: C_UART_THR, LSR: C_UART_LSR})
         pio.add(I8042_PORT, 5, I8042(on_reset=lambda: host.guest_power("reset", "i8042 reset")), "i8042")
         pio.add(RTC_PORT, 2, CmosRtc(), "rtc")
         pio.add(POST_PORT, 1, PortSink(), "post")

@@ -11,6 +11,13 @@ class Device(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
+# What the C run loop does at a port (kvm/_build.py `ckvm_run_loop`), one code per port in `Bus.c_table`.
+C_PYTHON = 0    # return to Python: the device model handles the access
+C_SINK = 1      # writes dropped, reads all ones (devices that say `c_sink = True`)
+C_UART_THR = 2  # the console UART's THR writes, buffered while its model says they are plain
+C_UART_LSR = 3  # the console UART's LSR reads, answered from the value its model publishes
+
+
 class BusConflict(ValueError):
     """Two devices were placed on overlapping ranges (a board layout bug)."""
 
@@ -22,16 +29,21 @@ class Bus:
 
     def __init__(self, name: str, sink_ports: int = 0):
         self.name = name
-        # One flag per port for devices that say `c_sink = True`: the C run loop completes their accesses
-        # (writes dropped, reads all ones) without returning to Python. Only port-I/O buses have it.
-        self.sink_table = bytearray(sink_ports) if sink_ports else None
+        # One C_* code per port: what the C run loop completes without returning to Python (sinks, and the
+        # fast paths a board wires with `c_ports`). Only port-I/O buses have it.
+        self.c_table = bytearray(sink_ports) if sink_ports else None
         self._bases: list[int] = []
         self._entries: list[tuple[int, int, Device, str]] = []  # (base, size, device, label), sorted by base
         self._memo: dict[int, tuple[int, Device] | None] = {}
 
-    def add(self, base: int, size: int, device: Device, label: str = "") -> None:
+    def add(self, base: int, size: int, device: Device, label: str = "", c_ports: dict[int, int] | None = None) -> None:
+        """Map `device` at [base, base+size). `c_ports` (offset -> C_* code) names the accesses the C run loop may
+        complete for it; a device with `c_sink = True` has C_SINK on every port."""
         if size <= 0:
             raise BusConflict(f"{self.name}: {label or device!r} has an empty range")
+        codes = dict.fromkeys(range(size), C_SINK) if getattr(device, "c_sink", False) else dict(c_ports or {})
+        if any(not 0 <= offset < size for offset in codes):
+            raise BusConflict(f"{self.name}: {label or device!r} names C-completed ports outside its range")
         i = bisect.bisect_left(self._bases, base)
         if i > 0 and self._entries[i - 1][0] + self._entries[i - 1][1] > base:
             raise BusConflict(f"{self.name}: {label} at 0x{base:x} overlaps {self._entries[i - 1][3]}")
@@ -40,8 +52,9 @@ class Bus:
         self._bases.insert(i, base)
         self._entries.insert(i, (base, size, device, label or type(device).__name__))
         self._memo.clear()
-        if getattr(device, "c_sink", False) and self.sink_table is not None and base + size <= len(self.sink_table):
-            self.sink_table[base:base + size] = b"\x01" * size
+        if self.c_table is not None and base + size <= len(self.c_table):
+            for offset, code in codes.items():
+                self.c_table[base + offset] = code
 
     def lookup(self, addr: int) -> tuple[int, Device] | None:
         """(offset, device) serving `addr`, or None when nothing is mapped there."""

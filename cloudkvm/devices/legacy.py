@@ -4,7 +4,7 @@
 class PortSink:
     """Accepts and ignores writes; reads float high (e.g. the POST diagnostic port 0x80)."""
 
-    c_sink = True  # the C run loop may complete these accesses itself (see Bus.sink_table)
+    c_sink = True  # the C run loop may complete these accesses itself (see Bus.c_table)
 
     def read(self, offset: int, size: int) -> int:
         return (1 << (8 * size)) - 1

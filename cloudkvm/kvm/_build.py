@@ -138,9 +138,9 @@ int ioctl(int fd, unsigned long request, ...);
 /* cloudkvm helpers (see the C source below) */
 int ckvm_run(int vcpu_fd);
 #define CKVM_TX_MAX ...
-struct ckvm_uart_fast { uint16_t thr_port; uint16_t lsr_port; uint8_t enabled; uint8_t lsr; };
+struct ckvm_uart_fast { uint8_t enabled; uint8_t lsr; };
 struct ckvm_tx { uint32_t len; uint8_t polling; uint64_t total; uint8_t data[...]; };
-int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_sink, uint64_t *exits,
+int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_codes, uint64_t *exits,
                   const struct ckvm_uart_fast *uart, struct ckvm_tx *tx);
 int ckvm_install_kick_handler(int signo);
 int ckvm_errno(void);
@@ -232,24 +232,25 @@ int ckvm_run(int vcpu_fd)
     return ioctl(vcpu_fd, KVM_RUN, 0) < 0 ? -errno : 0;
 }
 
-/* A polled 16550's two busy registers, completed in C while the Python model says they are plain (polled
- * transmit, no loopback, no divisor latch, no latched line error): LSR reads get `lsr`, THR writes are
- * appended to the vCPU's `ckvm_tx` buffer. Linux's serial console writes every byte as an LSR read and a THR
- * write, so a boot's log otherwise costs two Python exits per byte. The model updates both fields after every
- * register access it handles (PC16550D register summary, Table II); KVM_RUN is an opaque call, so each
- * iteration reads them afresh. */
+/* The C_* codes of devices/bus.py: what this loop completes at a port without returning to Python. */
+enum { CKVM_PYTHON = 0, CKVM_SINK = 1, CKVM_UART_THR = 2, CKVM_UART_LSR = 3 };
+
+/* A polled 16550's two busy registers (codes UART_THR/UART_LSR), completed here while the Python model says
+ * they are plain (polled transmit, no loopback, no divisor latch, no latched line error): LSR reads get `lsr`,
+ * THR writes are appended to the vCPU's `ckvm_tx` buffer. Linux's serial console writes every byte as an LSR read
+ * and a THR write, so a boot's log otherwise costs two Python exits per byte. The model updates both fields
+ * after every register access it handles (PC16550D register summary, Table II). */
 #define CKVM_TX_MAX 256
-struct ckvm_uart_fast { uint16_t thr_port; uint16_t lsr_port; uint8_t enabled; uint8_t lsr; };
+struct ckvm_uart_fast { uint8_t enabled; uint8_t lsr; };
 struct ckvm_tx { uint32_t len; uint8_t polling; uint64_t total; uint8_t data[CKVM_TX_MAX]; };
 
-/* KVM_RUN repeatedly, completing in C the exits no device model needs: port I/O to ports marked in `pio_sink`
- * (65536 flags; writes dropped, reads all ones, e.g. the POST port 0x80 Linux uses for I/O delays), and the
- * polled UART's LSR reads and THR writes when `uart` is given and enabled. Returns 0 on any other exit, 1 when
- * `tx` ends a line, is full, or the guest polls LSR twice with bytes pending (the caller passes the bytes on; no
- * exit is pending), or -errno. `exits` counts
- * every exit. Python-side exit handling costs several microseconds per exit on a hardware KVM and far more on
- * an emulated or software one, so the frequent trivial cases stay here. */
-int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_sink, uint64_t *exits,
+/* KVM_RUN repeatedly, completing in C the port accesses `pio_codes` (65536 C_* codes) names: sinks (writes
+ * dropped, reads all ones, e.g. the POST port 0x80 Linux uses for I/O delays), and the console UART's LSR reads
+ * and THR writes when `uart` is given and enabled. Returns 0 on any other exit, 1 when `tx` ends a line, is full,
+ * or the guest polls LSR twice with bytes pending (the caller passes the bytes on; no exit is pending), or -errno.
+ * `exits` counts every exit. Python-side exit handling costs several microseconds per exit on a hardware KVM and
+ * far more on an emulated or software one, so the frequent trivial cases stay here. */
+int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_codes, uint64_t *exits,
                   const struct ckvm_uart_fast *uart, struct ckvm_tx *tx)
 {
     for (;;) {
@@ -258,16 +259,18 @@ int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_sink, uin
         (*exits)++;
         if (run->exit_reason != KVM_EXIT_IO)
             return 0;
+        uint8_t code = pio_codes[run->io.port];
         uint8_t *data = (uint8_t *)run + run->io.data_offset;
-        if (pio_sink[run->io.port]) {
-            if (run->io.direction == KVM_EXIT_IO_IN)
+        int in = run->io.direction == KVM_EXIT_IO_IN;
+        if (code == CKVM_SINK) {
+            if (in)
                 memset(data, 0xff, (size_t)run->io.size * run->io.count);
             continue;
         }
-        if (uart == NULL || run->io.size != 1 || run->io.count != 1
+        if (code == CKVM_PYTHON || uart == NULL || run->io.size != 1 || run->io.count != 1
             || !__atomic_load_n(&uart->enabled, __ATOMIC_ACQUIRE))
             return 0;
-        if (run->io.port == uart->lsr_port && run->io.direction == KVM_EXIT_IO_IN) {
+        if (code == CKVM_UART_LSR && in) {
             *data = __atomic_load_n(&uart->lsr, __ATOMIC_RELAXED);
             /* A transmitter reads LSR once per byte (THRE is always set here); a second read in a row means
              * the guest now waits for something else (input), so what it printed must be seen first. */
@@ -276,7 +279,7 @@ int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_sink, uin
             tx->polling = 1;
             continue;
         }
-        if (run->io.port != uart->thr_port || run->io.direction != KVM_EXIT_IO_OUT || tx->len >= CKVM_TX_MAX)
+        if (code != CKVM_UART_THR || in || tx->len >= CKVM_TX_MAX)
             return 0;
         tx->polling = 0;
         tx->data[tx->len++] = *data;

@@ -8,10 +8,11 @@ from .native import ffi
 
 
 class FastUart:
-    """`state` is the C view (`enabled`, `lsr`) the UART model updates; `emit(bytes)` takes the bytes C buffered."""
+    """`state` is the C view (`enabled`, `lsr`) the UART model updates; `emit(bytes)` takes the bytes C buffered.
+    Which ports are its THR and LSR is in the port bus's `c_table` (devices/bus.py C_UART_THR, C_UART_LSR)."""
 
-    def __init__(self, thr_port: int, lsr_port: int, emit: Callable[[bytes], None]):
-        self.state = ffi.new("struct ckvm_uart_fast *", {"thr_port": thr_port, "lsr_port": lsr_port})
+    def __init__(self, emit: Callable[[bytes], None]):
+        self.state = ffi.new("struct ckvm_uart_fast *")
         self.emit = emit
 
 

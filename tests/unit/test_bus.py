@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudkvm.devices.bus import Bus, BusConflict
+from cloudkvm.devices.bus import C_UART_LSR, C_UART_THR, Bus, BusConflict
 
 
 class Dev:
@@ -140,29 +140,29 @@ def test_ranges_sorted_by_base_with_labels_and_default_label():
     assert bus.ranges() == [(0x60, 1, "Dev"), (0x70, 2, "rtc"), (0x3F8, 8, "uart")]
 
 
-def test_sink_table_marks_exactly_the_sink_device_ports():
+def test_c_table_marks_exactly_the_sink_device_ports():
     bus = Bus("pio", sink_ports=0x10000)
-    assert bus.sink_table is not None and len(bus.sink_table) == 0x10000
+    assert bus.c_table is not None and len(bus.c_table) == 0x10000
     bus.add(0x80, 1, SinkDev(), "post")
     bus.add(0xED, 1, SinkDev(), "delay")
     bus.add(0x3F8, 8, Dev(), "uart")        # not a sink
     bus.add(0xFFF0, 0x10, SinkDev(), "top")  # reaches exactly the end of the table
-    marked = {i for i, v in enumerate(bus.sink_table) if v}
+    marked = {i for i, v in enumerate(bus.c_table) if v}
     assert marked == {0x80, 0xED} | set(range(0xFFF0, 0x10000))
-    assert all(v in (0, 1) for v in bus.sink_table)
+    assert all(v in (0, 1) for v in bus.c_table)
 
 
 def test_sink_device_that_would_run_past_the_table_is_not_marked():
     bus = Bus("pio", sink_ports=0x100)
     bus.add(0xF8, 0x10, SinkDev(), "straddle")
-    assert not any(bus.sink_table)
+    assert not any(bus.c_table)
     assert bus.lookup(0x100) is not None     # still on the bus, just not sunk in C
 
 
-def test_bus_without_sink_ports_has_no_sink_table():
+def test_bus_without_sink_ports_has_no_c_table():
     bus = Bus("mmio")
     bus.add(0x80, 1, SinkDev(), "post")
-    assert bus.sink_table is None
+    assert bus.c_table is None
     assert bus.lookup(0x80)[1].__class__ is SinkDev
 
 
@@ -171,7 +171,7 @@ def test_rejected_sink_device_does_not_mark_the_table():
     bus.add(0x80, 4, Dev(), "normal")
     with pytest.raises(BusConflict):
         bus.add(0x82, 1, SinkDev(), "post")
-    assert not any(bus.sink_table)
+    assert not any(bus.c_table)
 
 
 @st.composite
@@ -222,3 +222,16 @@ def test_add_accepts_exactly_the_non_overlapping_ranges(candidates):
             bus.add(base, size, Dev())
             accepted.append((base, size))
     assert [(b, s) for b, s, _ in bus.ranges()] == sorted(accepted)
+
+
+def test_c_ports_mark_their_codes_at_their_offsets_only():
+    bus = Bus("pio", sink_ports=0x10000)
+    bus.add(0x3F8, 8, Dev(), "uart", c_ports={0: C_UART_THR, 5: C_UART_LSR})
+    assert {i: v for i, v in enumerate(bus.c_table) if v} == {0x3F8: C_UART_THR, 0x3FD: C_UART_LSR}
+
+
+def test_c_ports_outside_the_device_are_a_layout_bug_and_change_nothing():
+    bus = Bus("pio", sink_ports=0x10000)
+    with pytest.raises(BusConflict, match="outside its range"):
+        bus.add(0x3F8, 8, Dev(), "uart", c_ports={8: C_UART_LSR})
+    assert not any(bus.c_table) and bus.lookup(0x3F8) is None

@@ -143,7 +143,7 @@ def test_port_sink_is_a_c_sink():
     assert PortSink.c_sink is True
     bus = Bus("pio", sink_ports=0x10000)
     bus.add(0x80, 1, PortSink(), "post")
-    assert bus.sink_table[0x80] == 1
+    assert bus.c_table[0x80] == 1
 
 
 # --- PCI configuration mechanism #1 -----------------------------------------------------------------------
