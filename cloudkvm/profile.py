@@ -152,6 +152,8 @@ class Disk(_Model):
         None, description="grow the disk to this size (e.g. 20G; a bare number means MiB)")
     read_only: bool = Field(False, description="the guest cannot write to the disk")
     interface: Literal["virtio-blk"] = Field("virtio-blk", description="how the guest sees the disk")
+    trust_backing: bool = Field(False, description="let the image's backing chain name absolute paths, files "
+                                                   "outside the image's folder, or block devices")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Disk":
