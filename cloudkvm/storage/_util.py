@@ -7,6 +7,7 @@ import fcntl
 import os
 
 from ..errors import CloudkvmError
+from . import locks
 from .errors import OutOfRange
 
 # <linux/falloc.h>
@@ -74,8 +75,9 @@ def pwrite_full(fd: int, data, offset: int) -> None:
 
 
 def lock_image(fd: int, path: str, read_only: bool) -> None:
-    """flock the image: shared for readers, exclusive for a writer, so two cloudkvm processes never write one
-    image at once (QEMU uses its own fcntl locks; those do not conflict with flock)."""
+    """Lock the image against other users: flock (shared for readers, exclusive for a writer) against other
+    cloudkvm processes, and QEMU's own byte-range locks (storage/locks.py) so that QEMU and qemu-img refuse an
+    image cloudkvm writes, and cloudkvm one they write. Both go away when `fd` is closed."""
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -84,3 +86,4 @@ def lock_image(fd: int, path: str, read_only: bool) -> None:
                             "(readers share an image; a writer needs it alone)") from None
     except OSError:  # file systems without flock: run unlocked
         pass
+    locks.lock(fd, path, writer=not read_only)

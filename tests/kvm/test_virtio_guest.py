@@ -24,8 +24,8 @@ def test_guest_driver_reads_and_writes_a_qcow2_disk(guest_binary, tmp_path):
     image = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
     subprocess.run(["qemu-io", "-c", "write -P 0x5a 1M 512", str(image)], check=True, capture_output=True)
-    disk = open_disk(image)
-    run = run_guest(guest_binary("virtio_blk"), virtio=[VirtioBlk(disk, serial="cloudkvm-test-disk")])
+    with open_disk(image) as disk:  # closed before qemu-img looks: it honours cloudkvm's QEMU-style image lock
+        run = run_guest(guest_binary("virtio_blk"), virtio=[VirtioBlk(disk, serial="cloudkvm-test-disk")])
     assert run.result.reason == "poweroff", (run.result, run.console)
     console = run.console
     assert "virtio_blk: capacity 131072 sectors" in console
