@@ -97,24 +97,42 @@ def up(profile: Path = typer.Argument(..., help="profile YAML"),
         return
     from .progress import step
 
+    _warn(launcher.warnings(loaded))
     with step(f"starting {name or loaded.name}"):
-        instance = launcher.up(loaded, str(profile.resolve()), name=name, wait=wait)
+        instance, running = launcher.up(loaded, str(profile.resolve()), name=name, wait=wait)
+    if not running:
+        typer.echo(f"{instance.name}: still starting after {wait:g} s (cloudkvm status {instance.name}; "
+                   f"logs: {instance.console_log})")
+        return
     typer.echo(f"{instance.name}: running (console: cloudkvm console {instance.name}; "
                f"logs: {instance.console_log})")
 
 
+def _warn(messages: list[str]) -> None:
+    for message in messages:
+        typer.echo(f"cloudkvm: warning: {message}", err=True)
+
+
 def _run_foreground(profile) -> None:
-    from .instances import Instance
-    from .launcher import check_forwards, machine_for, prepare_disks
+    from .instances import Instance, private_dir, private_files
+    from .launcher import check_forwards, instance_info, machine_for, prepare_disks, warnings
     from .terminal import raw_terminal
 
     instance = Instance.named(profile.name)
-    instance.dir.mkdir(parents=True, exist_ok=True)
     check_forwards(profile)
-    disks = prepare_disks(profile, instance)
-    with machine_for(profile, disks, sys.stdout.fileno(), sys.stdin.fileno()) as machine, \
-            raw_terminal(sys.stdin.fileno()):
-        result = machine.run()
+    _warn(warnings(profile))
+    with private_files():
+        private_dir(instance.dir.parent)
+        with instance.exclusive("running in the foreground"):
+            if instance.state() == "running":
+                raise CloudkvmError(f"instance '{profile.name}' is already running",
+                                    f"cloudkvm down {profile.name} first, or use --name")
+            private_dir(instance.dir)
+            disks, probed = prepare_disks(profile, instance)
+            instance.write_json(instance.info_file, {**instance_info(profile, None), "probed_formats": probed})
+            with machine_for(profile, disks, sys.stdout.fileno(), sys.stdin.fileno()) as machine, \
+                    raw_terminal(sys.stdin.fileno()):
+                result = machine.run()
     typer.echo(f"\ncloudkvm: VM ended: {result}", err=True)
     raise typer.Exit(0 if result.clean else 1)
 
@@ -218,8 +236,19 @@ def rm(name: str, force: bool = typer.Option(False, "--force", help="stop a runn
 @app.command()
 def validate(profile: Path) -> None:
     """Check a profile (and the files it names) without starting anything."""
+    from .disks import chains
+
     loaded = _load(profile)
+    found = chains(loaded)
+    for index, chain in found:
+        if isinstance(chain, CloudkvmError):
+            raise CloudkvmError(f"{loaded.where('disks', index, 'file')}: {chain.message}", chain.hint)
+    from .launcher import warnings
+
+    _warn(warnings(loaded))
     typer.echo(f"{profile}: ok ({loaded.name}: {loaded.arch} {loaded.machine}, {loaded.cpus} vCPUs)")
+    for index, chain in found:
+        typer.echo(f"  disks.{index}: {' <- '.join(link.describe() for link in chain)}")
 
 
 @app.command()
@@ -239,10 +268,17 @@ def show(profile: Path, qemu: bool = typer.Option(False, "--qemu", help="print t
     from .profile import profile_to_dict
     from .qemu_cmdline import dump_profile_yaml, profile_to_qemu
 
+    from .disks import chains
+
     loaded = _load(profile, check_files=False)
     typer.echo(shlex.join(profile_to_qemu(loaded)) if qemu else dump_profile_yaml(profile_to_dict(loaded)), nl=False)
     if qemu:
         typer.echo()
+        return
+    for index, chain in chains(loaded):
+        text = f"refused or unreadable: {chain}" if isinstance(chain, CloudkvmError) \
+            else " <- ".join(link.describe() for link in chain)
+        typer.echo(f"# disks.{index} backing chain: {text}")
 
 
 @app.command("import-qemu", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

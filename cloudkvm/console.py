@@ -9,8 +9,10 @@ class ConsoleLog:
 
     TAIL_LIMIT = 1 << 20
 
-    def __init__(self, fd: int | None = None, tail_limit: int = TAIL_LIMIT):
+    def __init__(self, fd: int | None = None, tail_limit: int = TAIL_LIMIT, writer=None):
+        """Output goes to `fd` and to `writer.write(bytes)` (e.g. logfile.CappedLog), each when given."""
         self.fd = fd
+        self.writer = writer
         self.tail_limit = tail_limit
         self._tail = bytearray()
         self._total = 0
@@ -33,6 +35,8 @@ class ConsoleLog:
                 os.write(self.fd, data)
             except OSError:
                 self.fd = None  # the reader went away; keep the VM running
+        if self.writer is not None:
+            self.writer.write(data)
         with self._cond:
             self._tail += data
             self._total += len(data)

@@ -7,13 +7,17 @@ import time
 import traceback
 from typing import Callable
 
+from .fsutil import atomic_write
 from .instances import Instance, pid_record
+from .logfile import open_log
 
 READY, FAILED = "running", "error"
 
 
-def spawn(instance: Instance, target: Callable[[Callable[[str], None]], int], wait: float = 60.0) -> tuple[str, int]:
-    """Run `target(ready)` in a daemon (double fork, setsid, stdio to the instance's vmm.log).
+def spawn(instance: Instance, target: Callable[[Callable[[str], None]], int], wait: float = 60.0,
+          close_in_daemon: tuple[int, ...] = ()) -> tuple[str, int]:
+    """Run `target(ready)` in a daemon (double fork, setsid, stdio to the instance's vmm.log). The daemon closes
+    `close_in_daemon` first (e.g. the caller's instance lock, which must not live on in the VM).
 
     The daemon calls `ready("running")` once the VM runs, or the failure is reported from its exception.
     Returns ("running", pid) or ("error: ...", pid) once the daemon says so, or ("timeout", pid)."""
@@ -21,7 +25,8 @@ def spawn(instance: Instance, target: Callable[[Callable[[str], None]], int], wa
     pid = os.fork()
     if pid == 0:  # first child: leave the caller's session, fork again so the daemon is not a session leader
         try:
-            os.close(r)
+            for fd in (r, *close_in_daemon):
+                os.close(fd)
             os.setsid()
             if os.fork():
                 os._exit(0)
@@ -49,7 +54,8 @@ def spawn(instance: Instance, target: Callable[[Callable[[str], None]], int], wa
 def _daemon_main(instance: Instance, target, ready_fd: int) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    logfd = os.open(instance.vmm_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.umask(0o077)  # everything the VM writes in its instance folder is private
+    logfd = open_log(instance.vmm_log)
     os.dup2(logfd, 1)
     os.dup2(logfd, 2)
     os.close(devnull)
@@ -58,7 +64,7 @@ def _daemon_main(instance: Instance, target, ready_fd: int) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s cloudkvm[%(process)d] %(levelname)s %(message)s")
-    instance.pid_file.write_text(pid_record(os.getpid()))
+    atomic_write(instance.pid_file, pid_record(os.getpid()).encode(), mode=0o600)
     said = []
 
     def ready(state: str) -> None:

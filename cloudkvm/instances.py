@@ -1,8 +1,11 @@
 """Instance folders: everything about one VM (info, pid, logs, control socket, how it ended) in one place."""
+import errno
+import fcntl
 import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,25 @@ def check_name(name: str) -> str:
         raise CloudkvmError(f"instance name '{name}' is not allowed",
                             "use letters, digits, '.', '_' or '-', starting with a letter or digit (max 63)")
     return name
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and missing parents) as a folder only its owner can enter (0700, whatever the umask)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.is_symlink() or not path.is_dir():
+        raise CloudkvmError(f"{path}: not a folder", "remove it, or set CLOUDKVM_STATE_DIR to another folder")
+    os.chmod(path, 0o700)
+    return path
+
+
+@contextmanager
+def private_files():
+    """New files and folders are private (umask 077) while the block runs."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -93,7 +115,34 @@ class Instance:
             return {}
 
     def write_json(self, path: Path, data: dict) -> None:
-        atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
+
+    @property
+    def lock_file(self) -> Path:
+        """Beside the instance folders, so that it outlives `rm` and exists before the folder does."""
+        return self.dir.parent / ".locks" / f"{self.name}.lock"
+
+    @contextmanager
+    def exclusive(self, doing: str):
+        """`doing` says what, for the others (e.g. "being started"). Hold this instance's lock while starting, running in the foreground or removing it: exactly one
+        cloudkvm command at a time; another gets a CloudkvmError at once. Yields the lock's fd (a daemon forked
+        meanwhile must close it)."""
+        private_dir(self.lock_file.parent)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                holder = os.pread(fd, 128, 0).decode(errors="replace").strip() or "being started or removed"
+                raise CloudkvmError(f"instance '{self.name}' is {holder} by another cloudkvm command",
+                                    "wait for it to finish; `cloudkvm ls` shows the instance's state") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{doing} (pid {os.getpid()})\n".encode(), 0)
+            yield fd
+        finally:
+            os.close(fd)
 
     def recorded_pid(self) -> tuple[int, int] | None:
         """(pid, start time) as the daemon wrote them; None for no file or anything else in it."""

@@ -5,10 +5,12 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 from . import control, daemon
 from .errors import CloudkvmError
-from .instances import Instance, list_instances
+from .instances import Instance, list_instances, private_dir, private_files
+from .logfile import CappedLog
 from .boards.x86_cpu import CpuPolicy
 from .machine import FlatBinary, LinuxBoot, Machine, MachineSpec, check_payload
 from .profile import Profile
@@ -23,35 +25,35 @@ def check_runnable(profile: Profile) -> None:
                             "only x86_64 profiles run today; the aarch64 virt board is a later issue")
 
 
-def prepare_disks(profile: Profile, instance: Instance) -> list[tuple[str, str | None, bool]]:
-    """Per-instance overlays (`overlay: true`) and growth (`size:`); returns what each virtio-blk opens:
-    (path, format, read_only). Runs before the daemon starts, so every disk error is a one-line user error."""
-    from .storage import open_disk, probe_format
-    from .storage import qcow2
+def prepare_disks(profile: Profile, instance: Instance) -> tuple[list, dict]:
+    """The instance's disks made ready (disks.prepare), and every format probed so far for the instance to record
+    (so that a restart does not probe again)."""
+    from .disks import prepare
 
-    opened = []
-    for index, disk in enumerate(profile.disks):
-        where = profile.where("disks", index, "file")
-        path, fmt = str(disk.file), disk.format or probe_format(disk.file)
-        if disk.overlay:
-            overlay = instance.dir / f"disk{index}.overlay.qcow2"
-            if not overlay.exists():
-                qcow2.create(overlay, None, backing=os.path.abspath(path), backing_format=fmt)
-            path, fmt = str(overlay), "qcow2"
-        if disk.size and not disk.read_only:
-            with open_disk(path, format=fmt) as image:
-                current = image.size
-            if disk.size < current:
-                raise CloudkvmError(f"{where}: disks.{index}.size is smaller than the image ({current} bytes)",
-                                    "disks only grow; drop 'size' or make it larger")
-            if disk.size > current:
-                if fmt == "qcow2":
-                    qcow2.grow(path, disk.size)
-                else:
-                    os.truncate(path, disk.size)
-        open_disk(path, read_only=disk.read_only, format=fmt).close()  # a corrupt image fails here, not later
-        opened.append((path, fmt, disk.read_only))
-    return opened
+    recorded = instance.info().get("probed_formats")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    prepared, probed = prepare(profile, instance.dir, recorded)
+    return prepared, {**recorded, **probed}
+
+
+def warnings(profile: Profile) -> list[str]:
+    """What a profile exposes that its user may not mean to: forwards reachable from other hosts, a console log
+    written outside the instance's and the profile's folders."""
+    import ipaddress
+
+    out = []
+    for index, forward in enumerate(profile.network.forwards):
+        if not ipaddress.ip_address(forward.host_ip or "0.0.0.0").is_loopback:
+            out.append(f"{profile.where('network', 'forwards', index)}: forward {forward.spec()} listens on "
+                       f"{forward.host_ip or '0.0.0.0'}, reachable from other hosts (use 127.0.0.1 to keep it local)")
+    log = profile.console.log
+    if log is not None:
+        folders = [Instance.named(profile.name).dir] + ([Path(profile.source).parent] if profile.source else [])
+        real = os.path.realpath(log)
+        if not any(os.path.commonpath([real, os.path.realpath(f)]) == os.path.realpath(f) for f in folders):
+            out.append(f"{profile.where('console', 'log')}: the console log {log} is outside the instance's and "
+                       f"the profile's folders")
+    return out
 
 
 def check_forwards(profile: Profile) -> None:
@@ -63,14 +65,12 @@ def check_forwards(profile: Profile) -> None:
             check_port_free(forward)
 
 
-def virtio_devices(profile: Profile, disks: list[tuple[str, str | None, bool]]) -> list:
+def virtio_devices(profile: Profile, disks: list) -> list:
     """One virtio-blk per disk (serial diskN), a virtio-net on user networking if asked for, then a virtio-rng."""
     from .devices.virtio.blk import VirtioBlk
     from .devices.virtio.rng import VirtioRng
-    from .storage import open_disk
 
-    devices = [VirtioBlk(open_disk(path, read_only=ro, format=fmt), read_only=ro, serial=f"disk{i}")
-               for i, (path, fmt, ro) in enumerate(disks)]
+    devices = [VirtioBlk(disk.open(), read_only=disk.read_only, serial=f"disk{i}") for i, disk in enumerate(disks)]
     if profile.network.mode == "user":
         from .devices.virtio.net import VirtioNet, mac_for
         from .net.slirp import SlirpBackend
@@ -107,10 +107,12 @@ def instance_info(profile: Profile, source: str | None) -> dict:
             "created_at": time.time()}
 
 
-def machine_for(profile: Profile, disks, console_fd: int | None, console_input_fd: int | None = None) -> Machine:
+def machine_for(profile: Profile, disks, console_fd: int | None, console_input_fd: int | None = None,
+                console_out=None) -> Machine:
     """The VM a profile describes, its devices built and their backends on its I/O thread (daemon and
     foreground alike)."""
     spec = spec_for(profile, console_fd, virtio_devices(profile, disks))
+    spec.console_out = console_out
     if console_input_fd is not None:
         spec.console_input_fd, spec.console_escape = console_input_fd, True
     machine = Machine(spec)
@@ -124,20 +126,25 @@ def machine_for(profile: Profile, disks, console_fd: int | None, console_input_f
 
 def _run_vm(instance: Instance, profile: Profile, disks, ready) -> int:
     """The daemon's body: build the machine, serve the control socket, run, record how the VM ended."""
-    console_fd = os.open(instance.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    with machine_for(profile, disks, console_fd) as machine:
-        info = {**instance.info(), "started_at": time.time(), "pid": os.getpid()}
-        instance.write_json(instance.info_file, info)
-        server = control.ControlServer(machine, instance.control_socket, {"name": profile.name})
-        signal.signal(signal.SIGTERM, lambda *_: machine.end(_stopped("SIGTERM")))
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        machine.io.call_soon(lambda: ready(daemon.READY))  # once the I/O thread serves the socket, the VM is up
-        result = machine.run()
-        server.close()
-    instance.write_json(instance.result_file, {"reason": result.reason, "detail": result.detail,
-                                               "cpu": result.cpu, "rip": result.rip, "ended_at": time.time()})
-    logging.info("VM ended: %s", result)
-    os.close(console_fd)
+    console = CappedLog(instance.console_log)
+    try:
+        with machine_for(profile, disks, None, console_out=console) as machine:
+            info = {**instance.info(), "started_at": time.time(), "pid": os.getpid()}
+            instance.write_json(instance.info_file, info)
+            server = control.ControlServer(machine, instance.control_socket, {"name": profile.name})
+            signal.signal(signal.SIGTERM, lambda *_: machine.end(_stopped("SIGTERM")))
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            machine.io.call_soon(lambda: ready(daemon.READY))  # once the I/O thread serves the socket, the VM is up
+            result = machine.run()
+            server.close()
+    finally:
+        console.close()
+    logging.info("VM ended: %s", result)  # in the log first: the result survives a state folder that is full
+    try:
+        instance.write_json(instance.result_file, {"reason": result.reason, "detail": result.detail,
+                                                   "cpu": result.cpu, "rip": result.rip, "ended_at": time.time()})
+    except OSError as err:
+        logging.error("cannot record the result in %s: %s", instance.result_file, err.strerror or err)
     return 0 if result.clean else 1
 
 
@@ -147,25 +154,49 @@ def _stopped(how: str):
     return VmResult("stopped", f"stopped by {how}")
 
 
-def up(profile: Profile, source: str | None, name: str | None = None, wait: float = 120.0) -> Instance:
-    """Start `profile` as a daemonized VM; returns once it runs. Errors are one-line CloudkvmErrors."""
+def _state_error(instance: Instance, err: OSError) -> CloudkvmError:
+    return CloudkvmError(f"{instance.dir}: cannot write the instance folder: {err.strerror or err}",
+                         "free space there, make it writable, or set CLOUDKVM_STATE_DIR to another folder")
+
+
+def up(profile: Profile, source: str | None, name: str | None = None, wait: float = 120.0) -> tuple[Instance, bool]:
+    """Start `profile` as a daemonized VM. Returns (instance, running): running is False when the VM was still
+    starting after `wait` seconds. Errors are one-line CloudkvmErrors; a refused start leaves nothing behind."""
     if name:
         profile = profile.model_copy(update={"name": name})
     instance = Instance.named(profile.name)
-    if instance.state() == "running":
-        raise CloudkvmError(f"instance '{profile.name}' is already running", f"cloudkvm down {profile.name} first")
     check_payload(spec_for(profile, None).payload)  # refuse what cannot run before anything is created
     check_forwards(profile)
-    instance.dir.mkdir(parents=True, exist_ok=True)
-    for stale in (instance.result_file, instance.pid_file):
-        stale.unlink(missing_ok=True)
-    disks = prepare_disks(profile, instance)
-    instance.write_json(instance.info_file, instance_info(profile, source))
-    message, pid = daemon.spawn(instance, lambda ready: _run_vm(instance, profile, disks, ready), wait)
+    with private_files():
+        try:
+            private_dir(instance.dir.parent)
+        except OSError as err:
+            raise _state_error(instance, err) from None
+        with instance.exclusive("being started") as lock_fd:
+            if instance.state() == "running":
+                raise CloudkvmError(f"instance '{profile.name}' is already running",
+                                    f"cloudkvm down {profile.name} first")
+            created = not os.path.lexists(instance.dir)
+            try:
+                private_dir(instance.dir)
+                for stale in (instance.result_file, instance.pid_file):
+                    stale.unlink(missing_ok=True)
+                disks, probed = prepare_disks(profile, instance)
+                instance.write_json(instance.info_file, {**instance_info(profile, source), "probed_formats": probed})
+            except BaseException as exc:
+                if created:
+                    shutil.rmtree(instance.dir, ignore_errors=True)
+                if isinstance(exc, OSError):
+                    raise _state_error(instance, exc) from None
+                raise
+            message, pid = daemon.spawn(instance, lambda ready: _run_vm(instance, profile, disks, ready), wait,
+                                        close_in_daemon=(lock_fd,))
+    if message == "timeout" and instance.state() == "running":
+        return instance, False
     if message != daemon.READY:
         tail = instance.log_tail()
         raise CloudkvmError(f"instance '{profile.name}' did not start: {message}", f"log: {tail}")
-    return instance
+    return instance, True
 
 
 def status(instance: Instance) -> dict:
@@ -231,11 +262,18 @@ def down(instance: Instance, force: bool = False, timeout: float = 60.0) -> str:
 
 
 def remove(instance: Instance, force: bool = False) -> None:
-    if instance.state() == "running":
-        if not force:
-            raise CloudkvmError(f"instance '{instance.name}' is running", f"cloudkvm down {instance.name}, or rm --force")
-        down(instance, force=True)
-    shutil.rmtree(instance.dir)
+    """Delete the instance folder, never while another cloudkvm command starts it, never through a symlink."""
+    with instance.exclusive("being removed"):
+        if instance.state() == "running":
+            if not force:
+                raise CloudkvmError(f"instance '{instance.name}' is running",
+                                    f"cloudkvm down {instance.name}, or rm --force")
+            down(instance, force=True)
+            if instance.state() == "running":
+                raise CloudkvmError(f"instance '{instance.name}' is still running", "nothing was removed")
+        if instance.dir.is_symlink():
+            raise CloudkvmError(f"{instance.dir}: the instance folder is a symlink", "nothing was removed")
+        shutil.rmtree(instance.dir)
 
 
 def to_json(obj) -> str:

@@ -49,7 +49,8 @@ class LinuxBoot:
 
 @dataclass
 class MachineSpec:
-    """What to build. `console_fd` receives serial output (None: keep it in memory only)."""
+    """What to build. Serial output goes to `console_fd` and to `console_out` (a writer such as
+    logfile.CappedLog), each when given (neither: kept in memory only)."""
 
     payload: FlatBinary | LinuxBoot
     board: str = "x86"
@@ -59,6 +60,7 @@ class MachineSpec:
     host_quirks: bool = True
     unmapped_mmio: str = "stop"  # "stop": end the VM with a report; "ignore": log once, reads see all ones
     console_fd: int | None = None
+    console_out: object | None = None
     console_input_fd: int | None = None
     console_escape: bool = False  # Ctrl-A x on the console input stops the VM
     virtio: list = field(default_factory=list)  # VirtioDevice models, one virtio-mmio slot each, in this order
@@ -110,7 +112,7 @@ class Machine:
         self.quirks = hostquirks.detect() if spec.host_quirks else hostquirks.HostQuirks()
         self.board = board_class(spec.cpus, spec.cpu, self.quirks)
         self.unmapped_mmio = spec.unmapped_mmio
-        self.console = ConsoleLog(spec.console_fd)
+        self.console = ConsoleLog(spec.console_fd, writer=spec.console_out)
         self.stopping = threading.Event()
         self.samples: dict | None = None  # filled by vCPU threads while sample_rips() waits
         self.ticks_due: set[int] = set()  # vCPUs that owe the board a `vcpu_tick` (see _tick)

@@ -3,8 +3,14 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from cloudkvm.kvm.system import kvm_available
+
+# Property tests check results, never speed: a busy 2-core CI machine must not fail them on hypothesis' 200 ms
+# per-example deadline (speed lives in bench/).
+settings.register_profile("cloudkvm", deadline=None)
+settings.load_profile("cloudkvm")
 
 GUESTS = Path(__file__).parent / "guests"
 # QEMU TCG's SVM VMRUN loads the guest's DR7 from the VMCB without arming its breakpoints (target/i386/tcg/

@@ -10,12 +10,13 @@ import os
 from typing import Protocol, runtime_checkable
 
 from ..errors import CloudkvmError
+from .backing import BackingPolicy, open_image
 from .errors import CorruptImage, DiskError, OutOfRange, ReadOnlyDisk
+from .probe import readable_format
 
-__all__ = ["Disk", "open_disk", "probe_format", "FORMATS", "DiskError", "OutOfRange", "ReadOnlyDisk",
-           "CorruptImage"]
+__all__ = ["Disk", "open_disk", "probe_format", "FORMATS", "BackingPolicy", "DiskError", "OutOfRange",
+           "ReadOnlyDisk", "CorruptImage"]
 
-QCOW2_MAGIC = b"QFI\xfb"  # docs/interop/qcow2.txt, header bytes 0-3
 FORMATS = ("raw", "qcow2")
 MAX_BACKING_CHAIN = 64  # deeper chains are refused (and stop runaway recursion)
 
@@ -59,34 +60,40 @@ def open_error(path: str, err: OSError, read_only: bool) -> CloudkvmError:
 
 
 def probe_format(path: str | os.PathLike) -> str:
-    """'qcow2' when the file starts with the qcow2 magic, else 'raw'."""
+    """'qcow2' or 'raw' from the image's first sector; CloudkvmError for a format cloudkvm cannot read."""
     path = os.fspath(path)
+    fd, _ = open_image(path, True, devices=True)
     try:
-        with open(path, "rb") as f:
-            head = f.read(4)
+        return readable_format(path, fd, FORMATS)
     except OSError as err:
         raise open_error(path, err, True) from None
-    return "qcow2" if head == QCOW2_MAGIC else "raw"
+    finally:
+        os.close(fd)
 
 
-def open_disk(path: str | os.PathLike, read_only: bool = False, format: str | None = None) -> Disk:
+def open_disk(path: str | os.PathLike, read_only: bool = False, format: str | None = None, *,
+              policy: BackingPolicy = BackingPolicy(), probed: bool = False) -> Disk:
     """Open a disk image; `format` ('raw' or 'qcow2') is probed from the header when not given.
 
-    User errors (missing file, corrupt header, unsupported feature) raise `CloudkvmError` naming the file."""
-    return _open(path, read_only, format, ())
+    A raw image whose format was probed (`format` omitted, or `probed=True` for a format recorded from an earlier
+    probe) refuses writes that would make it probe as another format. Backing files follow `policy`.
+    User errors (missing file, corrupt header, unsupported feature, refused backing file) raise `CloudkvmError`
+    naming the file."""
+    return _open(path, read_only, format, probed or format is None, policy, ())
 
 
-def _open(path, read_only: bool, format: str | None, chain: tuple) -> Disk:
+def _open(path, read_only: bool, format: str | None, probed: bool, policy: BackingPolicy, chain: tuple) -> Disk:
     path = os.fspath(path)
     if len(chain) >= MAX_BACKING_CHAIN:
         raise CloudkvmError(f"{path}: backing chain deeper than {MAX_BACKING_CHAIN} images",
                             "flatten the chain with `qemu-img convert`")
     fmt = format if format is not None else probe_format(path)
+    devices = not chain or policy.allows_devices(path)
     if fmt == "raw":
         from .raw import RawDisk
-        return RawDisk(path, read_only=read_only)
+        return RawDisk(path, read_only=read_only, devices=devices, keep_raw=probed)
     if fmt == "qcow2":
         from .qcow2 import Qcow2Disk
-        return Qcow2Disk(path, read_only=read_only, _chain=chain)
+        return Qcow2Disk(path, read_only=read_only, devices=devices, policy=policy, _chain=chain)
     raise CloudkvmError(f"{path}: unsupported disk image format {fmt!r}",
                         f"use one of {', '.join(FORMATS)} (convert with `qemu-img convert -O qcow2`)")

@@ -3,6 +3,8 @@
 - `DiskError`: a request the disk cannot serve (a device model turns it into an I/O error status for the guest).
 - `OutOfRange` (also a `ValueError`): offset/length outside the virtual disk.
 - `ReadOnlyDisk` (also a `PermissionError`): a write, discard or flush-with-changes on a disk opened read-only.
+- `FormatChangeRefused` (also a `PermissionError`): a write to a probed raw image's first sector that would
+  make it probe as another format.
 - `CorruptImage` (also a `CloudkvmError`): image metadata found broken while serving I/O (an L2 entry past the end
   of the file, into metadata, ...). It names the file and offset and hints at `qemu-img check`.
 
@@ -23,6 +25,10 @@ class OutOfRange(DiskError, ValueError):
 
 class ReadOnlyDisk(DiskError, PermissionError):
     """A modifying request on a disk opened read-only."""
+
+
+class FormatChangeRefused(DiskError, PermissionError):
+    """A write that would make a probed raw image probe as another format (a guest must not pick its format)."""
 
 
 class CorruptImage(CloudkvmError, DiskError):

@@ -63,6 +63,7 @@ from collections import OrderedDict
 from ..errors import CloudkvmError
 from . import qcow2_header as hdr
 from ._refblock import new_block
+from .backing import BackingPolicy, open_image
 from ._util import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, check_range, fallocate, lock_image, pread_full,
                     pwrite_full)
 from .errors import CorruptImage, DiskError, ReadOnlyDisk
@@ -114,16 +115,15 @@ class Qcow2Disk:
     L2_CACHE_TABLES = 32
     REFBLOCK_CACHE = 32
 
-    def __init__(self, path, read_only: bool = False, *, _chain: tuple = ()):
-        from . import open_error
+    def __init__(self, path, read_only: bool = False, *, devices: bool = True, policy: BackingPolicy = BackingPolicy(),
+                 _chain: tuple = ()):
+        """`devices`: a block device is acceptable as this image; `policy`: what its backing chain may name."""
         self.path = os.fspath(path)
         self.read_only = read_only
         self.backing = None
+        self.policy = policy
         self._fd = -1
-        try:
-            self._fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as err:
-            raise open_error(self.path, err, read_only) from None
+        self._fd, _ = open_image(self.path, read_only, devices)
         try:
             self._setup(_chain)
         except BaseException:
@@ -134,8 +134,6 @@ class Qcow2Disk:
     def _setup(self, chain: tuple) -> None:
         fd, path = self._fd, self.path
         st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise CloudkvmError(f"{path}: is a folder, not a disk image", "name the image file")
         ident = (st.st_dev, st.st_ino)
         if ident in chain:
             raise CloudkvmError(f"{path}: backing file loop: this image is already in the backing chain above it "
@@ -265,16 +263,13 @@ class Qcow2Disk:
     def _open_backing(self, h: hdr.Header, chain: tuple) -> None:
         from . import FORMATS, _open
         name = h.backing_file
-        if name.startswith("json:") or "://" in name:
-            raise hdr.unsupported(self.path, f"backing file {name!r} is not a local file",
-                                  "rebase onto a local file: `qemu-img rebase -b BASE IMAGE`")
         fmt = h.backing_format
         if fmt is not None and fmt not in FORMATS:
             raise hdr.unsupported(self.path, f"backing file {name!r} has format {fmt!r} (only raw and qcow2)",
                                   "convert the backing file to qcow2 and rebase onto it")
-        bpath = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
+        bpath = self.policy.resolve(self.path, name)
         try:
-            self.backing = _open(bpath, True, fmt, chain)
+            self.backing = _open(bpath, True, fmt, fmt is None, self.policy, chain)
         except CloudkvmError as err:
             raise CloudkvmError(f"{self.path}: backing file {name!r}: {err.message}", err.hint) from None
         self._backing_size = self.backing.size
@@ -1068,10 +1063,11 @@ class Qcow2Disk:
 
 
 def create(path, size: int | None, backing=None, backing_format: str | None = None,
-           cluster_size: int = 65536) -> None:
+           cluster_size: int = 65536, policy: BackingPolicy = BackingPolicy()) -> None:
     """Create (or overwrite) a qcow2 v3 image with 16-bit refcounts. `size` may be None with a backing file (the
     backing file's virtual size is used); sizes round up to 512 bytes. A relative `backing` name is stored as
-    given and resolved against the new image's folder (as qemu-img does)."""
+    given and resolved against the new image's folder (as qemu-img does). The caller names `backing` itself;
+    `policy` applies to that file's own backing chain."""
     from . import FORMATS, _open
     path = os.fspath(path)
     if cluster_size & (cluster_size - 1) or not 1 << hdr.MIN_CLUSTER_BITS <= cluster_size <= 1 << hdr.MAX_CLUSTER_BITS:
@@ -1089,7 +1085,7 @@ def create(path, size: int | None, backing=None, backing_format: str | None = No
             raise CloudkvmError(f"{path}: backing format {backing_format!r} is not supported",
                                 f"use one of {', '.join(FORMATS)}")
         bpath = bname if os.path.isabs(bname) else os.path.join(os.path.dirname(path), bname)
-        bdisk = _open(bpath, True, backing_format, ())
+        bdisk = _open(bpath, True, backing_format, backing_format is None, policy, ())
         try:
             backing_format = bdisk.format
             if size is None:

@@ -11,9 +11,11 @@ import stat
 import threading
 
 from ..errors import CloudkvmError
+from .backing import open_image
+from .probe import PROBE_BYTES, write_keeps_raw
 from ._util import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, check_range, fallocate,
                     lock_image, pread_full, pwrite_full)
-from .errors import ReadOnlyDisk
+from .errors import FormatChangeRefused, ReadOnlyDisk
 
 _ZERO_CHUNK = 1 << 20
 
@@ -21,18 +23,14 @@ _ZERO_CHUNK = 1 << 20
 class RawDisk:
     format = "raw"
 
-    def __init__(self, path: str | os.PathLike, read_only: bool = False):
-        from . import open_error
+    def __init__(self, path: str | os.PathLike, read_only: bool = False, *, devices: bool = True,
+                 keep_raw: bool = False):
+        """`devices`: a block device is acceptable; `keep_raw`: the format was probed, so refuse writes that would
+        make the image probe as another format (see probe.py)."""
         self.path = os.fspath(path)
         self.read_only = read_only
+        fd, st = open_image(self.path, read_only, devices)
         try:
-            fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as err:
-            raise open_error(self.path, err, read_only) from None
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise CloudkvmError(f"{self.path}: is a folder, not a disk image", "name the image file")
             self._is_block = stat.S_ISBLK(st.st_mode)
             self.size = os.lseek(fd, 0, os.SEEK_END) if self._is_block else st.st_size
             lock_image(fd, self.path, read_only)
@@ -43,6 +41,16 @@ class RawDisk:
         self._lock = threading.Lock()
         self._can_punch = True
         self._can_zero_range = True
+        self.keep_raw = keep_raw
+
+    def _check_first_sector(self, data, offset: int) -> None:
+        """Refuse a write that would turn a probed raw image into another format for the next probe."""
+        if self.keep_raw and offset < PROBE_BYTES:
+            with self._lock:
+                head = pread_full(self._fd, min(PROBE_BYTES, self.size), 0)
+            if not write_keeps_raw(head, data, offset):
+                raise FormatChangeRefused(f"{self.path}: refused a write to the first sector that would make this "
+                                          f"probed raw image look like another format (set format: raw to allow)")
 
     # -- the Disk protocol -------------------------------------------------------------------------------------
     def pread(self, length: int, offset: int) -> bytes:
@@ -53,6 +61,7 @@ class RawDisk:
         if self.read_only:
             raise ReadOnlyDisk(f"{self.path}: disk opened read-only")
         check_range(self, memoryview(data).nbytes, offset)
+        self._check_first_sector(data, offset)
         pwrite_full(self._fd, data, offset)
 
     def flush(self) -> None:
@@ -63,6 +72,7 @@ class RawDisk:
         if self.read_only:
             raise ReadOnlyDisk(f"{self.path}: disk opened read-only")
         check_range(self, length, offset)
+        self._check_first_sector(bytes(min(length, PROBE_BYTES)), offset)
         if self._can_punch and not self._is_block:
             with self._lock:
                 self._can_punch = fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
@@ -77,6 +87,7 @@ class RawDisk:
         check_range(self, length, offset)
         if length == 0:
             return
+        self._check_first_sector(bytes(min(length, PROBE_BYTES)), offset)
         if not self._is_block:
             with self._lock:
                 if unmap and self._can_punch:
