@@ -1,5 +1,5 @@
-"""The I/O thread: one `poll()` loop for host-side fds (console input, eventfds, sockets), timers, queued calls and
-poll sources (libslirp's sockets).
+"""The I/O thread: one `poll()` loop for host-side fds (console input, eventfds, sockets; readable and writable),
+timers, queued calls and poll sources (libslirp's sockets).
 
 Each turn of the loop: every poll source's `fill()` says which fds it wants watched (and how long it may wait at
 most); the loop blocks in `poll()` until an fd is ready, the nearest timer or source timeout is due, or
@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 log = logging.getLogger("cloudkvm.io")
 
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+_WRITABLE = select.POLLOUT | select.POLLHUP | select.POLLERR
 
 Fill = Callable[[], "tuple[Iterable[tuple[int, int]], float | None]"]
 Dispatch = Callable[[dict[int, int]], None]
@@ -67,6 +68,7 @@ class IoThread:
         self._poll = select.poll()
         self._registered: dict[int, int] = {}       # fd -> events currently registered with poll()
         self._readers: dict[int, Callable[[], None]] = {}
+        self._writers: dict[int, Callable[[], None]] = {}
         self._sources: list[PollSource] = []
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._timer_seq = itertools.count()
@@ -91,9 +93,28 @@ class IoThread:
         """Stop watching `fd`. On the I/O thread this happens at once, so the fd can be closed right after."""
         def remove():
             self._readers.pop(fd, None)
-            if fd in self._registered and not any(fd in s.fds for s in self._sources):
-                self._unregister(fd)
+            self._forget_if_unwatched(fd)
         self._now_or_soon(remove)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call `callback()` on the I/O thread whenever `fd` is writable (or hung up / in error), until
+        `remove_writer`: for output a non-blocking fd could not take at once. A callback that raises is logged and
+        removed."""
+        def add():
+            self._writers[fd] = callback
+        self._now_or_soon(add)
+
+    def remove_writer(self, fd: int) -> None:
+        """Stop waiting for `fd` to be writable (at once on the I/O thread, so the fd can be closed right after)."""
+        def remove():
+            self._writers.pop(fd, None)
+            self._forget_if_unwatched(fd)
+        self._now_or_soon(remove)
+
+    def _forget_if_unwatched(self, fd: int) -> None:
+        if fd in self._registered and fd not in self._readers and fd not in self._writers \
+                and not any(fd in s.fds for s in self._sources):
+            self._unregister(fd)
 
     def add_poll_source(self, fill: Fill, dispatch: Dispatch) -> PollSource:
         """fds chosen anew every turn of the loop. Before each wait the loop calls `fill()`, which returns
@@ -211,6 +232,8 @@ class IoThread:
         wanted: dict[int, int] = {self._wake: select.POLLIN}
         for fd in self._readers:
             wanted[fd] = wanted.get(fd, 0) | select.POLLIN
+        for fd in self._writers:
+            wanted[fd] = wanted.get(fd, 0) | select.POLLOUT
         limit: float | None = None
         for source in list(self._sources):
             try:
@@ -247,22 +270,25 @@ class IoThread:
         return max(0, math.ceil(limit * 1000))
 
     def _run_readers(self, revents: dict[int, int]) -> None:
+        """The ready fds' reader callbacks, then their writer callbacks (each looked up when its turn comes: an
+        earlier callback may have removed it)."""
         for fd, events in revents.items():
-            callback = self._readers.get(fd)
-            if callback is None:
-                continue
-            if events & select.POLLNVAL:
-                log.error("fd %d was closed while still watched; removing it", fd)
-                self._readers.pop(fd, None)
-                continue
-            if not events & _READABLE:
-                continue
-            try:
-                callback()
-            except Exception:
-                log.exception("I/O callback for fd %d failed; removing it", fd)
-                if self._readers.get(fd) is callback:
-                    del self._readers[fd]
+            for callbacks, ready in ((self._readers, _READABLE), (self._writers, _WRITABLE)):
+                callback = callbacks.get(fd)
+                if callback is None:
+                    continue
+                if events & select.POLLNVAL:
+                    log.error("fd %d was closed while still watched; removing it", fd)
+                    callbacks.pop(fd, None)
+                    continue
+                if not events & ready:
+                    continue
+                try:
+                    callback()
+                except Exception:
+                    log.exception("I/O callback for fd %d failed; removing it", fd)
+                    if callbacks.get(fd) is callback:
+                        del callbacks[fd]
 
     def _run_sources(self, revents: dict[int, int]) -> None:
         for source in list(self._sources):
