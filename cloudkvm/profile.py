@@ -788,7 +788,16 @@ def profile_to_dict(profile: Profile) -> dict:
     data["network"]["forwards"] = [fwd.spec() for fwd in profile.network.forwards]
     if not data["cpu"]["hide"]:
         data["cpu"] = data["cpu"]["model"]
-    return data
+    return _escape_vars(data)
+
+
+def _escape_vars(value: Any) -> Any:
+    """Strings as a profile writes them: a literal `${` is `$${` (else loading would expand it as a variable)."""
+    if isinstance(value, dict):
+        return {key: _escape_vars(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escape_vars(item) for item in value]
+    return value.replace("${", "$${") if isinstance(value, str) else value
 
 
 def profile_schema() -> dict:
