@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .errors import CloudkvmError
+from .errors import CloudkvmError, printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="cloudkvm: run cloud-image VMs on /dev/kvm, with cloudkvm itself as the VMM.")
@@ -45,11 +45,12 @@ def boot(kernel: Path = typer.Option(..., "--kernel", "-k", help="bzImage or vml
          host_quirks: bool = typer.Option(True, help="apply this host's KVM workarounds"),
          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Boot a Linux kernel directly, in the foreground, with the serial console on this terminal (Ctrl-A x quits)."""
-    from .machine import LinuxBoot, MachineSpec, run
+    from .machine import LinuxBoot, MachineSpec, check_payload, run
     from .terminal import raw_terminal
     from .units import parse_size
 
     _setup_logging(verbose)
+    check_payload(LinuxBoot(kernel, initrd, append))
     spec = MachineSpec(payload=LinuxBoot(kernel, initrd, append), cpus=cpus, memory=parse_size(memory, "--memory"),
                        host_quirks=host_quirks, console_fd=sys.stdout.fileno(),
                        console_input_fd=sys.stdin.fileno(), console_escape=True)
@@ -61,11 +62,13 @@ def boot(kernel: Path = typer.Option(..., "--kernel", "-k", help="bzImage or vml
 
 def _profile_env(path: Path) -> dict:
     """The environment profiles expand: the caller's, plus the built-in demo guest's paths when a profile asks."""
+    from .profile import read_profile_bytes
+
     env = dict(os.environ)
     try:
-        wanted = "CLOUDKVM_DEMO_" in path.read_text(errors="replace")
-    except OSError:
-        wanted = False
+        wanted = b"CLOUDKVM_DEMO_" in read_profile_bytes(path)  # a FIFO, device or huge file is never read
+    except CloudkvmError:
+        wanted = False  # loading the profile says why
     if wanted and not (env.get("CLOUDKVM_DEMO_KERNEL") and env.get("CLOUDKVM_DEMO_INITRD")):
         from .guests.debian import default_guest
         from .progress import step
@@ -110,7 +113,7 @@ def up(profile: Path = typer.Argument(..., help="profile YAML"),
 
 def _warn(messages: list[str]) -> None:
     for message in messages:
-        typer.echo(f"cloudkvm: warning: {message}", err=True)
+        typer.echo(f"cloudkvm: warning: {printable(message)}", err=True)
 
 
 def _run_foreground(profile) -> None:
@@ -296,7 +299,11 @@ def import_qemu_(ctx: typer.Context,
     text = dump_profile_yaml(data, schema="./schema.json")
     text += "" if text.endswith("\n") else "\n"
     for item in unmapped:
-        typer.echo(f"cloudkvm: not mapped: {item}", err=True)
+        typer.echo(f"cloudkvm: not mapped: {printable(item)}", err=True)
+    for forward in (data.get("network") or {}).get("forwards") or []:
+        if ":0.0.0.0:" in forward:
+            _warn([f"forward {forward} listens on every address, as QEMU's hostfwd does, so other hosts can reach "
+                   f"it; write 127.0.0.1 to keep it local"])
     if output:
         try:
             output.write_text(text)
@@ -362,7 +369,7 @@ def main() -> None:
     try:
         app()
     except CloudkvmError as exc:
-        print(f"cloudkvm: error: {exc}", file=sys.stderr)
+        print(f"cloudkvm: error: {printable(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
 
 

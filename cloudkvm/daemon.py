@@ -11,7 +11,23 @@ from .fsutil import atomic_write
 from .instances import Instance, pid_record
 from .logfile import open_log
 
-READY, FAILED = "running", "error"
+READY, FAILED, STARTED = "running", "error", "started"
+STARTED_WAIT = 10.0  # seconds a daemon may take to exist, whatever `wait` says
+
+
+def _read_line(fd: int, deadline: float) -> str | None:
+    """One line from the daemon's pipe ("" at EOF); None when `deadline` passes first. Reads byte by byte so that
+    a second line stays in the pipe for the next call."""
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode(errors="replace").strip()
 
 
 def spawn(instance: Instance, target: Callable[[Callable[[str], None]], int], wait: float = 60.0,
@@ -35,19 +51,16 @@ def spawn(instance: Instance, target: Callable[[Callable[[str], None]], int], wa
             os._exit(1)
     os.close(w)
     os.waitpid(pid, 0)
-    message, deadline = b"", time.monotonic() + wait
-    try:
-        while b"\n" not in message:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([r], [], [], left)[0]:
-                return "timeout", instance.pid() or 0
-            chunk = os.read(r, 4096)
-            if not chunk:
-                break
-            message += chunk
+    try:  # first the daemon says it exists (pid file written), then how the start went
+        started = _read_line(r, time.monotonic() + max(wait, STARTED_WAIT))
+        if started != STARTED:
+            return started or "error: the daemon exited before the VM started", instance.pid() or 0
+        text = _read_line(r, time.monotonic() + wait)
+        if text is None:
+            return "timeout", instance.pid() or 0
     finally:
         os.close(r)
-    text = message.decode(errors="replace").strip() or "error: the daemon exited before the VM started"
+    text = text or "error: the daemon exited before the VM started"
     return text, instance.pid() or 0
 
 
@@ -65,6 +78,7 @@ def _daemon_main(instance: Instance, target, ready_fd: int) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s cloudkvm[%(process)d] %(levelname)s %(message)s")
     atomic_write(instance.pid_file, pid_record(os.getpid()).encode(), mode=0o600)
+    os.write(ready_fd, f"{STARTED}\n".encode())
     said = []
 
     def ready(state: str) -> None:

@@ -1,4 +1,5 @@
 """The user-error family: a one-line message plus a hint; the CLI turns these into exit code 2."""
+import unicodedata
 
 
 class CloudkvmError(Exception):
@@ -21,3 +22,9 @@ class KvmUnavailable(CloudkvmError):
 
 class GuestMemoryError(Exception):
     """A guest-supplied address or length falls outside guest RAM (never a user error: the guest is wrong)."""
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control characters from a profile or image (escape sequences, bells, newlines)
+    are shown as escapes instead of acting on the user's terminal."""
+    return "".join(ch if unicodedata.category(ch)[0] != "C" else ascii(ch)[1:-1] for ch in text)

@@ -127,8 +127,12 @@ class Instance:
         """`doing` says what, for the others (e.g. "being started"). Hold this instance's lock while starting, running in the foreground or removing it: exactly one
         cloudkvm command at a time; another gets a CloudkvmError at once. Yields the lock's fd (a daemon forked
         meanwhile must close it)."""
-        private_dir(self.lock_file.parent)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            private_dir(self.lock_file.parent)
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise CloudkvmError(f"{self.lock_file}: cannot write the instance folder: {err.strerror or err}",
+                                "free space there, make it writable, or set CLOUDKVM_STATE_DIR to another folder")
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -138,8 +142,11 @@ class Instance:
                 holder = os.pread(fd, 128, 0).decode(errors="replace").strip() or "being started or removed"
                 raise CloudkvmError(f"instance '{self.name}' is {holder} by another cloudkvm command",
                                     "wait for it to finish; `cloudkvm ls` shows the instance's state") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{doing} (pid {os.getpid()})\n".encode(), 0)
+            try:  # who holds it, for the others' message; the lock itself does not need it
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{doing} (pid {os.getpid()})\n".encode(), 0)
+            except OSError:
+                pass
             yield fd
         finally:
             os.close(fd)

@@ -10,7 +10,7 @@ from pathlib import Path
 from . import control, daemon
 from .errors import CloudkvmError
 from .instances import Instance, list_instances, private_dir, private_files
-from .logfile import CappedLog
+from .logfile import CappedLog, open_log
 from .boards.x86_cpu import CpuPolicy
 from .machine import FlatBinary, LinuxBoot, Machine, MachineSpec, check_payload
 from .profile import Profile
@@ -183,6 +183,7 @@ def up(profile: Profile, source: str | None, name: str | None = None, wait: floa
                     stale.unlink(missing_ok=True)
                 disks, probed = prepare_disks(profile, instance)
                 instance.write_json(instance.info_file, {**instance_info(profile, source), "probed_formats": probed})
+                os.close(open_log(instance.console_log))  # a symlink or a FIFO there is refused before starting
             except BaseException as exc:
                 if created:
                     shutil.rmtree(instance.dir, ignore_errors=True)

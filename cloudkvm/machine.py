@@ -3,6 +3,7 @@ import functools
 import logging
 import os
 import signal
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,9 +78,12 @@ def check_payload(payload: FlatBinary | LinuxBoot) -> None:
         if path is None:
             continue
         try:
-            size = os.stat(path).st_size
+            st = os.stat(path)
         except OSError as exc:
             raise CloudkvmError(f"{path}: cannot read the {what}: {exc.strerror}", f"check the {what} path") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CloudkvmError(f"{path}: the {what} is not a regular file", f"name the {what} file itself")
+        size = st.st_size
         if size == 0:
             raise CloudkvmError(f"{path}: the {what} file is empty", f"pass a real {what}")
     if isinstance(payload, LinuxBoot):

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .boards.x86_cpu import FEATURES
+from .errors import CloudkvmError
 from .profile import ARCH_MACHINE, DEFAULT_NET, PROFILE_FIELD_ORDER, Profile, host_arch, parse_forward, size_text
 
 # qemu-system-* options that take an argument (qemu-options.hx); any other option is a flag unless unknown.
@@ -59,7 +60,11 @@ def split_qemu_command(text: str) -> list[str]:
     """Split a QEMU command line copied from a shell or from `ps` output. `ps` loses the quotes around
     `-append "console=ttyAMA0 root=..."`; the words after an -append value, up to the next option, are joined
     back into it (a real argv would make them disk images, which is never what such a line meant)."""
-    words = shlex.split(text)
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise CloudkvmError(f"the QEMU command line cannot be split: {exc}",
+                            "close the quote, or pass the words after -- without quoting the whole line") from None
     out: list[str] = []
     index = 0
     while index < len(words):

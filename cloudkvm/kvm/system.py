@@ -29,6 +29,9 @@ class Kvm:
         except PermissionError:
             raise KvmUnavailable(f"{path}: permission denied",
                                  "add your user to the 'kvm' group or run as root") from None
+        except OSError as exc:  # a folder (EISDIR), a node without a driver (ENXIO, ENODEV), ...
+            raise KvmUnavailable(f"{path} cannot be opened as a KVM device ({exc.strerror or exc})",
+                                 "point cloudkvm at /dev/kvm, and load kvm_intel / kvm_amd") from None
         try:
             version = ioctl(self.fd, lib.KVM_GET_API_VERSION)
         except OSError as exc:

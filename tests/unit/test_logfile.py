@@ -1,0 +1,71 @@
+"""Log files a VM writes (issue 11, "Files"): created 0600 whatever the umask, never through a symlink or into a
+FIFO, and rotated at their cap so a chatty guest cannot fill the disk."""
+import os
+import stat
+
+import pytest
+
+from cloudkvm.errors import CloudkvmError
+from cloudkvm.logfile import CappedLog, open_log
+
+
+def test_a_new_log_is_private_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        os.close(open_log(tmp_path / "a.log"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.log").stat().st_mode) == 0o600
+
+
+def test_an_existing_readable_log_is_made_private(tmp_path):
+    path = tmp_path / "b.log"
+    path.write_text("old\n")
+    path.chmod(0o644)
+    os.close(open_log(path))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == "old\n"
+
+
+def test_a_symlink_fifo_or_folder_is_refused_without_blocking(tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(CloudkvmError, match="symlink"):
+        open_log(tmp_path / "link")
+    assert not (tmp_path / "target").exists()
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(CloudkvmError, match="not a regular file|No such device"):
+        open_log(tmp_path / "fifo")
+    with pytest.raises(CloudkvmError, match="cannot open the log file"):
+        open_log(tmp_path)
+
+
+def test_the_log_is_rotated_at_its_cap_and_keeps_one_old_file(tmp_path):
+    path = tmp_path / "console.log"
+    log = CappedLog(path, limit=1000)
+    for i in range(50):
+        log.write(f"line {i:03d} ".encode() + b"x" * 50 + b"\n")
+    log.close()
+    current, old = path.read_bytes(), (tmp_path / "console.log.1").read_bytes()
+    assert len(current) <= 1000 and len(old) <= 1000
+    assert current.endswith(b"line 049 " + b"x" * 50 + b"\n")
+    assert old.splitlines()[-1].startswith(b"line ") and current.splitlines()[0].startswith(b"line ")
+    lines = [int(line.split()[1]) for line in (old + current).splitlines()]
+    assert lines == list(range(lines[0], 50))  # nothing lost between the two files
+    assert stat.S_IMODE((tmp_path / "console.log.1").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["console.log", "console.log.1"]
+
+
+def test_logging_stops_rather_than_following_a_symlink_planted_at_rotation(tmp_path, monkeypatch):
+    path = tmp_path / "console.log"
+    log = CappedLog(path, limit=100)
+    log.write(b"a" * 90)
+    real_replace = os.replace
+
+    def replace_then_plant(src, dst):  # the attacker plants a symlink between the rename and the reopen
+        real_replace(src, dst)
+        (tmp_path / "console.log").symlink_to(tmp_path / "stolen")
+    monkeypatch.setattr(os, "replace", replace_then_plant)
+    log.write(b"b" * 20)
+    monkeypatch.setattr(os, "replace", real_replace)
+    log.write(b"c" * 20)
+    log.close()
+    assert not (tmp_path / "stolen").exists()
