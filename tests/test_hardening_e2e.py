@@ -151,3 +151,32 @@ def test_four_concurrent_ups_of_one_name_start_one_vm(env, tmp_path):
     finally:
         cli(env, "down", "race", "--force")
     assert wait_for(lambda: not _daemons(str(profile)), 30)
+
+
+@pytest.mark.parametrize("record", ["reused", "minus-one", "one"])
+def test_down_never_signals_a_process_that_is_not_the_vm(env, tmp_path, record):
+    """The daemon dies; its pid file then names another process: the same pid reused (as after a reboot: the
+    recorded start time no longer matches), or -1 / 1. `ls` says crashed, `down` signals nobody, `up` starts."""
+    guest = build_flat(GUESTS / "power_button.c")
+    profile = tmp_path / "pid.yaml"
+    profile.write_text(f"name: pid\nmemory: 64M\nboot:\n  kernel: {guest}\n  format: flat\n")
+    state = tmp_path / "state" / "pid"
+    assert cli(env, "up", str(profile)).returncode == 0
+    daemon_pid, started = map(int, (state / "vmm.pid").read_text().split())
+    os.kill(daemon_pid, 9)
+    assert wait_for(lambda: not Path(f"/proc/{daemon_pid}").exists() or
+                    "Z" in Path(f"/proc/{daemon_pid}/stat").read_text().split(")")[1][:3])
+    stranger = subprocess.Popen(["sleep", "300"])
+    try:
+        text = {"reused": f"{stranger.pid} {started}", "minus-one": f"-1 {started}", "one": f"1 {started}"}[record]
+        (state / "vmm.pid").write_text(text + "\n")
+        status = json.loads(cli(env, "status", "pid", "--json").stdout)
+        assert status["state"] == "crashed" and "died without recording a result" in status["reason"]
+        assert "crashed" in cli(env, "ls").stdout
+        down = cli(env, "down", "pid")
+        assert down.returncode == 0 and "not running" in down.stdout
+        assert stranger.poll() is None  # the stranger was never signalled
+        assert cli(env, "up", str(profile)).returncode == 0  # and the instance starts again
+    finally:
+        stranger.kill()
+        cli(env, "rm", "pid", "--force")
