@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import errno
 import ipaddress
 import json
 import os
 import platform
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
@@ -42,6 +44,14 @@ _SCHEMA_HINT = "see profiles/schema.json for the profile format"
 # Where paths appear in a profile (resolved against the folder of the file they are written in).
 _PATH_FIELDS = (("boot", "kernel"), ("boot", "initrd"), ("console", "log"), ("disks", int, "file"))
 _CHECKED_FILES = (("boot", "kernel"), ("boot", "initrd"), ("disks", int, "file"))
+# Bounds on what a profile may make the loader do (profiles are a few hundred bytes, nest 5 deep, hold ~50 values).
+MAX_PROFILE_BYTES = 1 * MiB  # per file
+MAX_DEPTH = 32  # maps and lists inside each other
+MAX_VALUES = 10_000  # values produced, counting every use of a YAML alias, over a profile and all its bases
+MAX_NODES = 2 * MAX_VALUES  # keys and values written in one file
+MAX_PROFILE_FILES = 32  # files read through base:, counting every time a file is named
+MAX_NUMBER_CHARS = 100  # the text of one YAML number
+MAX_NUMBER_BITS = 64  # no profile field holds a larger number (sizes are at most 2^64 bytes)
 
 
 def host_arch() -> str:
@@ -75,6 +85,8 @@ def _size(what: str):
             return parse_size(value if isinstance(value, int) else str(value), what)
         except CloudkvmError as exc:
             raise FieldError(exc.message.split(": ", 1)[-1], hint=exc.hint) from None
+        except (OverflowError, ValueError):  # a number too large for a float (parse_size scales through one)
+            raise FieldError(f"{_show(value)} is too large", hint="write e.g. 512M, 4G or 2T") from None
     return parse
 
 
@@ -83,6 +95,8 @@ def _path(value: Any, info: ValidationInfo) -> Path:
         raise ValueError(f"expected a path, not {_show(value)}")
     if str(value).strip() == "":
         raise ValueError("the path is empty")
+    if "\0" in str(value):
+        raise ValueError("the path contains a NUL character")
     path = Path(os.path.expanduser(str(value)))
     base_dir = (info.context or {}).get("base_dir")
     if not path.is_absolute() and base_dir is not None:
@@ -345,6 +359,8 @@ def _show(value: Any) -> str:
         return "a map"
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, int) and value.bit_length() > MAX_NUMBER_BITS:
+        return f"a {value.bit_length()}-bit number"  # str() of a huge int is slow, or refused past 4300 digits
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -383,6 +399,7 @@ class _Doc:
     source: str
     vals: dict = field(default_factory=dict)
     keys: dict = field(default_factory=dict)
+    _children: dict | None = field(default=None, repr=False)  # for subtree(); built after the positions are final
 
     def pos(self, loc: tuple, key: bool = False) -> str:
         found = (self.keys.get(loc) if key else None) or _locate(self.vals, loc)
@@ -391,6 +408,20 @@ class _Doc:
     def error(self, loc: tuple, message: str, hint: str = "", key: bool = False) -> CloudkvmError:
         where = self.pos(loc, key)
         return CloudkvmError(f"{where}: {field_path(loc)}: {message}" if loc else f"{where}: {message}", hint)
+
+    def subtree(self, loc: tuple) -> list[tuple]:
+        """`loc` and every recorded place below it (through an index of children, built once)."""
+        if self._children is None:
+            self._children = {}
+            for place in set(self.vals) | set(self.keys):
+                if place:
+                    self._children.setdefault(place[:-1], []).append(place)
+        out, todo = [], [loc]
+        while todo:
+            place = todo.pop()
+            out.append(place)
+            todo.extend(self._children.get(place, ()))
+        return out
 
 
 def _locate(vals: dict, loc: tuple) -> _Pos | None:
@@ -407,6 +438,10 @@ def _yaml_error(display: str, exc: yaml.YAMLError, text: str) -> CloudkvmError:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         problem = exc.problem or "cannot read this"
+        lines = text.splitlines()
+        line_text = lines[mark.line] if mark.line < len(lines) else ""
+        if problem == "found character that cannot start any token" and mark.column < len(line_text):
+            problem = f"found character {line_text[mark.column]!r} that cannot start any token"  # libyaml's words
         if exc.context and exc.context_mark is not None and "end of stream" in problem:
             mark = exc.context_mark  # an unclosed quote or bracket: where it opened, not the end of the file
             problem = f"{exc.context.removeprefix('while scanning ')} is never closed ({problem})"
@@ -414,7 +449,6 @@ def _yaml_error(display: str, exc: yaml.YAMLError, text: str) -> CloudkvmError:
             problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
         elif exc.context:
             problem = f"{exc.context}: {problem}"
-        lines = text.splitlines()
         line_text = lines[mark.line] if mark.line < len(lines) else ""
         hint = "check the indentation and quoting around this line"
         if "\\t" in problem or "\t" in line_text:
@@ -428,29 +462,146 @@ def _yaml_error(display: str, exc: yaml.YAMLError, text: str) -> CloudkvmError:
     return CloudkvmError(f"{display}:1:1: YAML syntax error: {exc}", "check the file is YAML")
 
 
-def _read_yaml(path: Path, display: str) -> _Doc:
-    """Parse one YAML file into plain data with the position of every value and key."""
-    raw = path.read_bytes()
+class UnreadableProfile(CloudkvmError):
+    """A profile file that cannot be read; `reason` says why (no such file, not a file, too large, ...)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: cannot read the profile: {reason}", "check the profile path")
+        self.reason = reason
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return f"not a file ({kind})"
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return "no such file"
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
+
+
+def read_profile_bytes(path: str | os.PathLike) -> bytes:
+    """A profile file's bytes: a regular file (a FIFO, device or folder is refused before it is opened, and the
+    open does not block) of at most MAX_PROFILE_BYTES. Raises `UnreadableProfile`."""
+    shown = os.fspath(path)
+    try:
+        why = _not_regular(os.stat(path).st_mode)
+        if why:
+            raise UnreadableProfile(shown, why)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UnreadableProfile(shown, _os_reason(exc)) from None
+    except ValueError:  # a NUL byte in the path
+        raise UnreadableProfile(shown, "the path contains a NUL character") from None
+    try:
+        info = os.fstat(fd)
+        why = _not_regular(info.st_mode)  # replaced since the stat above
+        if why:
+            raise UnreadableProfile(shown, why)
+        too_large = UnreadableProfile(shown, f"larger than {MAX_PROFILE_BYTES >> 20} MiB (profiles are small text "
+                                             "files)")
+        if info.st_size > MAX_PROFILE_BYTES:
+            raise too_large
+        chunks, total = [], 0
+        while chunk := os.read(fd, MAX_PROFILE_BYTES + 1 - total):  # st_size is 0 for /proc files: read to EOF
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_PROFILE_BYTES:
+                raise too_large
+        return b"".join(chunks)
+    except OSError as exc:
+        raise UnreadableProfile(shown, _os_reason(exc)) from None
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Budget:
+    """What one load may still produce: values (MAX_VALUES) and files read through base: (MAX_PROFILE_FILES)."""
+
+    values: int = MAX_VALUES
+    files: int = MAX_PROFILE_FILES
+
+
+_INT_TAG, _FLOAT_TAG, _MERGE_TAG = (f"tag:yaml.org,2002:{name}" for name in ("int", "float", "merge"))
+
+
+try:
+    from yaml._yaml import CParser as _EventParser  # libyaml: ~100x faster than PyYAML's pure-Python parser
+except ImportError:  # PyYAML built without libyaml: the same checks, slower
+    class _EventParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+        def __init__(self, text: str):
+            yaml.reader.Reader.__init__(self, text)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+
+
+class _BoundedLoader(yaml.composer.Composer, _EventParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+    """PyYAML's safe loader on libyaml's parser, with a composer that refuses a document nested deeper than
+    MAX_DEPTH (composing recurses once per level: RecursionError) or with more than MAX_NODES keys and values."""
+
+    def __init__(self, text: str, display: str):
+        _EventParser.__init__(self, text)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+        self.display = display
+        self.depth = 0
+        self.nodes = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        self.nodes += 1
+        try:
+            if self.depth > MAX_DEPTH or self.nodes > MAX_NODES:
+                mark = self.peek_event().start_mark
+                message, hint = (f"the profile is nested more than {MAX_DEPTH} levels deep",
+                                 "a profile's maps and lists nest a few levels") if self.depth > MAX_DEPTH else \
+                    (f"the profile has more than {MAX_NODES} keys and values", "profiles are small")
+                raise CloudkvmError(f"{self.display}:{mark.line + 1}:{mark.column + 1}: {message}", hint)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _parse_yaml(raw: bytes, display: str, budget: _Budget) -> _Doc:
+    """Parse one YAML file's bytes into plain data with the position of every value and key."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise CloudkvmError(f"{display}:{line}:{col}: not UTF-8 text", "save the profile as UTF-8") from None
+    bad = yaml.reader.Reader.NON_PRINTABLE.search(text)  # YAML 1.1 §5.1: what a YAML stream may hold
+    if bad:
+        at = bad.start()
+        line, col = text.count("\n", 0, at) + 1, at - (text.rfind("\n", 0, at) + 1) + 1
+        what = "a NUL byte" if bad.group() == "\0" else f"the control character {bad.group()!r}"
+        raise CloudkvmError(f"{display}:{line}:{col}: {what}", "profiles are UTF-8 text without control characters")
     doc = _Doc(None, display)
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text, display)
         node = loader.get_single_node()
         if node is None:
             raise CloudkvmError(f"{display}:1:1: the profile is empty", "write at least name: and boot: kernel:")
         if not isinstance(node, yaml.MappingNode):
             raise CloudkvmError(f"{display}:{node.start_mark.line + 1}:{node.start_mark.column + 1}: "
                                 "a profile must be a map of fields (name: ..., boot: ...)", _SCHEMA_HINT)
-        doc.data = _walk(loader, node, (), doc, set())
+        doc.data = _Walker(loader, doc, budget).walk(node, ())
     except yaml.YAMLError as exc:
         raise _yaml_error(display, exc, text) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return doc
 
 
@@ -458,38 +609,89 @@ def _mark(doc: _Doc, mark) -> _Pos:
     return _Pos(doc.source, mark.line + 1, mark.column + 1)
 
 
-def _walk(loader: yaml.SafeLoader, node: yaml.Node, loc: tuple, doc: _Doc, active: set) -> Any:
-    doc.vals[loc] = _mark(doc, node.start_mark)
-    if id(node) in active:
-        raise CloudkvmError(f"{doc.vals[loc]}: {field_path(loc)}: a YAML alias refers to itself",
-                            "remove the recursive alias")
-    if isinstance(node, yaml.MappingNode):
+class _Walker:
+    """Turns composed YAML nodes into plain data, recording positions; every value produced (each use of an
+    alias again) is taken from the load's budget, so an alias bomb ends in an error, not in exponential work."""
+
+    def __init__(self, loader: yaml.SafeLoader, doc: _Doc, budget: _Budget):
+        self.loader, self.doc, self.budget = loader, doc, budget
+        self.active: set[int] = set()  # nodes being walked: an alias to one of them is a loop
+
+    def error(self, node: yaml.Node, loc: tuple, message: str, hint: str) -> CloudkvmError:
+        where = f"{_mark(self.doc, node.start_mark)}: {field_path(loc)}" if loc else _mark(self.doc, node.start_mark)
+        return CloudkvmError(f"{where}: {message}", hint)
+
+    def walk(self, node: yaml.Node, loc: tuple) -> Any:
+        self.doc.vals[loc] = _mark(self.doc, node.start_mark)
+        if id(node) in self.active:
+            raise self.error(node, loc, "a YAML alias refers to itself", "remove the recursive alias")
+        self.budget.values -= 1
+        if self.budget.values < 0:
+            raise self.error(node, loc, f"the profile expands to more than {MAX_VALUES} values",
+                             "YAML aliases (*name) repeat what they name: use fewer of them")
+        if isinstance(node, yaml.MappingNode):
+            self.active.add(id(node))
+            out = self._mapping(node, loc)
+            self.active.discard(id(node))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            self.active.add(id(node))
+            items = [self.walk(item, loc + (index,)) for index, item in enumerate(node.value)]
+            self.active.discard(id(node))
+            return items
+        return self._scalar(node, loc)
+
+    def _mapping(self, node: yaml.MappingNode, loc: tuple) -> dict:
         first: dict[str, yaml.Node] = {}
         for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
-                raise CloudkvmError(f"{_mark(doc, key_node.start_mark)}: {field_path(loc) or 'profile'}: "
+                raise CloudkvmError(f"{_mark(self.doc, key_node.start_mark)}: {field_path(loc) or 'profile'}: "
                                     "keys must be plain words", _SCHEMA_HINT)
-            if key_node.value in first and key_node.value != "<<":
-                raise CloudkvmError(f"{_mark(doc, key_node.start_mark)}: {field_path(loc + (key_node.value,))}: "
-                                    f"duplicate key (first at line {first[key_node.value].start_mark.line + 1})",
-                                    "keep one of them")
+            if key_node.value in first and key_node.tag != _MERGE_TAG:
+                raise CloudkvmError(f"{_mark(self.doc, key_node.start_mark)}: "
+                                    f"{field_path(loc + (key_node.value,))}: duplicate key (first at line "
+                                    f"{first[key_node.value].start_mark.line + 1})", "keep one of them")
             first[key_node.value] = key_node
-        loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor); later keys win
         out: dict[str, Any] = {}
-        active.add(id(node))
+        # YAML merge keys (<<: *map or <<: [*a, *b]): merged first, the earlier map winning; the map's own keys win.
         for key_node, value_node in node.value:
-            key = str(key_node.value)
-            doc.keys[loc + (key,)] = _mark(doc, key_node.start_mark)
-            out.pop(key, None)
-            out[key] = _walk(loader, value_node, loc + (key,), doc, active)
-        active.discard(id(node))
+            if key_node.tag == _MERGE_TAG:
+                for source in reversed(self._merge_sources(value_node, loc)):
+                    out.update(self.walk(source, loc))
+        self.doc.vals[loc] = _mark(self.doc, node.start_mark)
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE_TAG:
+                key = str(key_node.value)
+                self.doc.keys[loc + (key,)] = _mark(self.doc, key_node.start_mark)
+                out.pop(key, None)
+                out[key] = self.walk(value_node, loc + (key,))
         return out
-    if isinstance(node, yaml.SequenceNode):
-        active.add(id(node))
-        items = [_walk(loader, item, loc + (index,), doc, active) for index, item in enumerate(node.value)]
-        active.discard(id(node))
-        return items
-    return loader.construct_object(node, deep=True)
+
+    def _merge_sources(self, node: yaml.Node, loc: tuple) -> list[yaml.MappingNode]:
+        sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        for source in sources:
+            if not isinstance(source, yaml.MappingNode):
+                raise self.error(source, loc, "a YAML merge (<<) takes a map or a list of maps",
+                                 "write <<: *name where &name marks a map")
+        return sources
+
+    def _scalar(self, node: yaml.ScalarNode, loc: tuple) -> Any:
+        number = node.tag in (_INT_TAG, _FLOAT_TAG)
+        if number and len(node.value) > MAX_NUMBER_CHARS:
+            raise self.error(node, loc, f"the number {node.value[:20]}... is too long ({len(node.value)} "
+                                        "characters)", "profile numbers are small: write sizes with a unit, e.g. 4G")
+        try:
+            value = self.loader.construct_object(node, deep=True)
+        except (ValueError, OverflowError) as exc:  # e.g. 2024-13-45 resolves as a date that does not exist
+            raise self.error(node, loc, f"cannot read {_show(node.value)}: {exc}",
+                             "quote the value to make it text") from None
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_NUMBER_BITS:
+            raise self.error(node, loc, f"the number {_show(node.value)} is too large (more than "
+                                        f"{MAX_NUMBER_BITS} bits)", "profile numbers are small: write sizes with "
+                                                                    "a unit, e.g. 4G")
+        if isinstance(value, str) and "\0" in value:
+            raise self.error(node, loc, "a NUL character (\\0) in the value", "remove the \\0 escape")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------------- ${VAR}
@@ -589,9 +791,10 @@ class _Origin:
     folder: Path  # relative paths in it are resolved against this
 
 
-def _load_doc(origin: _Origin, env: Mapping[str, str], chain: tuple[_Origin, ...], data: dict | None = None) -> _Doc:
-    """One profile (file, or `data` from a dict) with its bases merged under it."""
-    doc = _read_yaml(Path(origin.real), origin.display) if data is None else _Doc(copy.deepcopy(data), origin.display)
+def _load_doc(origin: _Origin, env: Mapping[str, str], chain: tuple[_Origin, ...], budget: _Budget, *,
+              raw: bytes | None = None, data: dict | None = None) -> _Doc:
+    """One profile (the file's bytes `raw`, or `data` from a dict) with its bases merged under it."""
+    doc = _parse_yaml(raw, origin.display, budget) if data is None else _Doc(copy.deepcopy(data), origin.display)
     if not isinstance(doc.data, dict):
         raise CloudkvmError(f"{origin.display}: a profile must be a map of fields, not {_show(doc.data)}", _SCHEMA_HINT)
     doc.data = _expand(doc, doc.data, (), env)
@@ -612,11 +815,16 @@ def _load_doc(origin: _Origin, env: Mapping[str, str], chain: tuple[_Origin, ...
             top = os.path.dirname(trail[0].display)  # name the files relative to the profile being loaded
             names = " -> ".join(os.path.relpath(o.display, top or ".") for o in trail + (base_origin,))
             raise doc.error(loc, f"base cycle: {names}", "remove the base: entry that closes the cycle")
-        if not target.is_file():
-            why = "no such file" if not target.exists() else "not a file"
-            raise doc.error(loc, f"cannot read the base profile '{shown}': {why}",
-                            "base paths are relative to the folder of the profile that names them")
-        base_doc = _load_doc(base_origin, env, trail)
+        budget.files -= 1
+        if budget.files < 0:
+            raise doc.error(loc, f"the profile and its bases name more than {MAX_PROFILE_FILES} files",
+                            "name each base profile once: a file named twice is read twice")
+        try:
+            base_raw = read_profile_bytes(target)
+        except UnreadableProfile as exc:
+            raise doc.error(loc, f"cannot read the base profile '{shown}': {exc.reason}",
+                            "base paths are relative to the folder of the profile that names them") from None
+        base_doc = _load_doc(base_origin, env, trail, budget, raw=base_raw)
         merged = base_doc if merged is None else _merge_docs(merged, base_doc)
     return doc if merged is None else _merge_docs(merged, doc)
 
@@ -659,10 +867,10 @@ def _copy(src: _Doc, sloc: tuple, out: _Doc, oloc: tuple) -> Any:
 
 def _take_positions(src: _Doc, sloc: tuple, out: _Doc, oloc: tuple, shallow: bool) -> None:
     n = len(sloc)
-    for table, target in ((src.vals, out.vals), (src.keys, out.keys)):
-        for loc, pos in table.items():
-            if loc[:n] == sloc and (not shallow or len(loc) == n):
-                target[oloc + loc[n:]] = pos
+    for loc in [sloc] if shallow else src.subtree(sloc):
+        for table, target in ((src.vals, out.vals), (src.keys, out.keys)):
+            if loc in table:
+                target[oloc + loc[n:]] = table[loc]
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -759,11 +967,12 @@ def load_profile(path: str | os.PathLike, env: Mapping[str, str] = os.environ, c
     initrd and disk files to exist. Raises one-line `CloudkvmError("<file>:<line>:<col>: <field>: ...", hint)`."""
     display = os.fspath(path)
     target = Path(os.path.expanduser(display))
-    if not target.is_file():
-        why = "no such file" if not target.exists() else "not a file"
-        raise CloudkvmError(f"{display}: cannot read the profile: {why}", "check the profile path")
+    try:
+        raw = read_profile_bytes(target)
+    except UnreadableProfile as exc:
+        raise UnreadableProfile(display, exc.reason) from None
     origin = _Origin(display, os.path.realpath(target), target.absolute().parent)
-    doc = _load_doc(origin, env, ())
+    doc = _load_doc(origin, env, (), _Budget(), raw=raw)
     return _finish(doc, origin.folder, check_files)
 
 
@@ -773,7 +982,7 @@ def validate_profile(data: Mapping[str, Any], base_dir: str | os.PathLike = ".",
     `${VAR}` expansion, `base:` (relative to `base_dir`) and relative paths work the same way."""
     folder = Path(os.path.abspath(os.path.expanduser(os.fspath(base_dir))))
     origin = _Origin(source, os.path.join(folder, source), folder)
-    doc = _load_doc(origin, env, (), data=dict(data))
+    doc = _load_doc(origin, env, (), _Budget(), data=dict(data))
     return _finish(doc, folder, check_files)
 
 
