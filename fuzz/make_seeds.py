@@ -89,7 +89,7 @@ def virtqueue_seeds() -> None:
     seed("indirect", 16, 0x20, [([(0x900, 16, False), (hi, 1500, True)], True),
                                 ([(0xA00, 16, False), (0xA10, 8, False), (0xA20, 1, True)], True),
                                 ([(0xB00, 32, True)], False)])
-    seed("event-idx-wrapped", 64, 0x10, [([(0xC00 + 16 * k, 16, k % 2 == 1)], False) for k in range(4)], start=65534)
+    seed("event-idx-wrapped", 16, 0x10, [([(0xC00 + 16 * k, 16, k % 2 == 1)], False) for k in range(4)], start=65534)
     seed("max-pops", 4, 0, [([(0x900, 16, False)], False)] * 3, max_pops=2)
 
     def loop(q, mem):   # a chain whose second descriptor points back at the first
@@ -305,13 +305,13 @@ host_quirks: false
 """,
     "anchors.yaml": """\
 name: anchors
-defaults: &defaults
+boot: &boot
   kernel: vmlinuz
-boot:
-  <<: *defaults
   cmdline: quiet
+console:
+  <<: {log: console.log}
 disks:
-  - &d {file: disk.img, format: raw}
+  - &d {file: disk.img, format: raw, read_only: true}
   - *d
 """,
     "aarch64.yaml": """\
@@ -325,7 +325,7 @@ console: {serial: ttyAMA0}
 network: none
 """,
     "bases.yaml": """\
-base: [base.yaml, _parts/common.yaml]
+base: [base.yaml, ../debian-cloud-x86_64.yaml]
 name: two-bases
 memory: 4G
 network:

@@ -35,7 +35,7 @@ boot:
   cmdline: console=ttyS0
 network:
   mode: user
-  forwards: [tcp::2222-:22]
+  forwards: [tcp::2200-:22]
 """
 
 _folder: str | None = None
