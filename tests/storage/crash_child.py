@@ -1,5 +1,6 @@
 """Crash-test child: a deterministic write storm (with some write_zeroes and discards) on a qcow2 image with a flush every FLUSH_EVERY writes; after each
-flush returns, the number of writes it covers is appended to LOG and fsync'd. The parent SIGKILLs it at random."""
+flush returns, the number of writes it covers is appended to LOG and fsync'd. The parent SIGKILLs it at random.
+CRASHRUN_SABOTAGE=no-flush makes flush() do nothing (crashrun's self-test: lost data must be caught)."""
 import os
 import random
 import sys
@@ -29,6 +30,8 @@ def storm(seed: int, size: int):
 def main() -> None:
     img, log, seed, flush_every = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     disk = open_disk(img)
+    if os.environ.get("CRASHRUN_SABOTAGE") == "no-flush":  # the harness's self-test: flushes persist nothing
+        disk.flush = lambda: None
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.write(fd, b"start\n")
     os.fsync(fd)
