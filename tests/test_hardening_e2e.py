@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from cloudkvm.guests.build import build_flat
 from cloudkvm.instances import Instance
 from cloudkvm.kvm.system import kvm_available
+from waits import processes_naming, wait_for
 
 GUESTS = Path(__file__).parent / "guests"
 pytestmark = pytest.mark.skipif(not kvm_available()[0], reason=f"/dev/kvm unavailable: {kvm_available()[1]}")
@@ -42,14 +42,6 @@ def cli(env, *args):
                           timeout=180)
 
 
-def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
 
 def attack_disk(tmp_path: Path, secret: Path) -> tuple[Path, bytes]:
     """A raw disk whose sector 1 holds a qcow2 header (made by qemu-img) naming a root-only host file as its
@@ -71,7 +63,7 @@ def run_guest(env, profile: Path, state: Path, runs: int) -> list[dict]:
     """`up` the sector_copy guest until it has ended `runs` times in all; what each run printed."""
     assert cli(env, "up", str(profile)).returncode == 0
     instance = Instance(state.name, state)
-    assert wait_for(lambda: instance.state() == "stopped"), (state / "vmm.log").read_text()
+    assert wait_for(lambda: instance.state() == "stopped", 60), (state / "vmm.log").read_text()
     text = (state / "console.log").read_text()
     seen = [{"sector 0": chunk.split()[0], **dict(re.findall(r"sector_copy: (.+?) status (\d+)", chunk))}
             for chunk in text.split("sector_copy: sector 0 starts ")[1:]]
@@ -120,18 +112,6 @@ def test_validate_prints_the_backing_chain_and_refuses_an_absolute_backing_name(
     assert f"disks.0: {top} (qcow2, probed) <- {secret} (raw)" in proc.stdout
 
 
-def _daemons(marker: str) -> list[int]:
-    """Live processes whose command line names `marker` (the `up`s and the daemons they forked)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    out.append(int(entry.name))
-            except OSError:
-                pass
-    return out
-
 
 def test_four_concurrent_ups_of_one_name_start_one_vm(env, tmp_path):
     guest = build_flat(GUESTS / "power_button.c")
@@ -147,10 +127,10 @@ def test_four_concurrent_ups_of_one_name_start_one_vm(env, tmp_path):
             if code:
                 assert code == 2 and err.count("\n") == 1, err
                 assert "already running" in err or "being started" in err, err
-        assert len(_daemons(str(profile))) == 1
+        assert len(processes_naming(str(profile))) == 1
     finally:
         cli(env, "down", "race", "--force")
-    assert wait_for(lambda: not _daemons(str(profile)), 30)
+    assert wait_for(lambda: not processes_naming(str(profile)), 30)
 
 
 @pytest.mark.parametrize("record", ["reused", "minus-one", "one"])

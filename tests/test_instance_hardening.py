@@ -13,6 +13,7 @@ from cloudkvm.guests.build import build_flat
 from cloudkvm.instances import Instance
 from cloudkvm.kvm.system import kvm_available
 from conftest import GUESTS
+from waits import wait_for
 
 needs_kvm = pytest.mark.skipif(not kvm_available()[0], reason=f"/dev/kvm unavailable: {kvm_available()[1]}")
 
@@ -41,16 +42,6 @@ def flat_profile(tmp_path, name="vm", extra=""):
     return path
 
 
-def wait_state(instance: Instance, state: str, timeout=60.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if instance.state() == state:
-            return True
-        time.sleep(0.1)
-    return False
-
 
 @needs_kvm
 def test_instance_files_are_private_whatever_the_umask(env, tmp_path):
@@ -61,7 +52,7 @@ def test_instance_files_are_private_whatever_the_umask(env, tmp_path):
     instance = Instance("vm", tmp_path / "state" / "vm")
     try:
         assert cli(env, "down", "vm", "--force").returncode == 0
-        assert wait_state(instance, "stopped")
+        assert wait_for(lambda: instance.state() == "stopped", 60)
         folders = [tmp_path / "state", instance.dir, tmp_path / "state" / ".locks"]
         for folder in folders:
             assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
@@ -101,7 +92,7 @@ def test_up_wait_0_does_not_say_a_running_vm_did_not_start(env, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert "still starting" in proc.stdout or "running" in proc.stdout
         assert "did not start" not in proc.stdout + proc.stderr
-        assert wait_state(Instance("vm", tmp_path / "state" / "vm"), "running")
+        assert wait_for(lambda: Instance("vm", tmp_path / "state" / "vm").state() == "running", 60)
     finally:
         cli(env, "rm", "vm", "--force")
 
@@ -172,7 +163,7 @@ def test_an_instance_name_reused_with_another_base_is_refused_not_silently_reuse
     assert cli(env, "up", str(profile)).returncode == 0
     try:
         assert cli(env, "down", "vm", "--force").returncode == 0
-        assert wait_state(Instance("vm", tmp_path / "state" / "vm"), "stopped")
+        assert wait_for(lambda: Instance("vm", tmp_path / "state" / "vm").state() == "stopped", 60)
         profile.write_text(profile.read_text().replace("a.raw", "b.raw"))
         one_line_error(cli(env, "up", str(profile)), "already has an overlay on", str(tmp_path / "a.raw"), "rm vm")
         profile.write_text(profile.read_text().replace("b.raw", "a.raw"))

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from cloudkvm.cli import app
 from cloudkvm.guests.build import build_flat
 from cloudkvm.kvm.system import kvm_available
+from waits import wait_for
 
 GUESTS = os.path.join(os.path.dirname(__file__), "guests")
 pytestmark = pytest.mark.skipif(not kvm_available()[0], reason=f"/dev/kvm unavailable: {kvm_available()[1]}")
@@ -36,14 +37,6 @@ def cli(env, *args, **kw):
     return subprocess.run([sys.executable, "-m", "cloudkvm", *args], env=env, capture_output=True, text=True,
                           timeout=120, **kw)
 
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_up_ls_status_console_logs_down_rm(env, profile, tmp_path):

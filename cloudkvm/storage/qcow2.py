@@ -47,7 +47,8 @@ write and synced again before the old table is released. `grow()` moves the L1 t
 A crash at any point therefore leaves the image consistent, at worst with leaked clusters (which
 `qemu-img check -r leaks` reclaims), and every write completed before the last successful flush() intact.
 
-The dirty bit is never set (no lazy refcounts). Files are flock'ed (shared for readers, exclusive for a writer).
+The dirty bit is never set (no lazy refcounts). Files are flock'ed (shared for readers, exclusive for a writer) and
+locked the way QEMU locks images (storage/locks.py).
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloudkvm.guests.build import build_flat
+from waits import processes_naming
 
 GUESTS = Path(__file__).resolve().parents[1] / "guests"
 
@@ -57,17 +58,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
 
-
-def processes_naming(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 def lock_held(path: Path) -> bool:

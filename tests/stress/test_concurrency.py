@@ -7,7 +7,7 @@ import pytest
 
 from cloudkvm.kvm.system import kvm_available
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 import concurrency  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not kvm_available()[0], reason=f"/dev/kvm unavailable: {kvm_available()[1]}")
