@@ -10,7 +10,8 @@ the first 256 KiB), then read-write (the operations in order, each write read ba
 
 Documented outcomes: `CloudkvmError` (a refused header or table, or `CorruptImage` while serving a request) and
 `DiskError`. Crashes: any other exception; a read answering the wrong number of bytes; a write or write-zeroes
-that does not read back at once as written; the image file growing by more than 64 MiB from a few small writes.
+that does not read back at once as written; the image file growing by more than 64 MiB from a few small writes; a
+backing file opened outside the image's folder (the default backing-file policy, storage/backing.py).
 """
 import atexit
 import os
@@ -63,12 +64,24 @@ def operations(program: bytes, size: int) -> list[tuple[str, int, int]]:
     return out
 
 
+def _check_backing_chain(disk) -> None:
+    """The backing-file policy (storage/backing.py): without trust, an image's backing files lie in its folder."""
+    top = os.path.realpath(folder())
+    backing = getattr(disk, "backing", None)
+    while backing is not None:
+        real = os.path.realpath(backing.path)
+        if os.path.commonpath([real, top]) != top:
+            raise Crash(f"the image's backing chain opened {real}, outside the image's folder")
+        backing = getattr(backing, "backing", None)
+
+
 def _read_only_pass(path: str, program: bytes) -> bool:
     try:
         disk = open_disk(path, read_only=True, format="qcow2")
     except (CloudkvmError, DiskError):
         return False
     try:
+        _check_backing_chain(disk)
         places = [(0, FIRST_READ)] + [(offset, length) for _, offset, length in operations(program, disk.size)]
         for offset, length in places:
             length = min(length, disk.size - offset)
@@ -90,6 +103,7 @@ def _write_pass(path: str, program: bytes) -> str:
         return "refused-for-writing"
     outcome = "written"
     try:
+        _check_backing_chain(disk)
         for n, (kind, offset, length) in enumerate(operations(program, disk.size)):
             try:
                 if kind == "read":

@@ -16,7 +16,7 @@ import targets
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "fuzz" / "run"
-SECONDS = 7                 # per target; with start-up about 10 s each
+SECONDS = 5                 # per target; with start-up and the seeds about 9 s each
 MISBEHAVING = Path(__file__).resolve().parent / "misbehaving_harness.py"
 
 

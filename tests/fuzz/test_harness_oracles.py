@@ -128,3 +128,18 @@ def test_profile_multi_line_error_is_a_crash(monkeypatch):
     monkeypatch.setattr(p, "load_profile", refuse)
     with pytest.raises(Crash, match="not one line"):
         p.one_input(seed("profile", "profiles-vm2.yaml"))
+
+
+def test_qcow2_backing_file_outside_the_folder_is_a_crash(monkeypatch):
+    from cloudkvm.storage.backing import BackingPolicy
+    q = targets.load("qcow2")
+    data = seed("qcow2", "backing-raw")
+    assert q.one_input(data) == "written"
+    outside = Path(q.folder()).parent / "cloudkvm-fuzz-outside.raw"
+    outside.write_bytes(bytes(65536))
+    try:
+        monkeypatch.setattr(BackingPolicy, "resolve", lambda self, image, name: str(outside))   # follows anything
+        with pytest.raises(Crash, match="outside the image's folder"):
+            q.one_input(data)
+    finally:
+        outside.unlink()
