@@ -136,4 +136,6 @@ def run(workdir: Path, vms: int, rounds: int, progress=print) -> Figures:
         one_round(env, profiles, state, marker, figures)
         progress(f"round {number}/{rounds}: {time.monotonic() - started:.1f} s, "
                  f"{len(figures.problems) - before} problems")
+        for problem in figures.problems[before:]:
+            progress(f"  {problem}")
     return figures
