@@ -2,42 +2,9 @@
  * negotiates VERSION_1, sets up one split queue, waits for each completion with sti;hlt on the slot's GSI
  * (the VMM signals it through an irqfd), writes 8 sectors, reads them back, flushes, reads a sector the host
  * prepared, asks for the serial, and reports everything on COM1. */
-#include "virtio_guest.h"
+#include "virtio_blk_guest.h"
 
-#define SLOT 0xd0000000ul
-#define SLOT_GSI 5
-#define VECTOR 0x40
-enum { T_IN = 0, T_OUT = 1, T_FLUSH = 4, T_GET_ID = 8 };
-
-struct req { u32 type, reserved; u64 sector; };
-
-static struct vq q;
-static struct req req;
 static u8 data[4096] __attribute__((aligned(512)));
-static volatile u8 status_byte;
-static volatile u32 interrupts;
-
-__attribute__((interrupt)) static void virtio_isr(struct interrupt_frame *frame)
-{
-    (void)frame;
-    virtio_ack_interrupt(SLOT);
-    interrupts++;
-    lapic_eoi();
-}
-
-static int submit(u32 type, u64 sector, u32 len, int device_writes)
-{
-    req = (struct req){ type, 0, sector };
-    status_byte = 0xff;
-    int n = 0;
-    q.desc[n++] = (struct vq_desc){ (u64)&req, sizeof(req), VQ_F_NEXT, 1 };
-    if (len)
-        q.desc[n++] = (struct vq_desc){ (u64)data, len, VQ_F_NEXT | (device_writes ? VQ_F_WRITE : 0), 2 };
-    q.desc[n] = (struct vq_desc){ (u64)&status_byte, 1, VQ_F_WRITE, 0 };
-    vq_kick(SLOT, 0, &q, 0);
-    vq_wait(&q);
-    return status_byte;
-}
 
 static u32 checksum(const u8 *p, u32 n)
 {
@@ -65,24 +32,24 @@ int guest_main(u64 cpu, u64 ncpus)
     for (u32 i = 0; i < sizeof(data); i++)
         data[i] = (u8)(i * 7 + 3);
     u32 written = checksum(data, sizeof(data));
-    int st = submit(T_OUT, 0, sizeof(data), 0);
+    int st = submit(T_OUT, 0, data, sizeof(data), 0);
     memset(data, 0, sizeof(data));
-    int st2 = submit(T_IN, 0, sizeof(data), 1);
+    int st2 = submit(T_IN, 0, data, sizeof(data), 1);
     puts(st == 0 && st2 == 0 && checksum(data, sizeof(data)) == written ? "virtio_blk: write+read ok\n"
                                                                         : "virtio_blk: write+read MISMATCH\n");
-    puts(submit(T_FLUSH, 0, 0, 0) == 0 ? "virtio_blk: flush ok\n" : "virtio_blk: flush FAILED\n");
-    submit(T_IN, 2048, 512, 1);
+    puts(submit(T_FLUSH, 0, 0, 0, 0) == 0 ? "virtio_blk: flush ok\n" : "virtio_blk: flush FAILED\n");
+    submit(T_IN, 2048, data, 512, 1);
     puts("virtio_blk: sector 2048 checksum 0x");
     puthex(checksum(data, 512), 8);
     putc('\n');
     memset(data, 0, 32);
-    submit(T_GET_ID, 0, 20, 1);
+    submit(T_GET_ID, 0, data, 20, 1);
     puts("virtio_blk: serial ");
     data[20] = 0;
     puts((const char *)data);
     putc('\n');
     puts("virtio_blk: out-of-range read status ");
-    putdec(submit(T_IN, capacity, 512, 1));
+    putdec(submit(T_IN, capacity, data, 512, 1));
     putc('\n');
     drain_interrupts();
     puts("virtio_blk: interrupts ");

@@ -8,18 +8,13 @@
  * (r, r' successive splitmix64 outputs); then, if WRITE_ZEROES was negotiated and the next output % 16 == 0,
  * a WRITE_ZEROES with the unmap flag; otherwise a write whose sector s holds the 64-bit words i, s,
  * seed ^ k for k = 2..62, and v ^ s (v the next output). */
-#include "virtio_guest.h"
+#include "virtio_blk_guest.h"
 
-#define SLOT 0xd0000000ul
-#define SLOT_GSI 5
-#define VECTOR 0x40
 #define F_FLUSH 9
 #define F_WRITE_ZEROES 14
 #define MAX_SECTORS 64
-enum { T_IN = 0, T_OUT = 1, T_FLUSH = 4, T_WRITE_ZEROES = 13 };
 enum { WZ_FLAG_UNMAP = 1 };
 
-struct req { u32 type, reserved; u64 sector; };
 struct wz_seg { u64 sector; u32 num_sectors, flags; };
 struct config {
     char magic[8];  /* "CKCRASH1" */
@@ -28,33 +23,8 @@ struct config {
     u64 first_sector, last_sector, max_ops;
 };
 
-static struct vq q;
-static struct req req;
 static struct wz_seg wz;
 static u64 data[MAX_SECTORS * 64] __attribute__((aligned(512)));
-static volatile u8 status_byte;
-
-__attribute__((interrupt)) static void virtio_isr(struct interrupt_frame *frame)
-{
-    (void)frame;
-    virtio_ack_interrupt(SLOT);
-    lapic_eoi();
-}
-
-/* One request: header, optional data (device-readable unless `device_writes`), status. Returns the status. */
-static int submit(u32 type, u64 sector, const void *buf, u32 len, int device_writes)
-{
-    req = (struct req){ type, 0, sector };
-    status_byte = 0xff;
-    int n = 0;
-    q.desc[n++] = (struct vq_desc){ (u64)&req, sizeof(req), VQ_F_NEXT, 1 };
-    if (len)
-        q.desc[n++] = (struct vq_desc){ (u64)buf, len, VQ_F_NEXT | (device_writes ? VQ_F_WRITE : 0), 2 };
-    q.desc[n] = (struct vq_desc){ (u64)&status_byte, 1, VQ_F_WRITE, 0 };
-    vq_kick(SLOT, 0, &q, 0);
-    vq_wait(&q);
-    return status_byte;
-}
 
 static u64 splitmix64(u64 *state)
 {
