@@ -119,8 +119,10 @@ def _warn(messages: list[str]) -> None:
 def _run_foreground(profile) -> None:
     from .instances import Instance, private_dir, private_files
     from .launcher import check_forwards, instance_info, machine_for, prepare_disks, warnings
+    from .preflight import check_profile
     from .terminal import raw_terminal
 
+    check_profile(profile)
     instance = Instance.named(profile.name)
     check_forwards(profile)
     _warn(warnings(profile))
@@ -240,8 +242,10 @@ def rm(name: str, force: bool = typer.Option(False, "--force", help="stop a runn
 def validate(profile: Path) -> None:
     """Check a profile (and the files it names) without starting anything."""
     from .disks import chains
+    from .preflight import check_profile
 
     loaded = _load(profile)
+    check_profile(loaded)
     found = chains(loaded)
     for index, chain in found:
         if isinstance(chain, CloudkvmError):

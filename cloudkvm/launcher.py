@@ -13,6 +13,7 @@ from .instances import Instance, list_instances, private_dir, private_files
 from .logfile import CappedLog, open_log
 from .boards.x86_cpu import CpuPolicy
 from .machine import FlatBinary, LinuxBoot, Machine, MachineSpec, check_payload
+from .preflight import check_profile
 from .profile import Profile
 
 log = logging.getLogger("cloudkvm.launcher")
@@ -165,6 +166,7 @@ def up(profile: Profile, source: str | None, name: str | None = None, wait: floa
     if name:
         profile = profile.model_copy(update={"name": name})
     instance = Instance.named(profile.name)
+    check_profile(profile)  # what this host or the board cannot run, before anything is created
     check_payload(spec_for(profile, None).payload)  # refuse what cannot run before anything is created
     check_forwards(profile)
     with private_files():

@@ -5,6 +5,8 @@ Loading a file goes: YAML compose (every node keeps its position) -> `${VAR}` ex
 the file's own folder -> its `base:` profiles loaded the same way and merged under it (maps merge key by key, lists
 concatenate base first, the child wins on scalars) -> pydantic validation -> (optionally) the files exist.
 The first problem found becomes one `CloudkvmError("<file>:<line>:<col>: <field.path>: <message>", hint)`.
+Hostile files end the same way, quickly: only regular files of at most 1 MiB are read (never a FIFO or device),
+and nesting, values (every use of a YAML alias counted), files named through base: and numbers are bounded.
 """
 from __future__ import annotations
 
@@ -653,7 +655,8 @@ class _Walker:
                                     f"{first[key_node.value].start_mark.line + 1})", "keep one of them")
             first[key_node.value] = key_node
         out: dict[str, Any] = {}
-        # YAML merge keys (<<: *map or <<: [*a, *b]): merged first, the earlier map winning; the map's own keys win.
+        # YAML 1.1 merge keys (yaml.org/type/merge.html; <<: *map or <<: [*a, *b]): merged first, the earlier
+        # map winning; the map's own keys win.
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:
                 for source in reversed(self._merge_sources(value_node, loc)):

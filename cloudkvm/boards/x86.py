@@ -33,6 +33,8 @@ CMDLINE_ADDR = 0x20000
 CMDLINE_MAX = 0x10000
 FLAT_STACKS_TOP = 0x80000        # flat test payloads: vCPU n starts with RSP = top - n * FLAT_STACK_SIZE
 FLAT_STACK_SIZE = 0x1000
+# vCPUs a flat payload can have: every vCPU's stack lies below FLAT_STACKS_TOP and above the page tables
+FLAT_MAX_CPUS = (FLAT_STACKS_TOP - PAGE_TABLES_ADDR - lm.page_tables_size(4)) // FLAT_STACK_SIZE
 EBDA_START = 0x9FC00             # [EBDA_START, 1 MiB) is reserved in the e820 map
 ACPI_TABLES_ADDR = 0xE0000       # RSDP and tables, in the reserved BIOS area where Linux also scans for the RSDP
 HIGH_MEMORY = 0x100000           # 1 MiB: kernels and flat payloads load here

@@ -19,13 +19,18 @@ import pytest
 from cloudkvm import cli
 from cloudkvm.errors import CloudkvmError
 from cloudkvm.profile import MAX_PROFILE_BYTES, load_profile
-from profile_testdata import BROKEN
+from profile_testdata import BROKEN, ROOT
 
 pytestmark = pytest.mark.timeout(30)
 
 FAST = 2.0  # seconds a refusal may take in-process
 CHILD_TIMEOUT = 15  # the child also starts Python and imports cloudkvm, on a shared machine
 PROFILE = "name: hostile\nboot:\n  kernel: vmlinuz\n"
+
+
+def this_tree_env() -> dict:
+    """The environment for a child `python3 -m cloudkvm` that imports this tree's cloudkvm from any folder."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def _limit_memory():
@@ -36,7 +41,7 @@ def validate_in_child(path, cwd):
     """`cloudkvm validate PATH` in a child: (exit code, stderr lines, seconds)."""
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "cloudkvm", "validate", str(path)], cwd=cwd, capture_output=True,
-                          text=True, timeout=CHILD_TIMEOUT, preexec_fn=_limit_memory)
+                          text=True, timeout=CHILD_TIMEOUT, preexec_fn=_limit_memory, env=this_tree_env())
     return proc.returncode, [line for line in proc.stderr.splitlines() if line.strip()], time.monotonic() - start
 
 
