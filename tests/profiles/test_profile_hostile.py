@@ -23,7 +23,8 @@ from profile_testdata import BROKEN, ROOT
 
 pytestmark = pytest.mark.timeout(30)
 
-FAST = 2.0  # seconds a refusal may take in-process
+FAST = 2.0  # seconds of CPU a refusal may take in-process
+SLOW = 10.0  # seconds of wall-clock time, on a shared machine (a blocked read is stopped by the test timeout)
 CHILD_TIMEOUT = 15  # the child also starts Python and imports cloudkvm, on a shared machine
 PROFILE = "name: hostile\nboot:\n  kernel: vmlinuz\n"
 
@@ -46,11 +47,11 @@ def validate_in_child(path, cwd):
 
 
 def refused_quickly(path, **kw) -> CloudkvmError:
-    start = time.monotonic()
+    start, cpu = time.monotonic(), time.process_time()
     with pytest.raises(CloudkvmError) as info:
         load_profile(path, **kw)
-    elapsed = time.monotonic() - start
-    assert elapsed < FAST, f"took {elapsed:.2f} s"
+    cpu, elapsed = time.process_time() - cpu, time.monotonic() - start
+    assert cpu < FAST and elapsed < SLOW, f"took {cpu:.2f} s of CPU, {elapsed:.2f} s in all"
     assert "\n" not in str(info.value) and info.value.hint
     return info.value
 
@@ -101,7 +102,7 @@ CASES = {
                                                       "than 32 files"),
     "base-fan-out": (lambda d: BROKEN / "59-base-fan-out.yaml", "fan-d.yaml:1:"),
     "many-keys-over-a-base": (lambda d: _write(d, "p.yaml", "base: b.yaml\n" + PROFILE + "".join(
-        f"key{i}: {i}\n" for i in range(9000)), also={"b.yaml": PROFILE}), "p.yaml:5:1: key0: unknown key"),
+        f"key{i}: {i}\n" for i in range(5000)), also={"b.yaml": PROFILE}), "p.yaml:5:1: key0: unknown key"),
 }
 
 
