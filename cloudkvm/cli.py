@@ -50,8 +50,9 @@ def boot(kernel: Path = typer.Option(..., "--kernel", "-k", help="bzImage or vml
     from .units import parse_size
 
     _setup_logging(verbose)
+    size = parse_size(memory, "--memory")
     check_payload(LinuxBoot(kernel, initrd, append))
-    spec = MachineSpec(payload=LinuxBoot(kernel, initrd, append), cpus=cpus, memory=parse_size(memory, "--memory"),
+    spec = MachineSpec(payload=LinuxBoot(kernel, initrd, append), cpus=cpus, memory=size,
                        host_quirks=host_quirks, console_fd=sys.stdout.fileno(),
                        console_input_fd=sys.stdin.fileno(), console_escape=True)
     with raw_terminal(sys.stdin.fileno()):
