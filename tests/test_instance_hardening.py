@@ -6,15 +6,16 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from cloudkvm.guests.build import build_flat
 from cloudkvm.instances import Instance
 from cloudkvm.kvm.system import kvm_available
-from conftest import GUESTS
 from waits import wait_for
 
+GUESTS = Path(__file__).parent / "guests"
 needs_kvm = pytest.mark.skipif(not kvm_available()[0], reason=f"/dev/kvm unavailable: {kvm_available()[1]}")
 
 
