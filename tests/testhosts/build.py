@@ -91,10 +91,15 @@ def ensure_foreign_architecture(arch: str) -> None:
     _sh(["apt-get", "update", "-qq"], "apt-get update")
 
 
-def runtime_requirements() -> list[str]:
-    """cloudkvm's dependencies and test tools, from pyproject.toml (the foreign root gets the same ones)."""
+def runtime_requirements(machine: str = "aarch64") -> list[str]:
+    """cloudkvm's dependencies and test tools from pyproject.toml that apply on `machine` (the foreign root's):
+    pip's --platform does not evaluate environment markers for the target, so they are evaluated here."""
+    from packaging.requirements import Requirement
+
     project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
-    return [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    return [text for text in wanted
+            if (marker := Requirement(text).marker) is None or marker.evaluate({"platform_machine": machine})]
 
 
 def host_key(recipe: HostRecipe, kernel_package: str) -> str:

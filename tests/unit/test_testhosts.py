@@ -46,3 +46,14 @@ def test_a_heartbeat_is_stale_only_once_it_exists_and_is_old(tmp_path):
     old = time.time() - 120
     os.utime(beat, (old, old))
     assert _stale(beat, 90)
+
+
+def test_the_foreign_root_gets_only_the_requirements_whose_markers_hold_on_its_machine():
+    """pip --platform evaluates markers for this machine, not the target: an x86_64-only test tool (atheris has
+    no arm64 wheel) made the arm64 root's pip install fail."""
+    from testhosts.build import runtime_requirements
+
+    arm64, x86 = runtime_requirements("aarch64"), runtime_requirements("x86_64")
+    assert not any(text.startswith("atheris") for text in arm64)
+    assert any(text.startswith("atheris") for text in x86)
+    assert set(arm64) < set(x86) and "pytest>=8" in arm64 and "cffi>=1.16" in arm64
