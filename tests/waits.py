@@ -3,13 +3,13 @@ import time
 from pathlib import Path
 
 
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    """Poll `predicate` every 0.1 s until it holds (True) or `timeout` seconds pass (False)."""
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
+    """Poll `predicate` every `interval` seconds until it holds (True) or `timeout` seconds pass (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.1)
+        time.sleep(interval)
     return False
 
 

@@ -179,6 +179,21 @@ def judge(r: Round, img: Path, scratch: Path, initial: bytes, ops, flushed: int,
 
 
 # ------------------------------------------------------------------------------------------------ backend
+def kill_after(child: subprocess.Popen, delay: float, why_early) -> None:
+    """SIGKILL `child` `delay` seconds from now; HarnessError(why_early()) if it ended by itself first."""
+    time.sleep(delay)
+    if child.poll() is not None:
+        raise HarnessError(why_early())
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
+def reap(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        child.kill()
+        child.wait()
+
+
 def backend_ops(seed: int, size: int):
     """crash_child.storm as (offset, bytes the range then holds)."""
     for kind, off, arg in storm(seed, size):
@@ -205,15 +220,9 @@ def backend_round(workdir: Path, cluster_size: int, backing: bool, seed: int, de
             if time.monotonic() > deadline:
                 raise HarnessError("crash child did not start within 60 s")
             time.sleep(0.005)
-        time.sleep(delay)
-        if child.poll() is not None:
-            raise HarnessError(f"crash child ended before the kill: {child.stderr.read().decode()}")
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+        kill_after(child, delay, lambda: f"crash child ended before the kill: {child.stderr.read().decode()}")
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        reap(child)
         child.stderr.close()
     done = [int(x) for x in log.read_text().split()[1:]]
     r.flushes = len(done)
@@ -300,15 +309,9 @@ def vm_round(workdir: Path, cluster_size: int, backing: bool, seed: int, delay: 
         if not any(ln.startswith("crash_guest: start") for ln in lines) or child.poll() is not None:
             raise HarnessError(f"the VM did not start the storm (or report {min_flushes} flushes): {lines[-3:]} "
                                f"{log_tail()}")
-        time.sleep(delay)
-        if child.poll() is not None:
-            raise HarnessError(f"the VMM ended before the kill: {lines[-3:]} {log_tail()}")
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+        kill_after(child, delay, lambda: f"the VMM ended before the kill: {lines[-3:]} {log_tail()}")
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        reap(child)
         reader.join(30)
         child.stdout.close()
     failed = [ln for ln in lines if "failed" in ln or "no valid config" in ln]

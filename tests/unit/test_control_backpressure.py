@@ -12,6 +12,7 @@ import pytest
 from cloudkvm.console import ConsoleLog
 from cloudkvm.control import ControlServer, request
 from cloudkvm.iothread import IoThread
+from waits import wait_for
 
 WAIT = 10.0      # generous upper bound for cross-thread events; normally milliseconds
 PROMPT = 1.0     # how long a `status` may take while another client misbehaves (normally ~1 ms)
@@ -95,12 +96,7 @@ def open_connections(server) -> int:
 
 
 def wait_until(predicate, timeout=WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
+    return wait_for(predicate, timeout, interval=0.01)
 
 
 def timed_status(path) -> float:

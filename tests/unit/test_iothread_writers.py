@@ -8,6 +8,7 @@ import time
 import pytest
 
 from cloudkvm.iothread import IoThread
+from waits import wait_for
 
 WAIT = 5.0
 
@@ -101,9 +102,4 @@ def test_a_raising_writer_is_removed_and_the_loop_goes_on(io, caplog):
 
 
 def wait(predicate, timeout=WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
+    return wait_for(predicate, timeout, interval=0.01)
