@@ -125,7 +125,6 @@ def _run_foreground(profile) -> None:
 
     check_profile(profile)
     instance = Instance.named(profile.name)
-    check_forwards(profile)
     _warn(warnings(profile))
     with private_files():
         private_dir(instance.dir.parent)
@@ -133,6 +132,7 @@ def _run_foreground(profile) -> None:
             if instance.state() == "running":
                 raise CloudkvmError(f"instance '{profile.name}' is already running",
                                     f"cloudkvm down {profile.name} first, or use --name")
+            check_forwards(profile)
             private_dir(instance.dir)
             disks, probed = prepare_disks(profile, instance)
             instance.write_json(instance.info_file, {**instance_info(profile, None), "probed_formats": probed})

@@ -168,7 +168,6 @@ def up(profile: Profile, source: str | None, name: str | None = None, wait: floa
     instance = Instance.named(profile.name)
     check_profile(profile)  # what this host or the board cannot run, before anything is created
     check_payload(spec_for(profile, None).payload)  # refuse what cannot run before anything is created
-    check_forwards(profile)
     with private_files():
         try:
             private_dir(instance.dir.parent)
@@ -178,6 +177,7 @@ def up(profile: Profile, source: str | None, name: str | None = None, wait: floa
             if instance.state() == "running":
                 raise CloudkvmError(f"instance '{profile.name}' is already running",
                                     f"cloudkvm down {profile.name} first")
+            check_forwards(profile)  # after the state check: a running instance's own forward is not "in use"
             created = not os.path.lexists(instance.dir)
             try:
                 private_dir(instance.dir)

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -116,7 +117,11 @@ def test_validate_prints_the_backing_chain_and_refuses_an_absolute_backing_name(
 def test_four_concurrent_ups_of_one_name_start_one_vm(env, tmp_path):
     guest = build_flat(GUESTS / "power_button.c")
     profile = tmp_path / "race-profile.yaml"
-    profile.write_text(f"name: race\nmemory: 64M\nboot:\n  kernel: {guest}\n  format: flat\n")
+    with socket.socket() as probe:  # a forward: a loser must not report the winner's port as "in use"
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    profile.write_text(f"name: race\nmemory: 64M\nboot:\n  kernel: {guest}\n  format: flat\n"
+                       f"network:\n  mode: user\n  forwards: [tcp:127.0.0.1:{port}-:22]\n")
     procs = [subprocess.Popen([sys.executable, "-m", "cloudkvm", "up", str(profile)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [(p.wait(timeout=180), *p.communicate()) for p in procs]
@@ -128,6 +133,8 @@ def test_four_concurrent_ups_of_one_name_start_one_vm(env, tmp_path):
                 assert code == 2 and err.count("\n") == 1, err
                 assert "already running" in err or "being started" in err, err
         assert len(processes_naming(str(profile))) == 1
+        late = cli(env, "up", str(profile))  # after the winner runs: its own forward is no reason
+        assert late.returncode == 2 and "already running" in late.stderr, late.stderr
     finally:
         cli(env, "down", "race", "--force")
     assert wait_for(lambda: not processes_naming(str(profile)), 30)
