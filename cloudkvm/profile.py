@@ -940,9 +940,13 @@ def _check_files(profile: Profile, doc: _Doc) -> None:
         targets.append((("disks", index, "file"), disk.file, not (disk.read_only or disk.overlay)))
     for loc, path, writable in targets:
         hint = "relative paths are resolved against the folder of the profile that names them"
-        if not path.exists():
+        try:
+            exists, regular = path.exists(), path.is_file()
+        except OSError as exc:  # not merely missing: a name too long for the file system, an unreadable folder...
+            raise doc.error(loc, f"cannot check {path}: {_os_reason(exc)}", hint) from None
+        if not exists:
             raise doc.error(loc, f"no such file: {path}", hint)
-        if not path.is_file():
+        if not regular:
             raise doc.error(loc, f"not a file: {path}", hint)
         if not os.access(path, os.R_OK):
             raise doc.error(loc, f"cannot read {path} (permission denied)", "check the file's permissions")
