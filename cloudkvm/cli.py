@@ -106,10 +106,10 @@ def up(profile: Path = typer.Argument(..., help="profile YAML"),
         instance, running = launcher.up(loaded, str(profile.resolve()), name=name, wait=wait)
     if not running:
         typer.echo(f"{instance.name}: still starting after {wait:g} s (cloudkvm status {instance.name}; "
-                   f"logs: {instance.console_log})")
+                   f"logs: {printable(str(instance.console_log))})")
         return
     typer.echo(f"{instance.name}: running (console: cloudkvm console {instance.name}; "
-               f"logs: {instance.console_log})")
+               f"logs: {printable(str(instance.console_log))})")
 
 
 def _warn(messages: list[str]) -> None:
@@ -182,7 +182,7 @@ def status(name: str, json_: bool = typer.Option(False, "--json", help="machine-
         typer.echo(launcher.to_json(info))
         return
     for key, value in info.items():
-        typer.echo(f"{key}: {value}")
+        typer.echo(f"{key}: {printable(str(value))}")
 
 
 @app.command()
@@ -254,9 +254,9 @@ def validate(profile: Path) -> None:
     from .launcher import warnings
 
     _warn(warnings(loaded))
-    typer.echo(f"{profile}: ok ({loaded.name}: {loaded.arch} {loaded.machine}, {loaded.cpus} vCPUs)")
-    for index, chain in found:
-        typer.echo(f"  disks.{index}: {' <- '.join(link.describe() for link in chain)}")
+    typer.echo(printable(f"{profile}: ok ({loaded.name}: {loaded.arch} {loaded.machine}, {loaded.cpus} vCPUs)"))
+    for index, chain in found:  # backing names come from the images: never raw to the terminal
+        typer.echo(printable(f"  disks.{index}: {' <- '.join(link.describe() for link in chain)}"))
 
 
 @app.command()
@@ -286,7 +286,7 @@ def show(profile: Path, qemu: bool = typer.Option(False, "--qemu", help="print t
     for index, chain in chains(loaded):
         text = f"refused or unreadable: {chain}" if isinstance(chain, CloudkvmError) \
             else " <- ".join(link.describe() for link in chain)
-        typer.echo(f"# disks.{index} backing chain: {text}")
+        typer.echo(printable(f"# disks.{index} backing chain: {text}"))
 
 
 @app.command("import-qemu", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

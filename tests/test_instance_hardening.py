@@ -200,3 +200,17 @@ def test_kvm_available_answers_for_a_folder_and_a_node_without_a_driver(tmp_path
         pytest.skip(f"cannot make a device node here: {err}")
     ok, why = kvm_available(str(node))
     assert ok is False and ("No such device" in why or "No such device or address" in why), why
+
+
+def test_a_backing_file_name_from_an_image_is_not_echoed_raw(env, tmp_path):
+    """Backing names come from image headers, so `validate` and `show` print them escaped."""
+    name = "b\x1b]0;owned\x07.raw"
+    (tmp_path / name).write_bytes(bytes(1 << 20))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", name, "-F", "raw", str(tmp_path / "top.qcow2")],
+                   check=True)
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: p\nboot:\n  kernel: /bin/true\ndisks:\n  - file: top.qcow2\n")
+    for command in ("validate", "show"):
+        proc = cli(env, command, str(profile))
+        assert proc.returncode == 0, proc.stderr
+        assert "b\\x1b]0;owned\\x07.raw" in proc.stdout and "\x1b" not in proc.stdout and "\x07" not in proc.stdout
