@@ -10,6 +10,7 @@ and nesting, values (every use of a YAML alias counted), files named through bas
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import errno
@@ -974,13 +975,14 @@ def load_profile(path: str | os.PathLike, env: Mapping[str, str] = os.environ, c
     initrd and disk files to exist. Raises one-line `CloudkvmError("<file>:<line>:<col>: <field>: ...", hint)`."""
     display = os.fspath(path)
     target = Path(os.path.expanduser(display))
-    try:
-        raw = read_profile_bytes(target)
-    except UnreadableProfile as exc:
-        raise UnreadableProfile(display, exc.reason) from None
-    origin = _Origin(display, os.path.realpath(target), target.absolute().parent)
-    doc = _load_doc(origin, env, (), _Budget(), raw=raw)
-    return _finish(doc, origin.folder, check_files)
+    with _one_line_errors():
+        try:
+            raw = read_profile_bytes(target)
+        except UnreadableProfile as exc:
+            raise UnreadableProfile(display, exc.reason) from None
+        origin = _Origin(display, os.path.realpath(target), target.absolute().parent)
+        doc = _load_doc(origin, env, (), _Budget(), raw=raw)
+        return _finish(doc, origin.folder, check_files)
 
 
 def validate_profile(data: Mapping[str, Any], base_dir: str | os.PathLike = ".", *, source: str = "<profile>",
@@ -989,8 +991,25 @@ def validate_profile(data: Mapping[str, Any], base_dir: str | os.PathLike = ".",
     `${VAR}` expansion, `base:` (relative to `base_dir`) and relative paths work the same way."""
     folder = Path(os.path.abspath(os.path.expanduser(os.fspath(base_dir))))
     origin = _Origin(source, os.path.join(folder, source), folder)
-    doc = _load_doc(origin, env, (), _Budget(), data=dict(data))
-    return _finish(doc, folder, check_files)
+    with _one_line_errors():
+        doc = _load_doc(origin, env, (), _Budget(), data=dict(data))
+        return _finish(doc, folder, check_files)
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """A profile error is one printable line: line breaks, tabs and terminal escapes that the profile's own text put
+    into the message (a name, a key, a value) are written as escapes (`\\n`, `\\x1b`)."""
+    try:
+        yield
+    except CloudkvmError as exc:
+        exc.message, exc.hint = _printable(exc.message), _printable(exc.hint)
+        exc.args = (exc.message,)
+        raise
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def profile_to_dict(profile: Profile) -> dict:

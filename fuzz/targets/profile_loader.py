@@ -5,9 +5,10 @@ the files the seeds (profiles/, tests/profiles/broken/) name, each a few bytes: 
 `base.yaml` (a valid base profile), `_parts/common.yaml`, and `../debian-cloud-x86_64.yaml` (a copy of the
 repository's); it is loaded with `load_profile(path, env=ENV, check_files=True)`.
 
-Documented outcome: a `Profile`, or a `CloudkvmError` whose message is one line. Crashes: any other exception, a
-multi-line or empty error message, a hang (libFuzzer's -timeout), and a loaded profile that does not survive the
-documented round trip (`profile_to_dict` "loads back to the same profile" through `validate_profile`).
+Documented outcome: a `Profile`, or a `CloudkvmError` whose message is one line. Crashes: any other exception, an
+empty error message or one (or a hint) that is not one printable line, a hang (libFuzzer's -timeout), and a loaded
+profile that does not survive the documented round trip (`profile_to_dict` "loads back to the same profile"
+through `validate_profile`).
 """
 import atexit
 import os
@@ -62,8 +63,12 @@ def folder() -> str:
 
 
 def _check_error(exc: CloudkvmError) -> None:
-    if not exc.message or "\n" in exc.message or "\r" in exc.message:
-        raise Crash(f"the error message is not one line: {exc.message!r}") from exc
+    """One printable line (no line break, tab or terminal escape: the CLI prints it to a terminal as it is)."""
+    for text in (exc.message, exc.hint):
+        if not text.isprintable():
+            raise Crash(f"the error message is not one printable line: {text!r}") from exc
+    if not exc.message:
+        raise Crash("an empty error message") from exc
 
 
 def one_input(data: bytes) -> str:

@@ -126,7 +126,7 @@ def test_profile_multi_line_error_is_a_crash(monkeypatch):
     def refuse(*args, **kwargs):
         raise CloudkvmError("line one\nline two", "hint")
     monkeypatch.setattr(p, "load_profile", refuse)
-    with pytest.raises(Crash, match="not one line"):
+    with pytest.raises(Crash, match="not one printable line"):
         p.one_input(seed("profile", "profiles-vm2.yaml"))
 
 
