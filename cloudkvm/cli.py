@@ -118,27 +118,14 @@ def _warn(messages: list[str]) -> None:
 
 
 def _run_foreground(profile) -> None:
-    from .instances import Instance, private_dir, private_files
-    from .launcher import check_forwards, instance_info, machine_for, prepare_disks, warnings
-    from .preflight import check_profile
+    from .launcher import claimed, machine_for, warnings
     from .terminal import raw_terminal
 
-    check_profile(profile)
-    instance = Instance.named(profile.name)
     _warn(warnings(profile))
-    with private_files():
-        private_dir(instance.dir.parent)
-        with instance.exclusive("running in the foreground"):
-            if instance.state() == "running":
-                raise CloudkvmError(f"instance '{profile.name}' is already running",
-                                    f"cloudkvm down {profile.name} first, or use --name")
-            check_forwards(profile)
-            private_dir(instance.dir)
-            disks, probed = prepare_disks(profile, instance)
-            instance.write_json(instance.info_file, {**instance_info(profile, None), "probed_formats": probed})
-            with machine_for(profile, disks, sys.stdout.fileno(), sys.stdin.fileno()) as machine, \
-                    raw_terminal(sys.stdin.fileno()):
-                result = machine.run()
+    with claimed(profile, None, "running in the foreground", console_file=False) as (_, disks, _lock), \
+            machine_for(profile, disks, sys.stdout.fileno(), sys.stdin.fileno()) as machine, \
+            raw_terminal(sys.stdin.fileno()):
+        result = machine.run()
     typer.echo(f"\ncloudkvm: VM ended: {result}", err=True)
     raise typer.Exit(0 if result.clean else 1)
 
@@ -214,8 +201,10 @@ def logs(name: str, follow: bool = typer.Option(False, "--follow", "-f", help="k
     from . import launcher
 
     instance = launcher.existing(name)
+    from .fsutil import open_regular
+
     try:
-        f = open(instance.console_log, "rb")
+        f = open_regular(instance.console_log)
     except OSError:
         raise CloudkvmError(f"instance '{name}' has no console log yet", "is it starting?") from None
     with f:

@@ -34,13 +34,34 @@ def install_dir(staging: Path, final: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def read_regular(path, limit: int = 1 << 20) -> bytes:
-    """The first `limit` bytes of `path` if it is a regular file reached without following a symlink; else
-    OSError. A FIFO, device or symlink planted where a state file belongs never blocks or redirects the read."""
+def open_regular(path):
+    """A binary file object on `path` if it is a regular file reached without following a symlink; else OSError.
+    A FIFO, device or symlink planted where a state or log file belongs never blocks or redirects the read."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, f"{path} is not a regular file")
-        return os.read(fd, limit)
-    finally:
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_regular(path, limit: int = 1 << 20) -> bytes:
+    """The first `limit` bytes of `path`, opened as `open_regular` does."""
+    with open_regular(path) as f:
+        return f.read(limit)
+
+
+def tail_regular(path, limit: int = 64 << 10) -> bytes:
+    """The last `limit` bytes of `path`, opened as `open_regular` does."""
+    with open_regular(path) as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+        return f.read(limit)
+
+
+def is_within(path, folder) -> bool:
+    """Whether `path` resolves (symlinks included) to `folder` or somewhere below it."""
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, top]) == top

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CloudkvmError
-from .fsutil import atomic_write, read_regular
+from .fsutil import atomic_write, read_regular, tail_regular
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -38,6 +38,12 @@ def private_dir(path: Path) -> Path:
         raise CloudkvmError(f"{path}: not a folder", "remove it, or set CLOUDKVM_STATE_DIR to another folder")
     os.chmod(path, 0o700)
     return path
+
+
+def state_folder_error(path, err: OSError) -> CloudkvmError:
+    """The one-line error for a state folder that cannot be written (read-only, full, not a folder)."""
+    return CloudkvmError(f"{path}: cannot write the instance folder: {err.strerror or err}",
+                         "free space there, make it writable, or set CLOUDKVM_STATE_DIR to another folder")
 
 
 @contextmanager
@@ -124,15 +130,14 @@ class Instance:
 
     @contextmanager
     def exclusive(self, doing: str):
-        """`doing` says what, for the others (e.g. "being started"). Hold this instance's lock while starting, running in the foreground or removing it: exactly one
-        cloudkvm command at a time; another gets a CloudkvmError at once. Yields the lock's fd (a daemon forked
-        meanwhile must close it)."""
+        """Hold this instance's lock while starting, running in the foreground or removing it: one cloudkvm command
+        at a time; another gets a CloudkvmError at once, told what `doing` (e.g. "being started"). Yields the lock's
+        fd (a daemon forked meanwhile must close it)."""
         try:
             private_dir(self.lock_file.parent)
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as err:
-            raise CloudkvmError(f"{self.lock_file}: cannot write the instance folder: {err.strerror or err}",
-                                "free space there, make it writable, or set CLOUDKVM_STATE_DIR to another folder")
+            raise state_folder_error(self.lock_file, err) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -187,7 +192,7 @@ class Instance:
     def log_tail(self, lines: int = 5) -> str:
         """The last lines of the VMM log, on one line."""
         try:
-            tail = self.vmm_log.read_text(errors="replace").strip().splitlines()[-lines:]
+            tail = tail_regular(self.vmm_log).decode(errors="replace").strip().splitlines()[-lines:]
         except OSError:
             return "no log"
         return " | ".join(tail) or "empty log"

@@ -5,11 +5,13 @@ import os
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import control, daemon
 from .errors import CloudkvmError
-from .instances import Instance, list_instances, private_dir, private_files
+from .fsutil import is_within
+from .instances import Instance, list_instances, private_dir, private_files, state_folder_error
 from .logfile import CappedLog, open_log
 from .boards.x86_cpu import CpuPolicy
 from .machine import FlatBinary, LinuxBoot, Machine, MachineSpec, check_payload
@@ -50,8 +52,7 @@ def warnings(profile: Profile) -> list[str]:
     log = profile.console.log
     if log is not None:
         folders = [Instance.named(profile.name).dir] + ([Path(profile.source).parent] if profile.source else [])
-        real = os.path.realpath(log)
-        if not any(os.path.commonpath([real, os.path.realpath(f)]) == os.path.realpath(f) for f in folders):
+        if not any(is_within(log, folder) for folder in folders):
             out.append(f"{profile.where('console', 'log')}: the console log {log} is outside the instance's and "
                        f"the profile's folders")
     return out
@@ -155,28 +156,23 @@ def _stopped(how: str):
     return VmResult("stopped", f"stopped by {how}")
 
 
-def _state_error(instance: Instance, err: OSError) -> CloudkvmError:
-    return CloudkvmError(f"{instance.dir}: cannot write the instance folder: {err.strerror or err}",
-                         "free space there, make it writable, or set CLOUDKVM_STATE_DIR to another folder")
-
-
-def up(profile: Profile, source: str | None, name: str | None = None, wait: float = 120.0) -> tuple[Instance, bool]:
-    """Start `profile` as a daemonized VM. Returns (instance, running): running is False when the VM was still
-    starting after `wait` seconds. Errors are one-line CloudkvmErrors; a refused start leaves nothing behind."""
-    if name:
-        profile = profile.model_copy(update={"name": name})
-    instance = Instance.named(profile.name)
+@contextmanager
+def claimed(profile: Profile, source: str | None, doing: str, console_file: bool = True):
+    """The profile's instance for this command alone (its lock held, so one `up` wins), checked, its folder made
+    private and its disks prepared; yields (instance, disks, lock fd). A refused start leaves nothing behind: a
+    folder this made is removed again. `console_file`: the serial output goes to the console log (checked here)."""
     check_profile(profile)  # what this host or the board cannot run, before anything is created
-    check_payload(spec_for(profile, None).payload)  # refuse what cannot run before anything is created
+    check_payload(spec_for(profile, None).payload)
+    instance = Instance.named(profile.name)
     with private_files():
         try:
             private_dir(instance.dir.parent)
         except OSError as err:
-            raise _state_error(instance, err) from None
-        with instance.exclusive("being started") as lock_fd:
+            raise state_folder_error(instance.dir, err) from None
+        with instance.exclusive(doing) as lock_fd:
             if instance.state() == "running":
                 raise CloudkvmError(f"instance '{profile.name}' is already running",
-                                    f"cloudkvm down {profile.name} first")
+                                    f"cloudkvm down {profile.name} first, or use --name")
             check_forwards(profile)  # after the state check: a running instance's own forward is not "in use"
             created = not os.path.lexists(instance.dir)
             try:
@@ -185,15 +181,25 @@ def up(profile: Profile, source: str | None, name: str | None = None, wait: floa
                     stale.unlink(missing_ok=True)
                 disks, probed = prepare_disks(profile, instance)
                 instance.write_json(instance.info_file, {**instance_info(profile, source), "probed_formats": probed})
-                os.close(open_log(instance.console_log))  # a symlink or a FIFO there is refused before starting
+                if console_file:
+                    os.close(open_log(instance.console_log))  # a symlink or a FIFO there is refused now
             except BaseException as exc:
                 if created:
                     shutil.rmtree(instance.dir, ignore_errors=True)
                 if isinstance(exc, OSError):
-                    raise _state_error(instance, exc) from None
+                    raise state_folder_error(instance.dir, exc) from None
                 raise
-            message, pid = daemon.spawn(instance, lambda ready: _run_vm(instance, profile, disks, ready), wait,
-                                        close_in_daemon=(lock_fd,))
+            yield instance, disks, lock_fd
+
+
+def up(profile: Profile, source: str | None, name: str | None = None, wait: float = 120.0) -> tuple[Instance, bool]:
+    """Start `profile` as a daemonized VM. Returns (instance, running): running is False when the VM was still
+    starting after `wait` seconds. Errors are one-line CloudkvmErrors; a refused start leaves nothing behind."""
+    if name:
+        profile = profile.model_copy(update={"name": name})
+    with claimed(profile, source, "being started") as (instance, disks, lock_fd):
+        message, _ = daemon.spawn(instance, lambda ready: _run_vm(instance, profile, disks, ready), wait,
+                                  close_in_daemon=(lock_fd,))
     if message == "timeout" and instance.state() == "running":
         return instance, False
     if message != daemon.READY:

@@ -214,3 +214,16 @@ def test_a_backing_file_name_from_an_image_is_not_echoed_raw(env, tmp_path):
         proc = cli(env, command, str(profile))
         assert proc.returncode == 0, proc.stderr
         assert "b\\x1b]0;owned\\x07.raw" in proc.stdout and "\x1b" not in proc.stdout and "\x07" not in proc.stdout
+
+
+def test_logs_never_blocks_on_a_fifo_or_follows_a_symlink_planted_as_the_console_log(env, tmp_path):
+    folder = tmp_path / "state" / "planted"
+    folder.mkdir(parents=True)
+    (folder / "instance.json").write_text("{}")
+    os.mkfifo(folder / "console.log")
+    one_line_error(cli(env, "logs", "planted"), "no console log")  # before: blocked on the FIFO for good
+    (folder / "console.log").unlink()
+    (tmp_path / "secret").write_text("not the guest's console\n")
+    (folder / "console.log").symlink_to(tmp_path / "secret")
+    proc = cli(env, "logs", "planted")
+    assert proc.returncode == 2 and "not the guest's console" not in proc.stdout

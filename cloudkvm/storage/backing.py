@@ -14,6 +14,7 @@ import stat
 from dataclasses import dataclass
 
 from ..errors import CloudkvmError
+from ..fsutil import is_within
 
 TRUST_HINT = ("cloudkvm follows backing files only inside the image's own folder; if you trust this image, set "
               "trust_backing: true on its disk (or rebase it: `qemu-img rebase -u -b NAME IMAGE`)")
@@ -37,10 +38,9 @@ class BackingPolicy:
             return path
         if os.path.isabs(name):
             raise CloudkvmError(f"{image}: backing file {name!r} is an absolute path", TRUST_HINT)
-        real, top = os.path.realpath(path), os.path.realpath(folder)
-        if os.path.commonpath([real, top]) != top:
-            raise CloudkvmError(f"{image}: backing file {name!r} lies outside the image's folder ({real})",
-                                TRUST_HINT)
+        if not is_within(path, folder):
+            raise CloudkvmError(f"{image}: backing file {name!r} lies outside the image's folder "
+                                f"({os.path.realpath(path)})", TRUST_HINT)
         return path
 
     def allows_devices(self, path: str) -> bool:
