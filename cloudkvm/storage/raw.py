@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+from contextlib import contextmanager
 
 from ..errors import CloudkvmError
 from .backing import open_image
@@ -42,15 +43,22 @@ class RawDisk:
         self._can_punch = True
         self._can_zero_range = True
         self.keep_raw = keep_raw
+        self._first_sector_lock = threading.Lock()
 
-    def _check_first_sector(self, data, offset: int) -> None:
-        """Refuse a write that would turn a probed raw image into another format for the next probe."""
-        if self.keep_raw and offset < PROBE_BYTES:
-            with self._lock:
-                head = pread_full(self._fd, min(PROBE_BYTES, self.size), 0)
+    @contextmanager
+    def _first_sector(self, data, offset: int):
+        """Around a write of `data` at `offset`: refuse it if it would turn a probed raw image into another format
+        for the next probe. Check and write happen under one lock, so two writes that each keep the image raw
+        cannot together assemble a signature."""
+        if not (self.keep_raw and offset < PROBE_BYTES):
+            yield
+            return
+        with self._first_sector_lock:
+            head = pread_full(self._fd, min(PROBE_BYTES, self.size), 0)
             if not write_keeps_raw(head, data, offset):
                 raise FormatChangeRefused(f"{self.path}: refused a write to the first sector that would make this "
                                           f"probed raw image look like another format (set format: raw to allow)")
+            yield
 
     # -- the Disk protocol -------------------------------------------------------------------------------------
     def pread(self, length: int, offset: int) -> bytes:
@@ -61,8 +69,8 @@ class RawDisk:
         if self.read_only:
             raise ReadOnlyDisk(f"{self.path}: disk opened read-only")
         check_range(self, memoryview(data).nbytes, offset)
-        self._check_first_sector(data, offset)
-        pwrite_full(self._fd, data, offset)
+        with self._first_sector(data, offset):
+            pwrite_full(self._fd, data, offset)
 
     def flush(self) -> None:
         if not self.read_only:
@@ -72,9 +80,8 @@ class RawDisk:
         if self.read_only:
             raise ReadOnlyDisk(f"{self.path}: disk opened read-only")
         check_range(self, length, offset)
-        self._check_first_sector(bytes(min(length, PROBE_BYTES)), offset)
         if self._can_punch and not self._is_block:
-            with self._lock:
+            with self._first_sector(bytes(min(length, PROBE_BYTES)), offset), self._lock:
                 self._can_punch = fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
     write_zeroes_may_unmap = True  # write_zeroes(..., unmap=True) may punch a hole
@@ -87,7 +94,10 @@ class RawDisk:
         check_range(self, length, offset)
         if length == 0:
             return
-        self._check_first_sector(bytes(min(length, PROBE_BYTES)), offset)
+        with self._first_sector(bytes(min(length, PROBE_BYTES)), offset):
+            self._zero(length, offset, unmap)
+
+    def _zero(self, length: int, offset: int, unmap: bool) -> None:
         if not self._is_block:
             with self._lock:
                 if unmap and self._can_punch:

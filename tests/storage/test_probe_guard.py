@@ -78,3 +78,34 @@ def test_an_image_of_a_format_cloudkvm_cannot_read_is_named_not_opened_as_raw(tm
     with pytest.raises(CloudkvmError, match=f"looks like a {fmt} image"):
         open_disk(path)
     assert open_disk(path, format="raw").format == "raw"  # the user may still say it is raw
+
+
+def test_two_writes_that_each_keep_it_raw_cannot_assemble_a_signature_together(raw, monkeypatch):
+    """The second write's check must see the first write's bytes: check and write under one lock. The first
+    write is held inside its pwrite while the second arrives."""
+    import threading
+    import time
+
+    from cloudkvm.storage import raw as raw_module
+
+    real = raw_module.pwrite_full
+
+    def slow_pwrite(fd, data, offset):
+        time.sleep(0.2)
+        real(fd, data, offset)
+    monkeypatch.setattr(raw_module, "pwrite_full", slow_pwrite)
+    outcome = {}
+    with open_disk(raw) as disk:
+        def write(name, data, offset):
+            try:
+                disk.pwrite(data, offset)
+                outcome[name] = "written"
+            except FormatChangeRefused:
+                outcome[name] = "refused"
+        first = threading.Thread(target=write, args=("first", b"QF", 0))
+        first.start()
+        time.sleep(0.05)  # the first write has passed its check and sleeps in pwrite
+        write("second", b"I\xfb", 2)
+        first.join()
+    assert probe_format(raw) == "raw"
+    assert outcome == {"first": "written", "second": "refused"}
