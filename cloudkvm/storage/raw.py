@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from ..errors import CloudkvmError
 from .backing import open_image
@@ -19,6 +19,7 @@ from ._util import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RA
 from .errors import FormatChangeRefused, ReadOnlyDisk
 
 _ZERO_CHUNK = 1 << 20
+_UNGUARDED = nullcontext()
 
 
 class RawDisk:
@@ -45,14 +46,15 @@ class RawDisk:
         self.keep_raw = keep_raw
         self._first_sector_lock = threading.Lock()
 
-    @contextmanager
     def _first_sector(self, data, offset: int):
-        """Around a write of `data` at `offset`: refuse it if it would turn a probed raw image into another format
-        for the next probe. Check and write happen under one lock, so two writes that each keep the image raw
-        cannot together assemble a signature."""
-        if not (self.keep_raw and offset < PROBE_BYTES):
-            yield
-            return
+        """The context around a write of `data` at `offset`: it refuses a write that would turn a probed raw image
+        into another format for the next probe (a no-op context for every other write)."""
+        return self._guarded(data, offset) if self.keep_raw and offset < PROBE_BYTES else _UNGUARDED
+
+    @contextmanager
+    def _guarded(self, data, offset: int):
+        """Check and write under one lock, so two writes that each keep the image raw cannot together assemble a
+        signature."""
         with self._first_sector_lock:
             head = pread_full(self._fd, min(PROBE_BYTES, self.size), 0)
             if not write_keeps_raw(head, data, offset):
