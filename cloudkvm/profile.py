@@ -619,6 +619,7 @@ class _Walker:
     def __init__(self, loader: yaml.SafeLoader, doc: _Doc, budget: _Budget):
         self.loader, self.doc, self.budget = loader, doc, budget
         self.active: set[int] = set()  # nodes being walked: an alias to one of them is a loop
+        self.depth = 0  # of the value being produced: aliases nest what they name, so parsing's bound is not enough
 
     def error(self, node: yaml.Node, loc: tuple, message: str, hint: str) -> CloudkvmError:
         where = f"{_mark(self.doc, node.start_mark)}: {field_path(loc)}" if loc else _mark(self.doc, node.start_mark)
@@ -632,17 +633,20 @@ class _Walker:
         if self.budget.values < 0:
             raise self.error(node, loc, f"the profile expands to more than {MAX_VALUES} values",
                              "YAML aliases (*name) repeat what they name: use fewer of them")
-        if isinstance(node, yaml.MappingNode):
-            self.active.add(id(node))
-            out = self._mapping(node, loc)
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalar(node, loc)
+        if self.depth >= MAX_DEPTH:
+            raise self.error(node, loc, f"the profile is nested more than {MAX_DEPTH} levels deep",
+                             "a profile's maps and lists nest a few levels (aliases count where they are used)")
+        self.active.add(id(node))
+        self.depth += 1
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, loc)
+            return [self.walk(item, loc + (index,)) for index, item in enumerate(node.value)]
+        finally:
+            self.depth -= 1
             self.active.discard(id(node))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            self.active.add(id(node))
-            items = [self.walk(item, loc + (index,)) for index, item in enumerate(node.value)]
-            self.active.discard(id(node))
-            return items
-        return self._scalar(node, loc)
 
     def _mapping(self, node: yaml.MappingNode, loc: tuple) -> dict:
         first: dict[str, yaml.Node] = {}
@@ -686,8 +690,9 @@ class _Walker:
                                         "characters)", "profile numbers are small: write sizes with a unit, e.g. 4G")
         try:
             value = self.loader.construct_object(node, deep=True)
-        except (ValueError, OverflowError) as exc:  # e.g. 2024-13-45 resolves as a date that does not exist
-            raise self.error(node, loc, f"cannot read {_show(node.value)}: {exc}",
+        except Exception as exc:  # noqa: BLE001  (2024-13-45 as a date, !!bool maybe, !!timestamp x: each differs)
+            why = exc if isinstance(exc, (ValueError, OverflowError)) else f"not a {node.tag.rpartition(':')[2]}"
+            raise self.error(node, loc, f"cannot read {_show(node.value)}: {why}",
                              "quote the value to make it text") from None
         if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_NUMBER_BITS:
             raise self.error(node, loc, f"the number {_show(node.value)} is too large (more than "

@@ -274,3 +274,22 @@ def test_an_unreadable_profile_is_a_one_line_error():
         env = cli._profile_env(folder / "secret.yaml")  # the demo-variable peek says nothing; loading says why
     assert err.message.endswith("secret.yaml: cannot read the profile: permission denied")
     assert env == dict(os.environ)
+
+
+def test_aliases_that_nest_what_they_name_are_bounded_like_nesting_itself(tmp_path):
+    """Each alias adds up to the parser's depth again: walking must count the depth it produces (before: a
+    RecursionError traceback from 40 chained 29-deep lists)."""
+    lines = ["x0: &a0 " + "[" * 29 + "1" + "]" * 29]
+    lines += [f"x{i}: &a{i} " + "[" * 29 + f"*a{i - 1}" + "]" * 29 for i in range(1, 40)]
+    path = tmp_path / "chained.yaml"
+    path.write_text("\n".join(lines) + "\nname: a\nboot:\n  kernel: /bin/true\n")
+    error = refused_quickly(path, check_files=False)
+    assert "nested more than 32 levels" in error.message and f"{path}:1:" in error.message
+
+
+@pytest.mark.parametrize("value", ["!!bool maybe", "!!timestamp notadate", "!!float abc", "!!int 0xzz"])
+def test_explicit_tags_that_do_not_fit_their_value_are_field_errors(tmp_path, value):
+    path = tmp_path / "tag.yaml"
+    path.write_text(f"name: a\ncpus: {value}\nboot:\n  kernel: /bin/true\n")
+    error = refused_quickly(path, check_files=False)
+    assert f"{path}:2:7: cpus: cannot read" in error.message
