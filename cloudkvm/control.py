@@ -19,6 +19,7 @@ the socket takes it, otherwise when poll() says the socket is writable; nothing 
 - At most MAX_CONNECTIONS connections are open at once; one more is told so in one reply line and closed.
 - A request line may be at most MAX_REQUEST bytes; a longer one gets an error reply and the connection is
   closed, so at most MAX_REQUEST + RECV_CHUNK bytes of a client's input are ever buffered."""
+import errno
 import functools
 import itertools
 import json
@@ -36,6 +37,8 @@ MAX_UNREAD_REPLIES = 64 << 10  # replies a request client may leave unread befor
 CONSOLE_BACKLOG = 64 << 10    # newest console bytes kept for a console client that is not reading
 MAX_CONNECTIONS = 16
 LISTEN_BACKLOG = 8
+ACCEPT_PAUSE = 1.0            # seconds the listener rests when the process is out of file descriptors
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def _peer(sock: socket.socket, number: int) -> str:
@@ -79,6 +82,7 @@ class ControlServer:
         self.clients: dict[int, _Client] = {}
         self._numbers = itertools.count(1)
         self._refusing = False
+        self._accept_paused = False
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -101,7 +105,10 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("control socket: cannot accept a connection: %s", exc.strerror or exc)
+                if exc.errno in _OUT_OF_FDS:
+                    self._pause_accepting(exc)
+                else:
+                    log.warning("control socket: cannot accept a connection: %s", exc.strerror or exc)
                 return
             sock.setblocking(False)
             if len(self.clients) >= MAX_CONNECTIONS:
@@ -110,6 +117,20 @@ class ControlServer:
             client = _Client(sock, next(self._numbers))
             self.clients[client.fd] = client
             self.io.add_reader(client.fd, functools.partial(self._readable, client))
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of file descriptors: the pending connection stays in the backlog and the listener stays readable,
+        so watching it would spin the I/O thread. Stop watching it for ACCEPT_PAUSE seconds, then try again."""
+        if not self._accept_paused:
+            log.warning("control socket: cannot accept connections (%s); retrying every %g s",
+                        exc.strerror or exc, ACCEPT_PAUSE)
+            self._accept_paused = True
+        self.io.remove_reader(self.sock.fileno())
+        self.io.call_later(ACCEPT_PAUSE, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self.sock.fileno() >= 0:  # not closed meanwhile
+            self.io.add_reader(self.sock.fileno(), self._accept)
 
     def _refuse(self, sock: socket.socket) -> None:
         if not self._refusing:  # logged once until a connection closes
@@ -123,6 +144,13 @@ class ControlServer:
         sock.close()
 
     def _readable(self, client: _Client) -> None:
+        try:
+            self._serve(client)
+        except Exception:  # a bug must cost this connection, never its slot or the I/O thread's reader table
+            log.exception("control socket: serving %s failed; closing it", client.who)
+            self._close(client)
+
+    def _serve(self, client: _Client) -> None:
         try:
             data = client.sock.recv(RECV_CHUNK)
         except (BlockingIOError, InterruptedError):
@@ -172,7 +200,7 @@ class ControlServer:
         try:
             request = json.loads(line)
             cmd = request["cmd"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: '[' nested thousands deep
             self._reply(client, {"ok": False, "error": "bad request: want a JSON object with 'cmd'"})
             return
         if cmd == "status":

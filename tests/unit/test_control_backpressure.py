@@ -1,5 +1,6 @@
 """The control socket never waits for a client: a real ControlServer on a real Unix socket, served by a real
 IoThread, in front of a minimal fake machine (console, serial input, power button, end)."""
+import errno
 import json
 import logging
 import re
@@ -309,3 +310,62 @@ def test_closing_the_server_closes_every_connection(vmm):
     finally:
         a.close()
         b.close()
+
+
+# --- hostile requests and resource exhaustion ---------------------------------------------------------------
+def test_a_request_nested_thousands_deep_gets_an_error_and_the_connection_stays_usable(vmm):
+    _, server, path, _ = vmm
+    with connect(path) as sock:
+        sock.sendall(b"[" * 4000 + b"\n")  # fits in a request line; json.loads raises RecursionError
+        assert read_line(sock) == {"ok": False, "error": "bad request: want a JSON object with 'cmd'"}
+        sock.sendall(STATUS)
+        assert read_line(sock)["ok"] is True
+    assert wait_until(lambda: open_connections(server) == 0)
+
+
+def test_a_request_that_fails_inside_the_server_costs_its_connection_not_its_slot(vmm, caplog):
+    machine, server, path, _ = vmm
+
+    def broken_power_button():
+        raise RuntimeError("a bug in the board")
+    machine.request_shutdown = broken_power_button
+    for _ in range(20):  # more than MAX_CONNECTIONS: a slot leaked per failure would refuse the last ones
+        with connect(path) as sock:
+            sock.sendall(b'{"cmd": "shutdown"}\n')
+            assert read_to_eof(sock) == b""  # closed, not left hanging
+    assert wait_until(lambda: open_connections(server) == 0)
+    assert timed_status(path) < PROMPT
+    assert any("a bug in the board" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+class OutOfDescriptors:
+    """A listening socket whose accept() fails with EMFILE while `failing`, counting the calls."""
+
+    def __init__(self, real: socket.socket):
+        self.real, self.failing, self.calls = real, True, 0
+
+    def accept(self):
+        self.calls += 1
+        if self.failing:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.real.accept()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_running_out_of_descriptors_pauses_the_listener_instead_of_spinning(vmm, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="cloudkvm.control")
+    monkeypatch.setattr("cloudkvm.control.ACCEPT_PAUSE", 0.3)
+    _, server, path, _ = vmm
+    listener = OutOfDescriptors(server.sock)
+    server.machine.io.run_sync(lambda: setattr(server, "sock", listener))
+    with connect(path) as sock:  # queued in the backlog; the listener stays readable while accept fails
+        time.sleep(1.0)
+        assert listener.calls <= 5  # about one try per pause; a spinning loop makes thousands
+        assert [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()] == [
+            "control socket: cannot accept connections (Too many open files); retrying every 0.3 s"]
+        listener.failing = False  # descriptors are free again: the waiting client is served
+        sock.sendall(STATUS)
+        assert read_line(sock)["ok"] is True
+    server.machine.io.run_sync(lambda: setattr(server, "sock", listener.real))
