@@ -228,7 +228,7 @@ def test_console_log_agrees_with_the_log_opener(profile, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- raw size
 
-@pytest.mark.parametrize("size", ["1G", "17T", "4194304T", "8388607T", "8388608T"])
+@pytest.mark.parametrize("size", ["1G", "17T", "4194304T", "8388607T"])
 def test_raw_size_agrees_with_ftruncate_on_this_file_system(profile, tmp_path, size):
     """Whether the file system can hold a raw image of `size` (ext4 with 4K blocks: 16T - 4K; tmpfs/xfs: 8E - 1):
     ftruncate on a scratch file beside it decides, and validate must say the same (without writing)."""
