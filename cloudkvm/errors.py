@@ -1,5 +1,4 @@
 """The user-error family: a one-line message plus a hint; the CLI turns these into exit code 2."""
-import unicodedata
 
 
 class CloudkvmError(Exception):
@@ -27,4 +26,6 @@ class GuestMemoryError(Exception):
 def printable(text: str) -> str:
     """`text` safe for a terminal: control characters from a profile or image (escape sequences, bells, newlines)
     are shown as escapes instead of acting on the user's terminal."""
-    return "".join(ch if unicodedata.category(ch)[0] != "C" else ascii(ch)[1:-1] for ch in text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)

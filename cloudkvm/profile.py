@@ -29,7 +29,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       WithJsonSchema, model_validator)
 
 from .boards.x86_cpu import FEATURES, check_feature_names
-from .errors import CloudkvmError
+from .errors import CloudkvmError, printable
 from .units import parse_size
 
 MiB = 1 << 20
@@ -703,31 +703,42 @@ class _Walker:
 
 # ---------------------------------------------------------------------------------------------------- ${VAR}
 
-_VAR = re.compile(r"\$(\$?)\{([^}]*)\}")
-_VAR_BODY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.DOTALL)
+_VAR_BODY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
 
 
 def expand_vars(text: str, env: Mapping[str, str]) -> str:
     """`${VAR}` and `${VAR:-default}` (default when VAR is unset or empty); `$${...}` is a literal `${...}`.
-    Raises `KeyError(name)` for an unset variable without a default, `ValueError` for a malformed reference."""
-    def replace(match: re.Match) -> str:
-        if match.group(1):
-            return "${" + match.group(2) + "}"
-        body = _VAR_BODY.match(match.group(2))
-        if not body:
-            raise ValueError(f"'${{{match.group(2)}}}' is not a variable reference")
-        name, default = body.groups()
-        value = env.get(name)
-        if value:
-            return value
-        if default is not None:
-            return default
-        if value is not None:
-            return value
-        raise KeyError(name)
-    if "${" in _VAR.sub("", text):
+    Raises `KeyError(name)` for an unset variable without a default, `ValueError` for a malformed reference.
+    One pass with str.find (a regex for `${...}` backtracks quadratically over many unclosed `${`)."""
+    if text.rfind("${") > text.rfind("}"):
         raise ValueError("an unclosed '${' in the value")
-    return _VAR.sub(replace, text)
+    pieces, pos = [], 0
+    while (start := text.find("${", pos)) >= 0:
+        end = text.find("}", start + 2)
+        inner = text[start + 2:end]
+        if start > pos and text[start - 1] == "$":  # `$${...}`: the literal text `${...}`
+            pieces += (text[pos:start - 1], "${", inner, "}")
+        else:
+            pieces += (text[pos:start], _variable(inner, env))
+        pos = end + 1
+    pieces.append(text[pos:])
+    return "".join(pieces)
+
+
+def _variable(inner: str, env: Mapping[str, str]) -> str:
+    """The value of the reference `${inner}`."""
+    body = _VAR_BODY.fullmatch(inner)
+    if not body:
+        raise ValueError(f"'${{{inner}}}' is not a variable reference")
+    name, default = body.groups()
+    value = env.get(name)
+    if value:
+        return value
+    if default is not None:
+        return default
+    if value is not None:
+        return value
+    raise KeyError(name)
 
 
 def _expand(doc: _Doc, value: Any, loc: tuple, env: Mapping[str, str]) -> Any:
@@ -1006,13 +1017,9 @@ def _one_line_errors():
     try:
         yield
     except CloudkvmError as exc:
-        exc.message, exc.hint = _printable(exc.message), _printable(exc.hint)
+        exc.message, exc.hint = printable(exc.message), printable(exc.hint)
         exc.args = (exc.message,)
         raise
-
-
-def _printable(text: str) -> str:
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def profile_to_dict(profile: Profile) -> dict:
