@@ -296,3 +296,10 @@ def test_explicit_tags_that_do_not_fit_their_value_are_field_errors(tmp_path, va
     path.write_text(f"name: a\ncpus: {value}\nboot:\n  kernel: /bin/true\n")
     error = refused_quickly(path, check_files=False)
     assert f"{path}:2:7: cpus: cannot read" in error.message
+
+
+def test_many_unclosed_variable_references_are_refused_quickly(tmp_path):
+    # 200,000 '${' (400 KB, under the profile size cap): the old regex scan took minutes
+    (tmp_path / "p.yaml").write_text("name: x\nboot:\n  kernel: k\n  cmdline: '" + "${" * 200_000 + "'\n")
+    err = refused_quickly(tmp_path / "p.yaml", check_files=False)
+    assert "boot.cmdline: an unclosed '${'" in err.message
