@@ -59,7 +59,7 @@ def _bits(mask: int):
     return [1 << i for i in range(ALL_PERMS.bit_length()) if mask & (1 << i)]
 
 
-def conflict(fd: int, held: int, unshared: int) -> str | None:
+def _conflict(fd: int, held: int, unshared: int) -> str | None:
     """What another user of the file holds that clashes with holding `held` and not sharing `unshared`, in words;
     None when nothing does. Our own locks (this open file description's) never count."""
     for bit in _bits(unshared):
@@ -78,25 +78,24 @@ def _lock_bytes(fd: int, held: int, unshared: int, l_type: int) -> None:
 
 
 def lock(fd: int, path: str, writer: bool) -> None:
-    """Take QEMU's locks for a writer or a reader of the image open on `fd`, then check that no other program's
-    locks clash (taking first, then checking, so two programs racing cannot both win). A clash is a
-    CloudkvmError naming `path`, with the bytes released again; a file system without OFD locks runs unlocked.
-    A write-only `fd` cannot hold the shared locks: it is only checked."""
+    """Take QEMU's locks for a writer or a reader of the image open (readable) on `fd`, then check that no other
+    program's locks clash (taking first, then checking, so two programs racing cannot both win). A clash is a
+    CloudkvmError naming `path`, with the bytes released again; a file system without OFD locks runs unlocked."""
     held, unshared = WRITER if writer else READER
-    readable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_WRONLY
     try:
-        clash = None
-        if readable:
-            try:
-                _lock_bytes(fd, held, unshared, fcntl.F_RDLCK)
-            except BlockingIOError:  # EAGAIN/EACCES: an exclusive lock on a permission byte (QEMU takes none)
-                clash = "another program holds an exclusive lock on it"
-        clash = clash or conflict(fd, held, unshared)
-        if clash is not None and readable:
-            _lock_bytes(fd, held, unshared, fcntl.F_UNLCK)
+        try:
+            _lock_bytes(fd, held, unshared, fcntl.F_RDLCK)
+            clash = _conflict(fd, held, unshared)
+        except BlockingIOError:  # EAGAIN/EACCES: an exclusive lock on a permission byte (QEMU takes none)
+            clash = "another program holds an exclusive lock on it"
     except LocksUnsupported:
         return
-    if clash is not None:
-        raise CloudkvmError(f"{path}: the disk image is in use: {clash} (QEMU's image lock)",
-                            "stop the VM or qemu-img/qemu-io using it first "
-                            "(readers share an image; a writer needs it alone)")
+    if clash is None:
+        return
+    try:
+        _lock_bytes(fd, held, unshared, fcntl.F_UNLCK)
+    except (LocksUnsupported, BlockingIOError):
+        pass  # closing `fd` releases them anyway
+    raise CloudkvmError(f"{path}: the disk image is in use: {clash} (QEMU's image lock)",
+                        "stop the VM or qemu-img/qemu-io using it first "
+                        "(readers share an image; a writer needs it alone)")

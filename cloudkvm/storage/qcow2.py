@@ -1138,7 +1138,7 @@ def create(path, size: int | None, backing=None, backing_format: str | None = No
     if _LITTLE:
         blocks.byteswap()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # readable: QEMU's locks are read locks
     except OSError as err:
         from . import open_error
         raise open_error(path, err, False) from None

@@ -101,6 +101,22 @@ def test_cloudkvm_takes_the_lock_bytes_qemu_takes_for_a_qcow2_image(qemu, tmp_pa
     assert ofd_locks(img) == []  # closing releases them
 
 
+def test_creating_a_qcow2_image_holds_the_writer_locks_qemu_would_take(qemu, tmp_path, monkeypatch):
+    img = written_qcow2(qemu, tmp_path)
+    with qemu_io_holding(img) as by_qemu_writer:
+        pass
+    seen = []
+    real_fsync = os.fsync
+
+    def fsync_looking_at_locks(fd):  # the last step of create, with the new image written
+        seen.append(ofd_locks(img))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync_looking_at_locks)
+    qcow2.create(img, 8 * MiB)
+    assert seen == [by_qemu_writer]  # qemu-img/QEMU are kept out while the image is rewritten
+    assert ofd_locks(img) == []
+
+
 # -------------------------------------------------------------------- QEMU refuses what cloudkvm writes
 def _qemu_img(*args) -> subprocess.CompletedProcess:
     return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True, timeout=60)
