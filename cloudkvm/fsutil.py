@@ -34,6 +34,15 @@ def install_dir(staging: Path, final: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+_KINDS = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """What an st_mode is, in words for an error: "a file", "a folder", "a FIFO", "a block device", ..."""
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
 def open_regular(path):
     """A binary file object on `path` if it is a regular file reached without following a symlink; else OSError.
     A FIFO, device or symlink planted where a state or log file belongs never blocks or redirects the read."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .boards import x86
 from .errors import CloudkvmError
+from .fsutil import file_kind
 from .profile import GiB, MiB, Profile, size_text
 
 # include/linux/kvm_host.h KVM_MEM_MAX_NR_PAGES: the pages one KVM memory slot can hold (each RAM region is one)
@@ -216,10 +217,6 @@ def _check_virtio_slots(profile: Profile) -> None:
 
 # ---------------------------------------------------------------------------------------------------- console.log
 
-_KINDS = ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
 def _check_console_log(profile: Profile) -> None:
     """The log is opened for appending, created when missing, never through a symlink (logfile.open_log)."""
     path = profile.console.log
@@ -234,7 +231,7 @@ def _check_console_log(profile: Profile) -> None:
     except OSError as exc:
         raise CloudkvmError(f"{where}: cannot use {path}: {exc.strerror}", hint) from None
     if info is not None:
-        kind = next((name for test, name in _KINDS if test(info.st_mode)), None)
+        kind = None if stat.S_ISREG(info.st_mode) else file_kind(info.st_mode)
         if kind:
             raise CloudkvmError(f"{where}: {path} is {kind}, not a file", "name a regular file: the console output "
                                                                           "is appended to it")
@@ -281,6 +278,8 @@ def _file_size_problem(path: Path, size: int, host: HostFacts) -> str | None:
     except OSError:
         return None  # opening the disk reports this, with its own message
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # replaced since is_file(): opening the disk refuses it
         os.lseek(fd, size, os.SEEK_SET)  # the kernel refuses an offset beyond its file system's largest file
     except (OSError, OverflowError):
         return "its file system holds no file that large"

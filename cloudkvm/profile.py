@@ -30,6 +30,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
 from .boards.x86_cpu import FEATURES, check_feature_names
 from .errors import CloudkvmError, printable
+from .fsutil import file_kind
 from .units import parse_size
 
 MiB = 1 << 20
@@ -471,15 +472,8 @@ class UnreadableProfile(CloudkvmError):
         self.reason = reason
 
 
-_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
 def _not_regular(mode: int) -> str | None:
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
-    return f"not a file ({kind})"
+    return None if stat.S_ISREG(mode) else f"not a file ({file_kind(mode)})"
 
 
 def _os_reason(exc: OSError) -> str:

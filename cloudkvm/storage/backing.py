@@ -10,11 +10,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 from dataclasses import dataclass
 
 from ..errors import CloudkvmError
-from ..fsutil import is_within
+from ..fsutil import file_kind, is_within
 
 TRUST_HINT = ("cloudkvm follows backing files only inside the image's own folder; if you trust this image, set "
               "trust_backing: true on its disk (or rebase it: `qemu-img rebase -u -b NAME IMAGE`)")
@@ -61,23 +60,15 @@ def open_image(path: str, read_only: bool, devices: bool) -> tuple[int, os.stat_
         raise open_error(path, err, read_only) from None
     try:
         st = os.fstat(fd)
-        kind = _kind(st.st_mode)
-        if kind == "folder":
+        kind = file_kind(st.st_mode)
+        if kind == "a folder":
             raise CloudkvmError(f"{path}: is a folder, not a disk image", "name the image file")
-        if kind == "block device" and not devices:
+        if kind == "a block device" and not devices:
             raise CloudkvmError(f"{path}: a block device as a backing file", TRUST_HINT)
-        if kind not in ("file", "block device"):
-            raise CloudkvmError(f"{path}: is a {kind}, not a disk image", "name a regular image file")
+        if kind not in ("a file", "a block device"):
+            raise CloudkvmError(f"{path}: is {kind}, not a disk image", "name a regular image file")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)
         raise
     return fd, st
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISREG, "file"), (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"),
-                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISSOCK, "socket")):
-        if test(mode):
-            return name
-    return "special file"
