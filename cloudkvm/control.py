@@ -274,9 +274,9 @@ class ControlServer:
                 self._trim(client, len(client.outbox) - keep_newest)
             broken = client.broken
         if broken:
-            self._on_io_thread(lambda: self._close(client))
+            self.io.now_or_soon(lambda: self._close(client))
         elif watch:
-            self._on_io_thread(lambda: self._watch_writable(client))
+            self.io.now_or_soon(lambda: self._watch_writable(client))
 
     @staticmethod
     def _trim(client: _Client, excess: int) -> None:
@@ -298,12 +298,6 @@ class ControlServer:
         except OSError:
             client.broken = True
             return 0
-
-    def _on_io_thread(self, fn) -> None:
-        if self.io.in_thread():
-            fn()
-        else:
-            self.io.call_soon(fn)
 
     def _watch_writable(self, client: _Client) -> None:
         if not client.closed:

@@ -87,14 +87,14 @@ class IoThread:
         raises is logged and removed."""
         def add():
             self._readers[fd] = callback
-        self._now_or_soon(add)
+        self.now_or_soon(add)
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching `fd`. On the I/O thread this happens at once, so the fd can be closed right after."""
         def remove():
             self._readers.pop(fd, None)
             self._forget_if_unwatched(fd)
-        self._now_or_soon(remove)
+        self.now_or_soon(remove)
 
     def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
         """Call `callback()` on the I/O thread whenever `fd` is writable (or hung up / in error), until
@@ -102,14 +102,14 @@ class IoThread:
         removed."""
         def add():
             self._writers[fd] = callback
-        self._now_or_soon(add)
+        self.now_or_soon(add)
 
     def remove_writer(self, fd: int) -> None:
         """Stop waiting for `fd` to be writable (at once on the I/O thread, so the fd can be closed right after)."""
         def remove():
             self._writers.pop(fd, None)
             self._forget_if_unwatched(fd)
-        self._now_or_soon(remove)
+        self.now_or_soon(remove)
 
     def _forget_if_unwatched(self, fd: int) -> None:
         if fd in self._registered and fd not in self._readers and fd not in self._writers \
@@ -123,7 +123,7 @@ class IoThread:
         `{fd: revents}` for that source's fds that had events (possibly empty). Both run on the I/O thread; one
         that raises is logged and the source removed. Returns a handle for `remove_poll_source`."""
         source = PollSource(fill, dispatch)
-        self._now_or_soon(lambda: self._sources.append(source))
+        self.now_or_soon(lambda: self._sources.append(source))
         return source
 
     def remove_poll_source(self, source: PollSource) -> None:
@@ -132,7 +132,7 @@ class IoThread:
             source.removed = True
             if source in self._sources:
                 self._sources.remove(source)
-        self._now_or_soon(remove)
+        self.now_or_soon(remove)
 
     # --- calls and timers ---------------------------------------------------------------------------------------
     def call_soon(self, fn: Callable[[], None]) -> None:
@@ -187,7 +187,8 @@ class IoThread:
     def running(self) -> bool:
         return self._running and self._thread.is_alive()
 
-    def _now_or_soon(self, fn: Callable[[], None]) -> None:
+    def now_or_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` now when called on the I/O thread, else queue it there (call_soon)."""
         if self.in_thread():
             fn()
         else:
