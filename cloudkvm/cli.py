@@ -196,27 +196,18 @@ def console(name: str) -> None:
 @app.command()
 def logs(name: str, follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new output")) -> None:
     """Print a VM's serial console log."""
-    import time
-
     from . import launcher
+    from .logfile import follow as follow_log
 
     instance = launcher.existing(name)
-    from .fsutil import open_regular
-
+    running = (lambda: instance.state() == "running") if follow else (lambda: False)
     try:
-        f = open_regular(instance.console_log)
+        chunks = follow_log(instance.console_log, running)
     except OSError:
         raise CloudkvmError(f"instance '{name}' has no console log yet", "is it starting?") from None
-    with f:
-        while True:
-            data = f.read()
-            if data:
-                sys.stdout.buffer.write(data)
-                sys.stdout.flush()
-            elif not follow or instance.state() != "running":
-                return
-            else:
-                time.sleep(0.2)
+    for data in chunks:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
 
 
 @app.command()

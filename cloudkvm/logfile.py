@@ -5,9 +5,12 @@ import errno
 import logging
 import os
 import stat
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import CloudkvmError
+from .fsutil import open_regular
 
 CONSOLE_LOG_LIMIT = 64 << 20  # bytes before console.log is rotated to console.log.1 (one old file kept)
 
@@ -67,3 +70,44 @@ class CappedLog:
         fd, self.fd = self.fd, None
         if fd is not None:
             os.close(fd)
+
+
+def follow(path, running: Callable[[], bool], interval: float = 0.2) -> Iterator[bytes]:
+    """The log at `path` from its start, then, while `running()`, what is appended to it, across rotations
+    (CappedLog renames it to NAME.1 and starts a new file: reopened by name, as `tail -F` does). Raises OSError
+    at once when `path` is not a regular file (open_regular)."""
+    return _following(path, open_regular(path), running, interval)
+
+
+def _following(path, log, running: Callable[[], bool], interval: float) -> Iterator[bytes]:
+    try:
+        while True:
+            if data := log.read():
+                yield data
+                continue
+            if not running():
+                return
+            if _replaced(path, log.fileno()):
+                if data := log.read():  # written to the old file just before it was renamed
+                    yield data
+                try:
+                    fresh = open_regular(path)
+                except OSError:  # between the rename and the new file's creation
+                    time.sleep(interval)
+                    continue
+                log.close()
+                log = fresh
+                continue
+            time.sleep(interval)
+    finally:
+        log.close()
+
+
+def _replaced(path, fd: int) -> bool:
+    """Whether `path` now names another file than the one open on `fd` (renamed away, or gone)."""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return True
+    was = os.fstat(fd)
+    return (now.st_dev, now.st_ino) != (was.st_dev, was.st_ino)

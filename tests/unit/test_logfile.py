@@ -4,6 +4,7 @@ import os
 import stat
 
 import pytest
+from waits import wait_for
 
 from cloudkvm.errors import CloudkvmError
 from cloudkvm.logfile import CappedLog, open_log
@@ -69,3 +70,38 @@ def test_logging_stops_rather_than_following_a_symlink_planted_at_rotation(tmp_p
     log.write(b"c" * 20)
     log.close()
     assert not (tmp_path / "stolen").exists()
+
+
+def test_following_a_log_reads_every_byte_across_rotations(tmp_path):
+    import threading
+
+    from cloudkvm.logfile import follow
+
+    path = tmp_path / "console.log"
+    log = CappedLog(path, limit=1000)
+    lines = [f"line {n:05d} {'x' * (n % 50)}\n".encode() for n in range(400)]  # ~25 KB: about 25 rotations
+    log.write(lines[0])
+    writing = threading.Event()
+    writing.set()
+    read = []
+    reader = threading.Thread(target=lambda: read.extend(follow(path, writing.is_set, interval=0.001)))
+    reader.start()
+    written = len(lines[0])
+    for n, line in enumerate(lines[1:], 1):
+        log.write(line)
+        written += len(line)
+        if n % 7 == 0:  # bursts of under 1000 bytes (at most one rotation each) that the reader catches up with
+            assert wait_for(lambda: sum(map(len, read)) == written, 10, interval=0.001)
+    assert wait_for(lambda: sum(map(len, read)) == written, 10, interval=0.001)
+    writing.clear()
+    reader.join(10)
+    log.close()
+    assert not reader.is_alive()
+    assert b"".join(read) == b"".join(lines)
+
+
+def test_following_a_missing_log_fails_at_once(tmp_path):
+    from cloudkvm.logfile import follow
+
+    with pytest.raises(OSError):
+        follow(tmp_path / "none.log", lambda: True)
