@@ -307,7 +307,7 @@ def inspect_acpi(output: Path = typer.Option(..., "--output", "-o", help="folder
                  cpus: int = typer.Option(1, help="vCPUs"),
                  memory: str = typer.Option("512M", help="guest RAM (the tables do not depend on it yet)")) -> None:
     """Write the ACPI tables an x86 VM gets (rsdp.dat, xsdt.dat, facp.dat, apic.dat, dsdt.dat) for `iasl -d`."""
-    from .boards.x86 import write_acpi_tables
+    from .boards.x86.board import write_acpi_tables
     from .units import parse_size
 
     parse_size(memory, "--memory")

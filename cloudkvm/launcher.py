@@ -13,7 +13,7 @@ from .errors import CloudkvmError
 from .fsutil import is_within
 from .instances import Instance, list_instances, private_dir, private_files, state_folder_error
 from .logfile import CappedLog, open_log
-from .boards.x86_cpu import CpuPolicy
+from .boards.x86.cpu import CpuPolicy
 from .machine import FlatBinary, LinuxBoot, Machine, MachineSpec, check_payload
 from .preflight import check_profile
 from .profile import Profile

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import hostquirks
-from .boards.x86 import X86Board
+from .boards.x86.board import X86Board
 from .boot import linux_x86
-from .boards.x86_cpu import CpuPolicy
+from .boards.x86.cpu import CpuPolicy
 from .console import ConsoleLog
 from .devices.bus import Bus
 from .devices.irq import IrqFd

@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .boards import x86
+from .boards.x86 import board as x86, layout as x86_layout
 from .errors import CloudkvmError
 from .fsutil import file_kind
 from .profile import GiB, MiB, Profile, size_text
@@ -116,11 +116,11 @@ def check_profile(profile: Profile, host: HostFacts | None = None) -> None:
 def _check_cpus(profile: Profile, host: HostFacts, board: bool) -> None:
     where = profile.where("cpus")
     flat = profile.boot.format == "flat"
-    if board and flat and profile.cpus > x86.FLAT_MAX_CPUS:
-        raise CloudkvmError(f"{where}: cpus: a flat guest on the x86 board takes at most {x86.FLAT_MAX_CPUS} vCPUs "
-                            f"(each starts on its own {x86.FLAT_STACK_SIZE // 1024} KiB stack below "
-                            f"0x{x86.FLAT_STACKS_TOP:x}), not {profile.cpus}",
-                            f"use cpus: {x86.FLAT_MAX_CPUS} or fewer")
+    if board and flat and profile.cpus > x86_layout.FLAT_MAX_CPUS:
+        raise CloudkvmError(f"{where}: cpus: a flat guest on the x86 board takes at most {x86_layout.FLAT_MAX_CPUS} vCPUs "
+                            f"(each starts on its own {x86_layout.FLAT_STACK_SIZE // 1024} KiB stack below "
+                            f"0x{x86_layout.FLAT_STACKS_TOP:x}), not {profile.cpus}",
+                            f"use cpus: {x86_layout.FLAT_MAX_CPUS} or fewer")
     if host.kvm_max_vcpus is not None and profile.cpus > host.kvm_max_vcpus:
         raise CloudkvmError(f"{where}: cpus: this host's KVM takes at most {host.kvm_max_vcpus} vCPUs per VM "
                             f"(KVM_CAP_MAX_VCPUS), not {profile.cpus}", f"use cpus: {host.kvm_max_vcpus} or fewer")
@@ -204,7 +204,7 @@ def virtio_device_count(profile: Profile) -> int:
 
 
 def _check_virtio_slots(profile: Profile) -> None:
-    slots = len(x86.VIRTIO_GSIS)
+    slots = len(x86_layout.VIRTIO_GSIS)
     if virtio_device_count(profile) <= slots:
         return
     net = profile.network.mode == "user"

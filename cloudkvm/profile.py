@@ -28,7 +28,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       WithJsonSchema, model_validator)
 
-from .boards.x86_cpu import FEATURES, check_feature_names
+from .boards.x86.cpu import FEATURES, check_feature_names
 from .errors import CloudkvmError, printable
 from .fsutil import file_kind
 from .units import parse_size

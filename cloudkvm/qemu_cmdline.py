@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .boards.x86_cpu import FEATURES
+from .boards.x86.cpu import FEATURES
 from .errors import CloudkvmError
 from .profile import ARCH_MACHINE, DEFAULT_NET, PROFILE_FIELD_ORDER, Profile, host_arch, parse_forward, size_text
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from cloudkvm import cli
-from cloudkvm.boards import x86
-from cloudkvm.boards.x86_cpu import CpuPolicy
+from cloudkvm.boards.x86 import board as x86
+from cloudkvm.boards.x86.cpu import CpuPolicy
 from cloudkvm.errors import CloudkvmError
 from cloudkvm.hostquirks import HostQuirks
 from cloudkvm.preflight import HostFacts, check_profile, host_facts, virtio_device_count
@@ -123,9 +123,9 @@ def test_validate_agrees_with_the_kernel_about_mapping_guest_ram(profile, offset
     assert accepted == maps, f"memory {memory >> 30}G: mmap {'works' if maps else 'fails'}, validate disagrees"
 
 
-_MAP_IN_CHILD = ("import sys\nfrom cloudkvm.boards.x86 import memory_layout\nfrom cloudkvm.kvm.memory import "
-                 "GuestMemory\ntry:\n    GuestMemory(memory_layout(int(sys.argv[1]))).close()\nexcept OSError:\n"
-                 "    sys.exit(3)\n")
+_MAP_IN_CHILD = ("import sys\nfrom cloudkvm.boards.x86.board import memory_layout\n"
+                 "from cloudkvm.kvm.memory import GuestMemory\ntry:\n"
+                 "    GuestMemory(memory_layout(int(sys.argv[1]))).close()\nexcept OSError:\n    sys.exit(3)\n")
 
 
 def test_validate_refuses_memory_beyond_ulimit_v_as_the_mapping_would(tmp_path):

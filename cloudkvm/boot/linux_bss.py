@@ -2,8 +2,8 @@
 
 Linux's first C code zeroes both regions with inlined `rep stos`. Guest RAM is zero when a VM starts, so on a KVM
 that interprets guest kernel code the VMM can finish those instructions at once at a hardware breakpoint
-(`x86_complete.complete_zero_store`, which checks the memory really is zero). This module only says where to put
-the breakpoints: a wrong guess costs nothing but the breakpoint, because the completion verifies everything."""
+(`boards/x86/complete.complete_zero_store`, which checks the memory really is zero). This module only says where
+to put the breakpoints: a wrong guess costs nothing but the breakpoint, because the completion verifies everything."""
 import io
 import struct
 

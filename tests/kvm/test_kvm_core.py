@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudkvm.boards.x86_cpu import CpuPolicy
+from cloudkvm.boards.x86.cpu import CpuPolicy
 from cloudkvm.boot import x86_longmode as lm
 from cloudkvm.kvm.memory import GuestMemory
 from cloudkvm.kvm.native import ffi, lib

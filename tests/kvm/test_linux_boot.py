@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from cloudkvm.boards.x86 import X86Board, memory_layout
-from cloudkvm.boards.x86_cpu import CpuPolicy
+from cloudkvm.boards.x86.board import X86Board, memory_layout
+from cloudkvm.boards.x86.cpu import CpuPolicy
 from cloudkvm.guests.debian import INIT_MARKER, default_guest
 from cloudkvm.hostquirks import HostQuirks
 from cloudkvm.machine import LinuxBoot, Machine, MachineSpec

@@ -150,7 +150,7 @@ def test_a_guest_that_never_ends_is_stopped_at_the_timeout(guest_binary):
 @pytest.mark.parametrize("cpus", [1, 4])
 def test_cpuid_reports_the_topology_and_hides_features(guest_binary, cpus):
     """The guest does not read CPUID here; the VMM-side table is checked through KVM_GET_CPUID2-free means."""
-    from cloudkvm.boards.x86_cpu import CpuPolicy
+    from cloudkvm.boards.x86.cpu import CpuPolicy
     from cloudkvm.kvm.system import Kvm
 
     kvm = Kvm()

@@ -4,7 +4,7 @@ import logging
 import pytest
 
 from cloudkvm import hostquirks
-from cloudkvm.boards.x86_cpu import check_feature_names
+from cloudkvm.boards.x86.cpu import check_feature_names
 from cloudkvm.hostquirks import PVM_QUIRKS, HostQuirks, announce, detect
 
 

@@ -1,7 +1,7 @@
 """Instruction completion for the software-KVM quirks, against a fake CPU."""
 import pytest
 
-from cloudkvm.boards.x86_complete import MAX_ZERO_STORE, complete, complete_zero_store
+from cloudkvm.boards.x86.complete import MAX_ZERO_STORE, complete, complete_zero_store
 
 
 class FakeCpu:

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from cloudkvm.boards.x86_cpu import DEPENDENTS, FEATURES, CpuPolicy, check_feature_names
+from cloudkvm.boards.x86.cpu import DEPENDENTS, FEATURES, CpuPolicy, check_feature_names
 from cloudkvm.errors import CloudkvmError
 
 ALL = 0xFFFFFFFF
@@ -271,7 +271,7 @@ def test_leaf1_ebx_stays_32_bit_for_apic_ids_above_255():
 
 
 def test_linux_clearcpuid_uses_linux_capability_numbers():
-    from cloudkvm.boards.x86_cpu import linux_clearcpuid
+    from cloudkvm.boards.x86.cpu import linux_clearcpuid
 
     # word 4 = CPUID.1:ECX (cx16 = bit 13, popcnt = bit 23); word 9 = CPUID.7.0:EBX (smap = bit 20)
     assert linux_clearcpuid(["popcnt", "cx16", "smap"]) == "clearcpuid=141,151,308"
@@ -279,14 +279,14 @@ def test_linux_clearcpuid_uses_linux_capability_numbers():
 
 
 def test_linux_clearcpuid_refuses_what_linux_would_truncate():
-    from cloudkvm.boards.x86_cpu import FEATURES, linux_clearcpuid
+    from cloudkvm.boards.x86.cpu import FEATURES, linux_clearcpuid
 
     with pytest.raises(ValueError, match="127"):
         linux_clearcpuid(list(FEATURES))
 
 
 def test_the_pvm_quirk_list_fits_linux_and_covers_the_observed_stops():
-    from cloudkvm.boards.x86_cpu import linux_clearcpuid
+    from cloudkvm.boards.x86.cpu import linux_clearcpuid
     from cloudkvm.hostquirks import PVM_QUIRKS
 
     value = linux_clearcpuid(PVM_QUIRKS.linux_clearcpuid)

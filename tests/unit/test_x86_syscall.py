@@ -3,7 +3,7 @@ import struct
 
 import pytest
 
-from cloudkvm.boards.x86_syscall import FAULT_FRAME, IDT_GATE, gate_target, syscall_from_fault
+from cloudkvm.boards.x86.syscall import FAULT_FRAME, IDT_GATE, gate_target, syscall_from_fault
 
 LSTAR = 0xFFFFFFFF81C00080
 STAR = 0x23 << 48 | 0x10 << 32              # Linux syscall_init: __USER32_CS for sysret, __KERNEL_CS for syscall

@@ -1,6 +1,6 @@
-"""`x86_complete.CpuAccess` over a stopped KVM vCPU: registers, guest-virtual memory via KVM_TRANSLATE, SSE
+"""`complete.CpuAccess` over a stopped KVM vCPU: registers, guest-virtual memory via KVM_TRANSLATE, SSE
 state, exception injection."""
-from ..errors import GuestMemoryError
+from ...errors import GuestMemoryError
 
 
 XSAVE_MXCSR_WORD = 24 // 4       # SDM Vol. 1 §10.5.1 table 10-2: MXCSR at byte 24 of the legacy region
@@ -9,7 +9,7 @@ XSTATE_SSE = 1 << 1
 
 
 class KvmCpuAccess:
-    """`x86_complete.CpuAccess` over a stopped vCPU: registers, guest-virtual memory via KVM_TRANSLATE, SSE state."""
+    """`complete.CpuAccess` over a stopped vCPU: registers, guest-virtual memory via KVM_TRANSLATE, SSE state."""
 
     def __init__(self, vcpu):
         self.vcpu = vcpu

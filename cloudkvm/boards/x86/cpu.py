@@ -2,7 +2,7 @@
 import difflib
 from dataclasses import dataclass, field
 
-from ..errors import CloudkvmError
+from ...errors import CloudkvmError
 
 # name -> (leaf, subleaf, register, bit); Intel SDM Vol. 2A CPUID tables 3-10/3-11, leaf 7 and 0xD; AMD APM 3 E.4.2
 FEATURES: dict[str, tuple[int, int, str, int]] = {

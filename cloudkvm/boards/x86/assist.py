@@ -2,7 +2,7 @@
 hardware breakpoints (KVM_SET_GUEST_DEBUG, SDM Vol. 3B §18.2), each with exactly the architectural effect.
 
 - zero stores: `rep stos` of zeros over RAM that already reads zero (Linux's `clear_bss`), finished at once;
-- syscalls: a user-mode `syscall` that the KVM delivered as a #PF at LSTAR (`x86_syscall`) is turned into the
+- syscalls: a user-mode `syscall` that the KVM delivered as a #PF at LSTAR (`syscall.py`) is turned into the
   kernel entry `syscall` should have made. The breakpoint sits on the guest's #PF handler, found in its IDT by a
   periodic check (`tick`) once LSTAR is set; any other fault steps past the breakpoint and goes on.
 
@@ -11,10 +11,10 @@ import logging
 import struct
 from dataclasses import dataclass, field
 
-from ..errors import GuestMemoryError
-from .x86_complete import complete_zero_store
-from .x86_kvm_access import KvmCpuAccess
-from .x86_syscall import FAULT_FRAME, PF_VECTOR, IDT_GATE, gate_target, syscall_from_fault
+from ...errors import GuestMemoryError
+from .complete import complete_zero_store
+from .kvm_access import KvmCpuAccess
+from .syscall import FAULT_FRAME, PF_VECTOR, IDT_GATE, gate_target, syscall_from_fault
 
 log = logging.getLogger("cloudkvm.x86")
 

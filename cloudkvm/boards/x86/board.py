@@ -2,60 +2,32 @@
 import logging
 import mmap
 
-from ..boot import linux_x86
-from ..boot import x86_longmode as lm
-from ..boot.acpi import AcpiConfig, VirtioMmioSlot, build_tables
-from ..boot.initrd import expanded_initrd
-from ..devices.acpi_power import AcpiPowerControl
-from ..devices.bus import C_UART_LSR, C_UART_THR, Bus
-from ..devices.cmos_rtc import CmosRtc
-from ..devices.i8042 import I8042
-from ..devices.irq import KvmIrqLine
-from ..devices.legacy import PciConfigNoDevices, PortSink
-from ..devices.uart16550 import LSR, RBR_THR_DLL, Uart16550
-from ..kvm.fastpath import FastUart
-from ..errors import CloudkvmError, GuestMemoryError
-from ..hostquirks import HostQuirks
-from ..kvm.native import ffi, lib
-from .x86_assist import TICK_SECONDS, BootAssists
-from .x86_complete import complete
-from .x86_kvm_access import KvmCpuAccess
-from .x86_cpu import CpuPolicy, linux_clearcpuid
+from ...boot import linux_x86
+from ...boot import x86_longmode as lm
+from ...boot.acpi import AcpiConfig, VirtioMmioSlot, build_tables
+from ...boot.initrd import expanded_initrd
+from ...devices.acpi_power import AcpiPowerControl
+from ...devices.bus import C_UART_LSR, C_UART_THR, Bus
+from ...devices.cmos_rtc import CmosRtc
+from ...devices.i8042 import I8042
+from ...devices.irq import KvmIrqLine
+from ...devices.legacy import PciConfigNoDevices, PortSink
+from ...devices.uart16550 import LSR, RBR_THR_DLL, Uart16550
+from ...kvm.fastpath import FastUart
+from ...errors import CloudkvmError, GuestMemoryError
+from ...hostquirks import HostQuirks
+from ...kvm.native import ffi, lib
+from .assist import TICK_SECONDS, BootAssists
+from .complete import complete
+from .kvm_access import KvmCpuAccess
+from .cpu import CpuPolicy, linux_clearcpuid
+from .layout import (GDT_ADDR, IDT_ADDR, BOOT_PARAMS_ADDR, PAGE_TABLES_ADDR, CMDLINE_ADDR, CMDLINE_MAX, FLAT_STACKS_TOP,
+                     FLAT_STACK_SIZE, EBDA_START, ACPI_TABLES_ADDR, HIGH_MEMORY, MMIO_GAP_START, MMIO_GAP_END,
+                     VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, IOAPIC_ADDR, LAPIC_ADDR, IDENTITY_MAP_ADDR, TSS_ADDR,
+                     COM1_PORT, COM1_IRQ, I8042_PORT, RTC_PORT, POST_PORT, PCI_CONFIG_PORT, ACPI_POWER_PORT,
+                     POWER_BUTTON_GSI, VIRTIO_GSIS)
 
 log = logging.getLogger("cloudkvm.x86")
-
-# --- memory map (guest-physical) -----------------------------------------------------------------------------
-GDT_ADDR = 0x500
-IDT_ADDR = 0x520                 # an empty IDT (limit 0) until the guest loads its own
-BOOT_PARAMS_ADDR = 0x7000        # Linux zero page (boot protocol)
-PAGE_TABLES_ADDR = 0x9000        # PML4, PDPT, 4 page directories: identity map of the first 4 GiB
-CMDLINE_ADDR = 0x20000
-CMDLINE_MAX = 0x10000
-FLAT_STACKS_TOP = 0x80000        # flat test payloads: vCPU n starts with RSP = top - n * FLAT_STACK_SIZE
-FLAT_STACK_SIZE = 0x1000
-# vCPUs a flat payload can have: every vCPU's stack lies below FLAT_STACKS_TOP and above the page tables
-FLAT_MAX_CPUS = (FLAT_STACKS_TOP - PAGE_TABLES_ADDR - lm.page_tables_size(4)) // FLAT_STACK_SIZE
-EBDA_START = 0x9FC00             # [EBDA_START, 1 MiB) is reserved in the e820 map
-ACPI_TABLES_ADDR = 0xE0000       # RSDP and tables, in the reserved BIOS area where Linux also scans for the RSDP
-HIGH_MEMORY = 0x100000           # 1 MiB: kernels and flat payloads load here
-MMIO_GAP_START = 0xC000_0000     # [3 GiB, 4 GiB) holds no RAM: device MMIO, IOAPIC, LAPIC
-MMIO_GAP_END = 0x1_0000_0000
-VIRTIO_MMIO_BASE = 0xD000_0000   # virtio-mmio slots, VIRTIO_MMIO_SIZE apart
-VIRTIO_MMIO_SIZE = 0x1000
-IOAPIC_ADDR = 0xFEC0_0000
-LAPIC_ADDR = 0xFEE0_0000
-IDENTITY_MAP_ADDR = 0xFFFB_C000  # KVM_SET_IDENTITY_MAP_ADDR page, then the 3 TSS pages (Intel real-mode support)
-TSS_ADDR = 0xFFFB_D000
-
-# --- port map and IRQs (ISA) ----------------------------------------------------------------------------------
-COM1_PORT, COM1_IRQ = 0x3F8, 4
-I8042_PORT = 0x60                # 0x60-0x64; 0x61 inside it is KVM's PIT speaker port
-RTC_PORT = 0x70
-POST_PORT = 0x80
-PCI_CONFIG_PORT = 0xCF8
-ACPI_POWER_PORT = 0x600          # sleep control 0x600, sleep status 0x601, reset 0x602
-POWER_BUTTON_GSI = 9             # ACPI Generic Event Device: an edge here is "power button pressed" (the PC SCI line)
-VIRTIO_GSIS = (5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)  # free IOAPIC pins, edge
 
 # --- MSRs set at reset (Intel SDM Vol. 4) ---------------------------------------------------------------------
 MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING = 0x1A0, 1 << 0
@@ -300,7 +272,7 @@ class X86Board:
         self.reset_vcpus(kvm, vcpus)
         self.enter_long_mode(vcpus[0], image.entry, rsi=BOOT_PARAMS_ADDR)
         if self.quirks.boot_assists:
-            from ..boot.linux_bss import bss_clear_sites  # pyelftools: only interpreting KVMs pay its import
+            from ...boot.linux_bss import bss_clear_sites  # pyelftools: only interpreting KVMs pay its import
 
             self.assists.arm_zero_stores(vcpus[0], bss_clear_sites(vmlinux))
             self.tick_interval = TICK_SECONDS  # the syscall assist arms once the kernel has set up `syscall`
