@@ -1,4 +1,7 @@
-"""The built-in default guest: Debian's cloud kernel and a busybox initramfs, both built from Debian packages."""
+"""The built-in default guest: Debian's cloud kernel and a busybox initramfs, both built from Debian packages.
+
+amd64 (the default) and arm64: an arm64 kernel, its modules and busybox come from the `:arm64` packages (dpkg learns
+the architecture once) and are cached under <cache>/debian/arm64/, apart from the amd64 files."""
 
 from __future__ import annotations
 
@@ -18,29 +21,70 @@ from cloudkvm.fsutil import atomic_write, install_dir
 from cloudkvm.errors import CloudkvmError
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+ARM64_KERNEL_METAPACKAGE = "linux-image-cloud-arm64:arm64"
 BUSYBOX_PACKAGE = "busybox-static"
 INIT_MARKER = "cloudkvm-guest: init reached"
 REQUIRED_APPLETS = ("sh", "mount", "echo", "cat", "poweroff", "reboot", "ls", "uname", "dmesg", "ip",
                     "udhcpc", "sleep", "mkdir")
-DEFAULT_INIT_SCRIPT = f"""#!/bin/sh
+# The start of every /init here: PATH, /proc, /sys, /dev, then the marker tests wait for
+INIT_PRELUDE = f"""#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "{INIT_MARKER}"
-uname -a
+"""
+DEFAULT_INIT_SCRIPT = INIT_PRELUDE + """uname -a
 poweroff -f
 """
 # Bump when the initramfs layout below changes, so cached images built by older code are not reused.
 _LAYOUT_VERSION = 1
 _APT_HINT = "run apt-get update (as root) and check that deb.debian.org is reachable"
 _APT_TIMEOUT = 900
+# Architecture names a caller may use (Debian's and the kernel's) -> Debian's
+_ARCHES = {"amd64": "amd64", "x86_64": "amd64", "arm64": "arm64", "aarch64": "arm64"}
+# Applets linked in a foreign-architecture initramfs, whose busybox cannot run here to list its own (its /init
+# can run `busybox --install -s /bin` for the rest)
+FOREIGN_APPLETS = (*REQUIRED_APPLETS, "insmod", "head", "dd", "sync")
+MODULES_DIR = "modules"  # in the initramfs: modules/NN-name.ko, numbered in load order
+LOAD_MODULES = f'for m in /{MODULES_DIR}/*.ko; do insmod "$m" || echo "insmod $m failed"; done'
 
 
-def _debian_dir(cache: Path | None) -> Path:
+def _debian_dir(cache: Path | None, arch: str = "amd64") -> Path:
     d = (cache if cache is not None else cache_dir()) / "debian"
+    if _debian_arch(arch) != "amd64":
+        d = d / _debian_arch(arch)
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def _debian_arch(arch: str) -> str:
+    if arch not in _ARCHES:
+        raise CloudkvmError(f"no Debian guest for architecture {arch!r}", f"use one of {', '.join(_ARCHES)}")
+    return _ARCHES[arch]
+
+
+def _package(name: str, arch: str) -> str:
+    """A package name as apt is asked for it: amd64 as it always was, others with their `:arch`."""
+    debian_arch = _debian_arch(arch)
+    return name if debian_arch == "amd64" else f"{name}:{debian_arch}"
+
+
+def ensure_architecture(arch: str) -> None:
+    """Make dpkg/apt know `arch` (`dpkg --add-architecture` + `apt-get update`, once) unless it is the native
+    one or amd64 (which the amd64 path always assumed)."""
+    debian_arch = _debian_arch(arch)
+    if debian_arch == "amd64":
+        return
+    known = _run(["dpkg", "--print-architecture"]).stdout.split()
+    known += _run(["dpkg", "--print-foreign-architectures"]).stdout.split()
+    if debian_arch in known:
+        return
+    proc = _run(["dpkg", "--add-architecture", debian_arch])
+    if proc.returncode != 0:
+        raise CloudkvmError(f"`dpkg --add-architecture {debian_arch}` failed: {_last_error(proc)}",
+                            "run it as root once, then apt-get update")
+    _run(["apt-get", "update"])
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -112,14 +156,18 @@ def _newest(paths: list[Path], key_of: Callable[[Path], str]) -> Path | None:
     return max(paths, key=lambda p: _natural_key(key_of(p)), default=None)
 
 
-def fetch_debian_kernel(cache: Path | None = None) -> Path:
-    """Debian's cloud kernel as <cache>/debian/<kernel-release>/vmlinuz (with config and System.map beside it)."""
-    debian = _debian_dir(cache)
+def fetch_debian_kernel(cache: Path | None = None, arch: str = "amd64") -> Path:
+    """Debian's cloud kernel as <cache>/debian/<kernel-release>/vmlinuz (with config and System.map beside it);
+    for arm64 <cache>/debian/arm64/<kernel-release>/vmlinuz (a plain arm64 Image), its modules in `modules/`."""
+    debian = _debian_dir(cache, arch)
     cached = _newest([p for p in debian.glob("*/vmlinuz") if not p.parent.name.startswith(".")],
                      lambda p: p.parent.name)
     if cached is not None:
         return cached
-    package = resolve_kernel_package()
+    foreign = _debian_arch(arch) != "amd64"
+    if foreign:
+        ensure_architecture(arch)
+    package = resolve_kernel_package(ARM64_KERNEL_METAPACKAGE if foreign else KERNEL_METAPACKAGE)
     with tempfile.TemporaryDirectory(prefix="cloudkvm-apt-") as tmp:
         root, pkg_version = download_and_extract(package, Path(tmp))
         images = sorted((root / "boot").glob("vmlinuz-*"))
@@ -133,12 +181,59 @@ def fetch_debian_kernel(cache: Path | None = None) -> Path:
                 if src.exists():
                     shutil.copyfile(src, staging / dst)
                     (staging / dst).chmod(0o644)
+            modules = root / "lib" / "modules" / release
+            if foreign and modules.is_dir():  # arm64's cloud kernel has virtio_mmio and virtio_blk as modules
+                shutil.copytree(modules, staging / MODULES_DIR, symlinks=True)
             (staging / "package").write_text(f"{package} {pkg_version}\n")
             staging.chmod(0o755)
             install_dir(staging, debian / release)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return debian / release / "vmlinuz"
+
+
+def _module_name(path: Path) -> str:
+    """The name the kernel knows a module by: file stem with dashes as underscores (kvm-amd.ko -> kvm_amd)."""
+    return path.name.split(".ko")[0].replace("-", "_")
+
+
+def _module_depends(ko: Path) -> list[str]:
+    """The modules `ko` needs loaded first: the `depends=` field of its .modinfo section (a .deb ships no
+    modules.dep; depmod makes that at install time)."""
+    from elftools.elf.elffile import ELFFile
+
+    with ko.open("rb") as f:
+        section = ELFFile(f).get_section_by_name(".modinfo")
+        fields = section.data().split(b"\0") if section is not None else []
+    deps = next((f[len(b"depends="):] for f in fields if f.startswith(b"depends=")), b"")
+    return [d for d in deps.decode().split(",") if d]
+
+
+def kernel_modules(kernel: Path, names: list[str] | tuple[str, ...]) -> list[Path]:
+    """The `.ko` files of `names` and of everything they depend on, dependencies first, from the `modules/`
+    folder beside a fetched kernel (arm64). Compressed modules are not handled: Debian's are plain `.ko`."""
+    folder = kernel.parent / MODULES_DIR
+    index = {_module_name(p): p for p in sorted(folder.rglob("*.ko"))}
+    order: list[Path] = []
+
+    def place(name: str, chain: tuple[str, ...]) -> None:
+        key = name.replace("-", "_")
+        if key in chain:
+            raise CloudkvmError(f"kernel modules depend on each other in a cycle: {' -> '.join((*chain, key))}",
+                                "the kernel package is broken")
+        if index.get(key) in order:
+            return
+        if key not in index:
+            raise CloudkvmError(f"kernel module {name} is not in {folder}"
+                                + (f" (needed by {' <- '.join(reversed(chain))})" if chain else ""),
+                                "check the module name, or that the kernel builds it as a module")
+        for dep in _module_depends(index[key]):
+            place(dep, (*chain, key))
+        order.append(index[key])
+
+    for name in names:
+        place(name, ())
+    return order
 
 
 def read_kernel_config(kernel: Path) -> dict[str, str]:
@@ -151,16 +246,18 @@ def read_kernel_config(kernel: Path) -> dict[str, str]:
     return values
 
 
-def fetch_busybox(cache: Path | None = None) -> Path:
-    """The static busybox binary from busybox-static, as <cache>/debian/busybox-static/<version>/busybox."""
-    base = _debian_dir(cache) / BUSYBOX_PACKAGE
+def fetch_busybox(cache: Path | None = None, arch: str = "amd64") -> Path:
+    """The static busybox binary from busybox-static, as <cache>/debian/busybox-static/<version>/busybox
+    (arm64: <cache>/debian/arm64/busybox-static/<version>/busybox)."""
+    base = _debian_dir(cache, arch) / BUSYBOX_PACKAGE
     base.mkdir(exist_ok=True)
     cached = _newest([p for p in base.glob("*/busybox") if not p.parent.name.startswith(".")],
                      lambda p: p.parent.name)
     if cached is not None:
         return cached
     with tempfile.TemporaryDirectory(prefix="cloudkvm-apt-") as tmp:
-        root, pkg_version = download_and_extract(BUSYBOX_PACKAGE, Path(tmp))
+        ensure_architecture(arch)
+        root, pkg_version = download_and_extract(_package(BUSYBOX_PACKAGE, arch), Path(tmp))
         binary = root / "bin" / "busybox"
         if not binary.is_file():
             raise CloudkvmError(f"{BUSYBOX_PACKAGE} contains no bin/busybox", "Debian changed the package layout")
@@ -188,8 +285,10 @@ def busybox_applets(busybox: Path) -> list[str]:
     return sorted(n for n in names if n and "/" not in n and n != "busybox")
 
 
-def render_initramfs(busybox: bytes, applets: list[str], init_script: str) -> bytes:
-    """The uncompressed newc archive: dirs, /dev nodes, /bin/busybox, applet symlinks, /init."""
+def render_initramfs(busybox: bytes, applets: list[str], init_script: str,
+                     modules: list[Path] | tuple[Path, ...] = ()) -> bytes:
+    """The uncompressed newc archive: dirs, /dev nodes, /bin/busybox, applet symlinks, /init, and when given, the
+    kernel modules as /modules/NN-name.ko in load order (LOAD_MODULES loads them)."""
     w = NewcWriter()
     for d in ("bin", "dev", "etc", "proc", "sys", "usr", "root"):
         w.add_dir(d, 0o700 if d == "root" else 0o755)
@@ -201,25 +300,44 @@ def render_initramfs(busybox: bytes, applets: list[str], init_script: str) -> by
     w.add_file("bin/busybox", busybox, 0o755)
     for applet in applets:
         w.add_symlink(f"bin/{applet}", "busybox")
+    if modules:
+        w.add_dir(MODULES_DIR)
+        for i, ko in enumerate(modules):  # numbered so a shell glob loads them in dependency order
+            w.add_file(f"{MODULES_DIR}/{i:02d}-{ko.name}", ko.read_bytes(), 0o644)
     w.add_file("init", init_script.encode(), 0o755)
     return w.to_bytes()
 
 
-def build_busybox_initramfs(cache: Path | None = None, init_script: str | None = None) -> Path:
-    """A gzip'd newc initramfs at <cache>/debian/initramfs-<hash>.cpio.gz, keyed by busybox version + /init."""
+def build_busybox_initramfs(cache: Path | None = None, init_script: str | None = None, arch: str = "amd64",
+                            modules: list[str] | tuple[str, ...] = ()) -> Path:
+    """A gzip'd newc initramfs at <cache>/debian/initramfs-<hash>.cpio.gz, keyed by busybox version + /init
+    (arm64: under <cache>/debian/arm64/; `modules` names modules of the fetched arm64 kernel to include, with
+    their dependencies, which the init loads with LOAD_MODULES; the key then has the kernel release too)."""
     script = DEFAULT_INIT_SCRIPT if init_script is None else init_script
     if not script.startswith("#!"):
         raise CloudkvmError("the initramfs init script must start with a #! line", "begin it with #!/bin/sh")
-    busybox = fetch_busybox(cache)
-    key = f"{_LAYOUT_VERSION}\0{busybox.parent.name}\0{script}".encode()
-    target = _debian_dir(cache) / f"initramfs-{hashlib.sha256(key).hexdigest()[:16]}.cpio.gz"
+    foreign = _debian_arch(arch) != "amd64"
+    if modules and not foreign:
+        raise CloudkvmError("kernel modules go into arm64 initramfs images only",
+                            "Debian's amd64 cloud kernel has its virtio drivers built in")
+    busybox = fetch_busybox(cache, arch)
+    key = f"{_LAYOUT_VERSION}\0{busybox.parent.name}\0{script}"
+    kos: list[Path] = []
+    if modules:
+        kernel = fetch_debian_kernel(cache, arch)
+        kos = kernel_modules(kernel, modules)
+        key += f"\0{kernel.parent.name}\0{','.join(modules)}"
+    target = _debian_dir(cache, arch) / f"initramfs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.cpio.gz"
     if target.is_file():
         return target
-    archive = render_initramfs(busybox.read_bytes(), busybox_applets(busybox), script)
+    applets = busybox_applets(busybox)  # a foreign busybox cannot list them here: FOREIGN_APPLETS then
+    if foreign:
+        applets = sorted({*applets, *FOREIGN_APPLETS})
+    archive = render_initramfs(busybox.read_bytes(), applets, script, kos)
     atomic_write(target, gzip.compress(archive, compresslevel=9, mtime=0))
     return target
 
 
-def default_guest(cache: Path | None = None) -> tuple[Path, Path]:
+def default_guest(cache: Path | None = None, arch: str = "amd64") -> tuple[Path, Path]:
     """(kernel, initramfs) for the built-in default guest."""
-    return fetch_debian_kernel(cache), build_busybox_initramfs(cache)
+    return fetch_debian_kernel(cache, arch), build_busybox_initramfs(cache, arch=arch)
