@@ -144,7 +144,7 @@ def _run_vm(instance: Instance, profile: Profile, disks, ready) -> int:
     logging.info("VM ended: %s", result)  # in the log first: the result survives a state folder that is full
     try:
         instance.write_json(instance.result_file, {"reason": result.reason, "detail": result.detail,
-                                                   "cpu": result.cpu, "rip": result.rip, "ended_at": time.time()})
+                                                   "cpu": result.cpu, "pc": result.pc, "ended_at": time.time()})
     except OSError as err:
         logging.error("cannot record the result in %s: %s", instance.result_file, err.strerror or err)
     return 0 if result.clean else 1

@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import hostquirks
-from .boards.x86.board import X86Board
-from .boot import linux_x86
-from .boards.x86.cpu import CpuPolicy
+from .boards import registry
+from .boards.base import CpuOptions
 from .console import ConsoleLog
 from .devices.bus import Bus
 from .devices.irq import IrqFd
@@ -32,7 +31,8 @@ MiB = 1 << 20
 
 @dataclass
 class FlatBinary:
-    """A raw binary loaded at `load_addr`; every vCPU starts at `entry` in 64-bit mode (test guests)."""
+    """A raw binary loaded at `load_addr`; every vCPU starts at `entry` as the board's flat ABI says (test guests;
+    x86: in 64-bit mode)."""
 
     path: Path
     load_addr: int = 0x100000
@@ -41,11 +41,12 @@ class FlatBinary:
 
 @dataclass
 class LinuxBoot:
-    """Direct kernel boot: a bzImage or vmlinux ELF, an optional initrd, and the kernel command line."""
+    """Direct kernel boot: a kernel the board boots (x86: bzImage or vmlinux ELF), an optional initrd, and the
+    kernel command line (None: `console=` the board's serial console)."""
 
     kernel: Path
     initrd: Path | None = None
-    cmdline: str = "console=ttyS0"
+    cmdline: str | None = None
 
 
 @dataclass
@@ -54,10 +55,10 @@ class MachineSpec:
     logfile.CappedLog), each when given (neither: kept in memory only)."""
 
     payload: FlatBinary | LinuxBoot
-    board: str = "x86"
+    board: str = field(default_factory=registry.host_board_name)  # a boards.registry name: x86, virt
     cpus: int = 1
     memory: int = 256 * MiB
-    cpu: CpuPolicy = field(default_factory=CpuPolicy)
+    cpu: CpuOptions = field(default_factory=CpuOptions)
     host_quirks: bool = True
     unmapped_mmio: str = "stop"  # "stop": end the VM with a report; "ignore": log once, reads see all ones
     console_fd: int | None = None
@@ -67,11 +68,9 @@ class MachineSpec:
     virtio: list = field(default_factory=list)  # VirtioDevice models, one virtio-mmio slot each, in this order
 
 
-BOARDS = {"x86": X86Board}
-
-
-def check_payload(payload: FlatBinary | LinuxBoot) -> None:
-    """Refuse a missing, empty or malformed payload before anything is created (one-line CloudkvmError)."""
+def check_payload(payload: FlatBinary | LinuxBoot, board: str | None = None) -> None:
+    """Refuse a missing, empty or malformed payload before anything is created (one-line CloudkvmError); a kernel
+    is checked by `board` (a registry name; default: this host's board)."""
     paths = [("kernel", payload.kernel), ("initrd", payload.initrd)] if isinstance(payload, LinuxBoot) \
         else [("payload", payload.path)]
     for what, path in paths:
@@ -87,16 +86,16 @@ def check_payload(payload: FlatBinary | LinuxBoot) -> None:
         if size == 0:
             raise CloudkvmError(f"{path}: the {what} file is empty", f"pass a real {what}")
     if isinstance(payload, LinuxBoot):
+        info = registry.named(board) if board is not None else registry.host_board()
         with open(payload.kernel, "rb") as f:
-            linux_x86.parse_kernel(f.read(), str(payload.kernel))
+            info.check_kernel(f.read(), str(payload.kernel))
 
 
 class Machine:
     """One VM. Build it, optionally add devices, then `run()` until it ends; the result says how."""
 
     def __init__(self, spec: MachineSpec, kvm: Kvm | None = None):
-        if spec.board not in BOARDS:
-            raise CloudkvmError(f"board '{spec.board}' is not available", "choose one of: " + ", ".join(BOARDS))
+        info = registry.named(spec.board)
         if spec.cpus < 1:
             raise CloudkvmError(f"cpus must be at least 1 (got {spec.cpus})", "set cpus: 1 or more")
         if spec.memory < 16 * MiB or spec.memory % MiB:
@@ -105,12 +104,13 @@ class Machine:
         if spec.unmapped_mmio not in ("stop", "ignore"):
             raise CloudkvmError(f"unmapped_mmio must be 'stop' or 'ignore' (got {spec.unmapped_mmio!r})")
         self.spec = spec
-        check_payload(spec.payload)
-        self.kvm = kvm or Kvm()
-        board_class = BOARDS[spec.board]
+        info.check_host()
+        board_class = info.board_class()
+        check_payload(spec.payload, spec.board)
         if spec.cpus > board_class.max_cpus:
             raise CloudkvmError(f"cpus: the {spec.board} board has at most {board_class.max_cpus} vCPUs "
                                 f"(got {spec.cpus})", f"use {board_class.max_cpus} or fewer")
+        self.kvm = kvm or Kvm()
         if spec.cpus > self.kvm.max_vcpus():
             raise CloudkvmError(f"cpus: {spec.cpus} is more than this host's KVM allows ({self.kvm.max_vcpus()})")
         self.quirks = hostquirks.detect() if spec.host_quirks else hostquirks.HostQuirks()
@@ -118,41 +118,53 @@ class Machine:
         self.unmapped_mmio = spec.unmapped_mmio
         self.console = ConsoleLog(spec.console_fd, writer=spec.console_out)
         self.stopping = threading.Event()
-        self.samples: dict | None = None  # filled by vCPU threads while sample_rips() waits
+        self.samples: dict | None = None  # filled by vCPU threads while sample_pcs() waits
         self.ticks_due: set[int] = set()  # vCPUs that owe the board a `vcpu_tick` (see _tick)
         self.result: VmResult | None = None
         self._result_lock = threading.Lock()
-        self.pio_bus, self.mmio_bus = Bus("pio", sink_ports=0x10000), Bus("mmio")
+        # Port I/O only where the board has it (x86); the C run loop gets every port as "return to Python" otherwise.
+        self.pio_bus = Bus("pio", sink_ports=0x10000) if self.board.has_port_io else None
+        self.mmio_bus = Bus("mmio")
         self.io = IoThread()
-        self.vm = Vm(self.kvm)
-        try:
-            self.memory = GuestMemory(self.board.memory_layout(spec.memory))
-        except OSError as exc:
-            self.vm.close()
-            raise CloudkvmError(f"memory: cannot reserve {spec.memory >> 20} MiB of guest RAM: {exc.strerror}",
-                                "give the VM less memory") from None
-        self.vm.add_memory(self.memory)
-        self.board.create_chips(self.vm)
-        self.board.create_devices(self.vm, self.pio_bus, self.mmio_bus, self)
+        self.memory: GuestMemory | None = None
         self.virtio: list = []  # VirtioMmioTransport, one per slot in use
         self._eventfds: list[int] = []
         self._irqfds: list[IrqFd] = []
-        for device in spec.virtio:
-            self._attach_virtio(device)
-        self.vcpus = [self.vm.create_vcpu(i) for i in range(spec.cpus)]
-        for vcpu in self.vcpus:
-            vcpu.memory = self.memory
-        self.loops = [VcpuLoop(v, self) for v in self.vcpus]
+        self.vcpus: list = []
         self._threads: list[threading.Thread] = []
         self.boot_info: dict = {}
         self._escape = EscapeFilter(lambda: self.end(VmResult("stopped", "Ctrl-A x on the console"))) \
             if spec.console_escape else None
+        self.vm = Vm(self.kvm)
         try:
-            self._load_payload()
+            self._build()
         except BaseException:
             self.close()
             raise
         hostquirks.announce(self.quirks)  # once the VM exists: a refused start says only why
+
+    def _build(self) -> None:
+        """The board's hooks in the order boards/base.py promises: interrupt controller, RAM, the board's devices,
+        virtio slots, vCPUs (each initialised as created), the finished interrupt controller, the payload."""
+        spec, board = self.spec, self.board
+        board.create_irqchip(self.vm)
+        try:
+            self.memory = GuestMemory(board.memory_layout(spec.memory))
+        except OSError as exc:
+            raise CloudkvmError(f"memory: cannot reserve {spec.memory >> 20} MiB of guest RAM: {exc.strerror}",
+                                "give the VM less memory") from None
+        self.vm.add_memory(self.memory)
+        board.create_devices(self.vm, self.pio_bus, self.mmio_bus, self)
+        for device in spec.virtio:
+            self._attach_virtio(device)
+        for index in range(spec.cpus):
+            vcpu = self.vm.create_vcpu(index)
+            self.vcpus.append(vcpu)
+            vcpu.memory = self.memory
+            board.init_vcpu(self.kvm, vcpu)
+        board.finalize_irqchip(self.vm, self.vcpus)
+        self.loops = [VcpuLoop(v, self) for v in self.vcpus]
+        self._load_payload()
 
     def _attach_virtio(self, device) -> None:
         """A virtio-mmio slot for `device`: registers on the MMIO bus, one ioeventfd per queue (served by the
@@ -160,7 +172,7 @@ class Machine:
         from .devices.virtio.mmio import NOTIFY_OFFSET, VirtioMmioTransport  # only VMs with virtio pay its import
 
         slot = self.board.virtio_slot(len(self.virtio))
-        irq = IrqFd(self.vm, slot.gsi)
+        irq = IrqFd(self.vm, slot.irq)
         self._irqfds.append(irq)
         transport = VirtioMmioTransport(device, self.memory, irq.trigger, name=f"{device.name}@0x{slot.base:x}")
         self.mmio_bus.add(slot.base, slot.size, transport, transport.name)
@@ -177,8 +189,9 @@ class Machine:
     def _load_payload(self) -> None:
         payload = self.spec.payload
         if isinstance(payload, LinuxBoot):
+            cmdline = payload.cmdline if payload.cmdline is not None else f"console={self.board.default_console}"
             self.boot_info = self.board.boot_linux(self.kvm, self.vcpus, self.memory, payload.kernel,
-                                                   payload.initrd, payload.cmdline, self.virtio_slots())
+                                                   payload.initrd, cmdline, self.virtio_slots())
             return
         try:
             image = Path(payload.path).read_bytes()
@@ -199,8 +212,9 @@ class Machine:
         self.stopping.set()
         self._kick_all()
 
-    def sample_rips(self, timeout: float = 2.0) -> dict[int, int | None]:
-        """Where each running vCPU is right now: kick them out of KVM_RUN once and read RIP (for diagnosis)."""
+    def sample_pcs(self, timeout: float = 2.0) -> dict[int, int | None]:
+        """Where each running vCPU is right now: kick them out of KVM_RUN once and read its program counter (the
+        board's `pc`; for diagnosis)."""
         import time
 
         self.samples = {}
@@ -217,7 +231,7 @@ class Machine:
             self.samples = None
 
     def request_shutdown(self) -> bool:
-        """Ask the guest to power off (x86: the ACPI power button). False when the board has no such way."""
+        """Ask the guest to power off the board's way (board.request_shutdown). False when it has no way."""
         return self.board.request_shutdown(self.vm)
 
     def guest_power(self, reason: str, detail: str) -> None:
@@ -252,7 +266,7 @@ class Machine:
                          for loop in self.loops]
         for thread in self._threads:
             thread.start()
-        if getattr(self.board, "tick_interval", None):
+        if self.board.tick_interval:
             self.io.call_later(self.board.tick_interval, self._tick)
         try:
             if not self.stopping.wait(timeout):
@@ -277,6 +291,7 @@ class Machine:
             self.board.serial_input(data)
 
     def close(self) -> None:
+        """Release everything the machine holds (also after a build that stopped half-way)."""
         for efd in self._eventfds:
             os.close(efd)
         for irq in self._irqfds:
@@ -287,7 +302,8 @@ class Machine:
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()
-        self.memory.close()
+        if self.memory is not None:
+            self.memory.close()
         self.kvm.close()
 
     def __enter__(self):

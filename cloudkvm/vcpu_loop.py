@@ -20,14 +20,19 @@ _SYSTEM_EVENTS = {lib.KVM_SYSTEM_EVENT_SHUTDOWN: "poweroff", lib.KVM_SYSTEM_EVEN
                   lib.KVM_SYSTEM_EVENT_CRASH: "guest-crash"}
 
 
+_NO_PORTS = ffi.new("uint8_t[65536]")  # the C loop's port codes on a board without port I/O: all C_PYTHON (0)
+
+
 @dataclass
 class VmResult:
-    """How a VM ended. `reason` is one word; `detail` says what happened in a sentence."""
+    """How a VM ended. `reason` is one word; `detail` says what happened in a sentence; `pc` is the vCPU's program
+    counter where that is known, which reports call by the board's name for it (`pc_name`: RIP on x86)."""
 
     reason: str
     detail: str = ""
     cpu: int | None = None
-    rip: int | None = None
+    pc: int | None = None
+    pc_name: str = "PC"
 
     @property
     def clean(self) -> bool:
@@ -35,8 +40,8 @@ class VmResult:
 
     def __str__(self) -> str:
         where = f" on vCPU {self.cpu}" if self.cpu is not None else ""
-        rip = f" at RIP 0x{self.rip:x}" if self.rip is not None else ""
-        return f"{self.reason}{where}{rip}" + (f": {self.detail}" if self.detail else "")
+        pc = f" at {self.pc_name} 0x{self.pc:x}" if self.pc is not None else ""
+        return f"{self.reason}{where}{pc}" + (f": {self.detail}" if self.detail else "")
 
 
 class VcpuLoop:
@@ -53,11 +58,14 @@ class VcpuLoop:
         vcpu, host = self.vcpu, self.host
         run, io, mmio, page = vcpu.run, vcpu.io, vcpu.mmio, vcpu.run_page
         run_loop, fd = lib.ckvm_run_loop, vcpu.fd
-        codes = ffi.from_buffer(host.pio_bus.c_table)
+        pio = host.pio_bus
+        codes = ffi.from_buffer(pio.c_table) if pio is not None else _NO_PORTS
+        # Without a port bus, a port exit is no exit this board expects: `_other_exit` reports it.
+        exit_io = EXIT_IO if pio is not None else None
         exits = ffi.new("uint64_t *")
         fast_uart = host.board.fast_uart
         uart_state, tx = (fast_uart.state, self.tx) if fast_uart is not None else (ffi.NULL, ffi.NULL)
-        pio_lookup, mmio_lookup = host.pio_bus.lookup, host.mmio_bus.lookup
+        pio_lookup, mmio_lookup = (pio.lookup if pio is not None else None), host.mmio_bus.lookup
         stopping = host.stopping
         try:
             while not stopping.is_set():
@@ -69,8 +77,8 @@ class VcpuLoop:
                 if rc < 0:
                     if rc in (-errno.EINTR, -errno.EAGAIN):
                         run.immediate_exit = 0
-                        if host.samples is not None:  # someone asked where the vCPUs are (Machine.sample_rips)
-                            host.samples[vcpu.index] = host.board.rip(vcpu)
+                        if host.samples is not None:  # someone asked where the vCPUs are (Machine.sample_pcs)
+                            host.samples[vcpu.index] = host.board.pc(vcpu)
                         if vcpu.index in host.ticks_due:
                             host.ticks_due.discard(vcpu.index)
                             host.board.vcpu_tick(vcpu)
@@ -78,7 +86,7 @@ class VcpuLoop:
                     host.end(VmResult("error", f"KVM_RUN failed: {errno.errorcode.get(-rc, -rc)}", vcpu.index))
                     return
                 reason = run.exit_reason
-                if reason == EXIT_IO:
+                if reason == exit_io:
                     size, off = io.size, io.data_offset
                     hit = pio_lookup(io.port)
                     if size == 1 and io.count == 1 and io.direction == IO_OUT:  # the common case: outb
@@ -145,14 +153,18 @@ class VcpuLoop:
         """Returns True when the access ended the VM (policy 'stop'); otherwise reads see all ones."""
         kind = "write to" if is_write else "read from"
         if self.host.unmapped_mmio == "stop":
-            self.host.end(VmResult("unmapped-mmio", f"{size}-byte {kind} unmapped MMIO 0x{addr:x}",
-                                   self.vcpu.index, self.host.board.rip(self.vcpu)))
+            self.host.end(self._result("unmapped-mmio", f"{size}-byte {kind} unmapped MMIO 0x{addr:x}"))
             return True
         self._warn(("mmio", addr & ~0xFFF), "vCPU %d: %d-byte %s unmapped MMIO 0x%x ignored",
                    self.vcpu.index, size, kind, addr)
         if not is_write:
             self.vcpu.mmio.data[0:size] = b"\xff" * size
         return False
+
+    def _result(self, reason: str, detail: str, pc: bool = True) -> VmResult:
+        """How the VM ended on this vCPU, with its program counter as the board reads it (`pc`: when it says)."""
+        board = self.host.board
+        return VmResult(reason, detail, self.vcpu.index, board.pc(self.vcpu) if pc else None, board.pc_name)
 
     def _other_exit(self, reason: int) -> bool:
         """Handles the rare exits. Returns False when the vCPU must stop."""
@@ -166,38 +178,37 @@ class VcpuLoop:
             return False
         if reason == lib.KVM_EXIT_DEBUG and host.board.handle_debug_exit(vcpu):
             return True
-        if reason == lib.KVM_EXIT_SHUTDOWN:
-            host.end(VmResult("triple-fault", "the guest triple-faulted (x86 shutdown)", vcpu.index,
-                              host.board.rip(vcpu)))
-            return False
         if reason == lib.KVM_EXIT_SYSTEM_EVENT:
             kind = _SYSTEM_EVENTS.get(run.system_event.type, f"system-event-{run.system_event.type}")
-            host.end(VmResult(kind, "requested by the guest", vcpu.index))
+            host.end(self._result(kind, "requested by the guest", pc=False))
             return False
         if reason == lib.KVM_EXIT_HLT:
-            host.end(VmResult("halted", "the guest halted with no interrupt controller to wake it", vcpu.index,
-                              host.board.rip(vcpu)))
+            host.end(self._result("halted", "the guest halted with no interrupt controller to wake it"))
             return False
         if reason == lib.KVM_EXIT_FAIL_ENTRY:
-            host.end(VmResult("fail-entry", f"hardware entry failure 0x{run.fail_entry.hardware_entry_failure_reason:x}",
-                              vcpu.index))
+            failure = run.fail_entry.hardware_entry_failure_reason
+            host.end(self._result("fail-entry", f"hardware entry failure 0x{failure:x}", pc=False))
+            return False
+        described = host.board.describe_exit(vcpu, reason)  # an exit of this architecture (x86: shutdown)
+        if described is not None:
+            host.end(self._result(*described))
             return False
         name = _EXIT_NAMES.get(reason, str(reason))
-        host.end(VmResult("unhandled-exit", f"KVM exit '{name}' ({reason})", vcpu.index, host.board.rip(vcpu)))
+        host.end(self._result("unhandled-exit", f"KVM exit '{name}' ({reason})"))
         return False
 
     def describe_internal_error(self) -> VmResult:
-        """An internal error as a report: suberror, RIP, and the instruction bytes KVM gave us."""
-        vcpu, run = self.vcpu, self.vcpu.run
-        internal = run.internal
+        """An internal error as a report: suberror, program counter, and the instruction bytes KVM gave us."""
+        vcpu, board = self.vcpu, self.host.board
+        internal = vcpu.run.internal
         sub = internal.suberror
         detail = _SUBERRORS.get(sub, f"suberror {sub}")
-        rip = self.host.board.rip(vcpu)
+        pc = board.pc(vcpu)
         if sub == lib.KVM_INTERNAL_ERROR_EMULATION:
-            insn = self.host.board.instruction_bytes(vcpu)
+            insn = board.instruction_bytes(vcpu)
             if insn:
                 detail += ", instruction bytes " + insn.hex(" ")
         elif internal.ndata:
             detail += ", data " + " ".join(f"0x{internal.data[i]:x}" for i in range(min(internal.ndata, 16)))
         return VmResult("emulation-failure" if sub == lib.KVM_INTERNAL_ERROR_EMULATION else "internal-error",
-                        detail, vcpu.index, rip)
+                        detail, vcpu.index, pc, board.pc_name)

@@ -94,7 +94,7 @@ def test_write_to_unmapped_mmio_ends_the_vm_with_a_report(guest_binary):
     run = run_guest(guest_binary("unmapped_mmio"))
     assert run.result.reason == "unmapped-mmio", run.result
     assert "0xe0000000" in run.result.detail and "write" in run.result.detail
-    assert run.result.rip is not None and run.result.cpu == 0
+    assert run.result.pc is not None and run.result.cpu == 0
     assert "the write returned" not in run.console
 
 
@@ -107,14 +107,14 @@ def test_unmapped_mmio_can_be_ignored_instead(guest_binary):
 def test_garbage_instructions_end_the_vm_with_a_report(guest_binary):
     run = run_guest(guest_binary("garbage"))
     assert run.result.reason in ("triple-fault", "emulation-failure", "internal-error"), run.result
-    assert run.result.rip is not None
+    assert run.result.pc is not None
     assert "executing junk" in run.console
 
 
 def test_triple_fault_ends_the_vm_with_a_report(guest_binary):
     run = run_guest(guest_binary("triple_fault"))
     assert run.result.reason == "triple-fault", run.result
-    assert run.result.rip is not None and "triple-faulted" in str(run.result)
+    assert run.result.pc is not None and "triple-faulted" in str(run.result)
 
 
 def test_i8042_reset_ends_the_vm_as_a_reset(guest_binary):
@@ -186,7 +186,7 @@ def test_without_host_quirks_an_emulation_failure_is_reported_with_instruction_b
         pytest.skip("this host's KVM emulates int3 itself; no emulation failure to report")
     run = run_guest(guest_binary("quirks"), host_quirks=False)
     assert run.result.reason == "emulation-failure", run.result
-    assert "instruction bytes cc" in run.result.detail and run.result.rip is not None
+    assert "instruction bytes cc" in run.result.detail and run.result.pc is not None
 
 
 def test_freestanding_c_guests_run_on_every_vcpu(guest_binary):
@@ -208,7 +208,7 @@ def test_shutdown_request_presses_the_acpi_power_button(guest_binary):
     assert "power_button: pressed, powering off" in run.console
 
 
-def test_sample_rips_says_where_each_running_vcpu_is(guest_binary):
+def test_sample_pcs_says_where_each_running_vcpu_is(guest_binary):
     """serial_echo waits in hlt: a sample finds vCPU 0 inside the guest's code at 1 MiB."""
     from cloudkvm.machine import FlatBinary, Machine, MachineSpec
     from cloudkvm.vcpu_loop import VmResult
@@ -218,7 +218,7 @@ def test_sample_rips_says_where_each_running_vcpu_is(guest_binary):
 
         def probe():
             if machine.console.wait_for(b"serial_echo: ready", 30):
-                samples.append(machine.sample_rips())
+                samples.append(machine.sample_pcs())
             machine.end(VmResult("stopped", "sampled"))
         threading.Thread(target=probe, daemon=True).start()
         result = machine.run(timeout=60)
@@ -274,7 +274,7 @@ def test_a_breakpoint_exit_that_is_not_a_boot_assist_ends_the_vm_with_a_report(g
     with Machine(MachineSpec(payload=FlatBinary(binary))) as machine:
         machine.vcpus[0].set_guest_debug([site])  # armed behind the board's back
         result = machine.run(timeout=60)
-    assert result.reason == "unhandled-exit" and "debug" in result.detail and result.rip == site
+    assert result.reason == "unhandled-exit" and "debug" in result.detail and result.pc == site
 
 
 def test_syscall_into_a_supervisor_only_kernel_entry_round_trips(guest_binary):

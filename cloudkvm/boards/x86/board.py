@@ -17,15 +17,16 @@ from ...kvm.fastpath import FastUart
 from ...errors import CloudkvmError, GuestMemoryError
 from ...hostquirks import HostQuirks
 from ...kvm.native import ffi, lib
+from ..base import Board, CpuOptions, VirtioSlot
 from .assist import TICK_SECONDS, BootAssists
 from .complete import complete
 from .kvm_access import KvmCpuAccess
 from .cpu import CpuPolicy, linux_clearcpuid
-from .layout import (GDT_ADDR, IDT_ADDR, BOOT_PARAMS_ADDR, PAGE_TABLES_ADDR, CMDLINE_ADDR, CMDLINE_MAX, FLAT_STACKS_TOP,
-                     FLAT_STACK_SIZE, EBDA_START, ACPI_TABLES_ADDR, HIGH_MEMORY, MMIO_GAP_START, MMIO_GAP_END,
-                     VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, IOAPIC_ADDR, LAPIC_ADDR, IDENTITY_MAP_ADDR, TSS_ADDR,
-                     COM1_PORT, COM1_IRQ, I8042_PORT, RTC_PORT, POST_PORT, PCI_CONFIG_PORT, ACPI_POWER_PORT,
-                     POWER_BUTTON_GSI, VIRTIO_GSIS)
+from .layout import (ACPI_POWER_PORT, ACPI_TABLES_ADDR, BOOT_PARAMS_ADDR, CMDLINE_ADDR, CMDLINE_MAX, COM1_IRQ,
+                     COM1_PORT, EBDA_START, FLAT_MAX_CPUS, FLAT_STACK_SIZE, FLAT_STACKS_TOP, GDT_ADDR, HIGH_MEMORY,
+                     I8042_PORT, IDENTITY_MAP_ADDR, IDT_ADDR, IOAPIC_ADDR, LAPIC_ADDR, MMIO_GAP_END, MMIO_GAP_START,
+                     PAGE_TABLES_ADDR, PCI_CONFIG_PORT, POST_PORT, POWER_BUTTON_GSI, RTC_PORT, TSS_ADDR, VIRTIO_GSIS,
+                     VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE)
 
 log = logging.getLogger("cloudkvm.x86")
 
@@ -46,14 +47,14 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
-def write_acpi_tables(folder, cpus: int, virtio_slots: list[VirtioMmioSlot] = ()) -> list:
+def write_acpi_tables(folder, cpus: int, virtio_slots: list[VirtioSlot] = ()) -> list:
     """The tables an x86 VM with `cpus` vCPUs gets, one `<name>.dat` file each (as `iasl -d` reads them)."""
     from pathlib import Path
 
     if not 1 <= cpus <= X86Board.max_cpus:
         raise CloudkvmError(f"--cpus {cpus}: an x86 VM has 1 to {X86Board.max_cpus} vCPUs",
                             "pick a count in that range")
-    board = X86Board(cpus, CpuPolicy(), HostQuirks())
+    board = X86Board(cpus, CpuOptions(), HostQuirks())
     tables = build_tables(board.acpi_config(list(virtio_slots)), ACPI_TABLES_ADDR)
     folder = Path(folder)
     try:
@@ -77,16 +78,22 @@ def memory_layout(memory: int) -> list[tuple[int, int]]:
     return [(0, MMIO_GAP_START), (MMIO_GAP_END, memory - MMIO_GAP_START)]
 
 
-class X86Board:
-    """Board hooks the machine calls: create the VM's chips and devices, reset vCPUs, explain odd exits."""
+class X86Board(Board):
+    """The x86 board's hooks (boards/base.Board): chips, legacy devices, vCPU reset into 64-bit mode, reports."""
 
     name = "x86"
     arch = "x86_64"
     max_cpus = 255  # the MADT's Processor Local APIC entries carry 8-bit APIC ids (ACPI 6.4 §5.2.12.2)
+    virtio_slot_count = len(VIRTIO_GSIS)
+    default_console = "ttyS0"  # COM1
+    has_port_io = True
+    pc_name = "RIP"
+    flat_max_cpus = FLAT_MAX_CPUS
+    flat_limit = f"each starts on its own {FLAT_STACK_SIZE // 1024} KiB stack below 0x{FLAT_STACKS_TOP:x}"
 
-    def __init__(self, cpus: int, cpu_policy: CpuPolicy, quirks: HostQuirks):
+    def __init__(self, cpus: int, cpu: CpuOptions, quirks: HostQuirks):
         self.cpus = cpus
-        self.cpu_policy = cpu_policy
+        self.cpu_policy = CpuPolicy(cpu.model, list(cpu.hide))
         self.quirks = quirks
         self.uart: Uart16550 | None = None
         self.fast_uart: FastUart | None = None  # the console UART's C fast path, for the vCPU loops
@@ -94,16 +101,28 @@ class X86Board:
         self.assists = BootAssists(syscalls=quirks.boot_assists)
         self.tick_interval: float | None = None  # seconds between `vcpu_tick` calls, when the board wants them
 
-    def memory_layout(self, memory: int) -> list[tuple[int, int]]:
+    @staticmethod
+    def memory_layout(memory: int) -> list[tuple[int, int]]:
         return memory_layout(memory)
 
-    def create_chips(self, vm) -> None:
+    @staticmethod
+    def write_acpi_tables(folder, cpus: int) -> list:
+        """`cloudkvm inspect acpi`: the ACPI tables a VM of `cpus` vCPUs gets, as `<name>.dat` files in `folder`."""
+        return write_acpi_tables(folder, cpus)
+
+    @staticmethod
+    def check_kernel(data: bytes, path: str) -> None:
+        """A bzImage or an x86_64 vmlinux ELF (boot/linux_x86.parse_kernel's one-line errors otherwise)."""
+        linux_x86.parse_kernel(data, path)
+
+    def create_irqchip(self, vm) -> None:
+        """PIC + IOAPIC + LAPIC in the kernel and the PIT (with KVM's Intel real-mode helper pages first)."""
         vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         vm.set_tss_addr(TSS_ADDR)
         vm.create_irqchip()
         vm.create_pit2()
 
-    def create_devices(self, vm, pio: Bus, mmio: Bus, host) -> None:
+    def create_devices(self, vm, pio: Bus | None, mmio: Bus, host) -> None:
         """Legacy devices every x86 guest expects; `host` gives console output and power callbacks."""
         self.uart = Uart16550(KvmIrqLine(vm, COM1_IRQ), host.console.write)
         self.fast_uart = FastUart(self.uart.emit)
@@ -141,12 +160,11 @@ class X86Board:
         as the default type (SDM Vol. 3A §11.11.8: all processors of an MP system must have the same MTRRs)."""
         vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING, MSR_MTRR_DEF_TYPE: MTRR_ENABLE_WB})
 
-    def reset_vcpus(self, kvm, vcpus) -> None:
+    def init_vcpu(self, kvm, vcpu) -> None:
         """The per-vCPU state every payload starts from: CPUID, local APIC wiring, MSRs."""
-        for vcpu in vcpus:
-            self.setup_cpuid(kvm, vcpu)
-            self.setup_lapic(vcpu)
-            self.setup_msrs(vcpu)
+        self.setup_cpuid(kvm, vcpu)
+        self.setup_lapic(vcpu)
+        self.setup_msrs(vcpu)
 
     def write_long_mode_tables(self, memory) -> None:
         memory.write(GDT_ADDR, lm.gdt_bytes())
@@ -181,7 +199,6 @@ class X86Board:
             raise ValueError(f"flat payload of {len(image)} bytes does not fit at 0x{load_addr:x}")
         memory.write(load_addr, image)
         self.write_long_mode_tables(memory)
-        self.reset_vcpus(kvm, vcpus)
         for vcpu in vcpus:
             self.enter_long_mode(vcpu, entry, rsp=FLAT_STACKS_TOP - vcpu.index * FLAT_STACK_SIZE,
                                  rsi=len(vcpus), rdi=vcpu.index)
@@ -199,17 +216,18 @@ class X86Board:
                 table.append((region.gpa, region.size, linux_x86.E820_RAM))
         return table
 
-    def acpi_config(self, virtio_slots: list[VirtioMmioSlot]) -> AcpiConfig:
+    def acpi_config(self, virtio_slots: list[VirtioSlot]) -> AcpiConfig:
         return AcpiConfig(cpus=self.cpus, ioapic_addr=IOAPIC_ADDR, lapic_addr=LAPIC_ADDR,
                           sleep_control_port=ACPI_POWER_PORT, sleep_status_port=ACPI_POWER_PORT + 1,
-                          reset_port=ACPI_POWER_PORT + 2, com1=(COM1_PORT, COM1_IRQ), virtio_mmio=virtio_slots,
+                          reset_port=ACPI_POWER_PORT + 2, com1=(COM1_PORT, COM1_IRQ),
+                          virtio_mmio=[VirtioMmioSlot(s.base, s.size, s.irq) for s in virtio_slots],
                           power_button_gsi=POWER_BUTTON_GSI)
 
-    def virtio_slot(self, index: int) -> VirtioMmioSlot:
+    def virtio_slot(self, index: int) -> VirtioSlot:
         """Where virtio-mmio device `index` lives: its MMIO window and its (edge) GSI."""
         if index >= len(VIRTIO_GSIS):
             raise CloudkvmError(f"too many virtio devices ({index + 1})", f"the x86 board has {len(VIRTIO_GSIS)} slots")
-        return VirtioMmioSlot(VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, VIRTIO_GSIS[index])
+        return VirtioSlot(VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, VIRTIO_GSIS[index])
 
     def request_shutdown(self, vm) -> bool:
         """Press the ACPI power button: an edge on the GED's GSI (the guest's OS decides to power off)."""
@@ -227,7 +245,7 @@ class X86Board:
         return " ".join([cmdline.strip(), *extra]).strip()
 
     def boot_linux(self, kvm, vcpus, memory, kernel_path, initrd_path, cmdline: str,
-                   virtio_slots: list[VirtioMmioSlot] = ()) -> dict:
+                   virtio_slots: list[VirtioSlot] = ()) -> dict:
         """Linux x86 boot protocol, 64-bit entry (boot.rst §"64-bit Boot Protocol"): host-decompressed vmlinux
         at its physical addresses, zero page, command line, initrd, ACPI tables; vCPU 0 enters startup_64 with
         RSI = zero page, the others wait for INIT/SIPI from the guest. Returns what was placed where."""
@@ -269,7 +287,6 @@ class X86Board:
                                                 initrd, tables.rsdp_addr)
         memory.write(BOOT_PARAMS_ADDR, zero_page)
         self.write_long_mode_tables(memory)
-        self.reset_vcpus(kvm, vcpus)
         self.enter_long_mode(vcpus[0], image.entry, rsi=BOOT_PARAMS_ADDR)
         if self.quirks.boot_assists:
             from ...boot.linux_bss import bss_clear_sites  # pyelftools: only interpreting KVMs pay its import
@@ -280,18 +297,24 @@ class X86Board:
                 "vmlinux": str(elf_path)}
 
     # --- reporting --------------------------------------------------------------------------------------------
-    def rip(self, vcpu) -> int | None:
+    def pc(self, vcpu) -> int | None:
         try:
             return vcpu.get_regs().rip
         except OSError:
             return None
+
+    def describe_exit(self, vcpu, reason: int) -> tuple[str, str] | None:
+        """KVM_EXIT_SHUTDOWN: the processor shut down after a triple fault (SDM Vol. 3A §6.15, #DF)."""
+        if reason == lib.KVM_EXIT_SHUTDOWN:
+            return "triple-fault", "the guest triple-faulted (x86 shutdown)"
+        return None
 
     def instruction_bytes(self, vcpu) -> bytes:
         """The bytes at the faulting RIP: from KVM's emulation-failure record, else read through the page tables."""
         failure = vcpu.run.emulation_failure
         if failure.ndata >= 3 and failure.flags & 1 and 0 < failure.insn_size <= 15:
             return bytes(failure.insn_bytes[0:failure.insn_size])
-        rip = self.rip(vcpu)
+        rip = self.pc(vcpu)
         if rip is None:
             return b""
         try:
