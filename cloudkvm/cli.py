@@ -24,35 +24,42 @@ def demo(cpus: int = typer.Option(2, help="vCPUs to start"),
          timeout: float = typer.Option(60.0, help="seconds before the VM is stopped"),
          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the built-in demo guest: every vCPU says hello on the serial console, then the VM powers off."""
-    from .guests.build import GUEST_SOURCES, build_flat
+    from .boards import registry
     from .machine import FlatBinary, MachineSpec, run
 
     _setup_logging(verbose)
-    spec = MachineSpec(payload=FlatBinary(build_flat(GUEST_SOURCES / "hello.S")), cpus=cpus,
-                       memory=memory << 20, console_fd=sys.stdout.fileno())
+    board = registry.host_board()
+    board.check_host()
+    if board.demo_guest is None:
+        raise CloudkvmError(f"the {board.name} board has no demo guest yet", "cloudkvm boot runs a Linux kernel")
+    spec = MachineSpec(payload=FlatBinary(board.demo_guest()), board=board.name, cpus=cpus, memory=memory << 20,
+                       console_fd=sys.stdout.fileno())
     result = run(spec, timeout=timeout)
     typer.echo(f"cloudkvm: VM ended: {result}", err=True)
     raise typer.Exit(0 if result.clean else 1)
 
 
 @app.command()
-def boot(kernel: Path = typer.Option(..., "--kernel", "-k", help="bzImage or vmlinux ELF"),
+def boot(kernel: Path = typer.Option(..., "--kernel", "-k", help="the kernel: bzImage or vmlinux on x86_64"),
          initrd: Optional[Path] = typer.Option(None, "--initrd", "-i", help="initramfs/initrd image"),
-         append: str = typer.Option("console=ttyS0", "--append", "-a", help="kernel command line"),
+         append: Optional[str] = typer.Option(None, "--append", "-a", help="kernel command line (default: "
+                                              "console= the board's serial console, ttyS0 on x86)"),
          cpus: int = typer.Option(1, help="vCPUs"),
          memory: str = typer.Option("512M", help="guest RAM: 512M, 2G, 4096 (MiB)"),
          timeout: Optional[float] = typer.Option(None, help="stop the VM after this many seconds"),
          host_quirks: bool = typer.Option(True, help="apply this host's KVM workarounds"),
          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Boot a Linux kernel directly, in the foreground, with the serial console on this terminal (Ctrl-A x quits)."""
+    from .boards import registry
     from .machine import LinuxBoot, MachineSpec, check_payload, run
     from .terminal import raw_terminal
     from .units import parse_size
 
     _setup_logging(verbose)
     size = parse_size(memory, "--memory")
-    check_payload(LinuxBoot(kernel, initrd, append))
-    spec = MachineSpec(payload=LinuxBoot(kernel, initrd, append), cpus=cpus, memory=size,
+    board = registry.host_board()
+    check_payload(LinuxBoot(kernel, initrd, append), board.name)
+    spec = MachineSpec(payload=LinuxBoot(kernel, initrd, append), board=board.name, cpus=cpus, memory=size,
                        host_quirks=host_quirks, console_fd=sys.stdout.fileno(),
                        console_input_fd=sys.stdin.fileno(), console_escape=True)
     with raw_terminal(sys.stdin.fileno()):
@@ -62,7 +69,9 @@ def boot(kernel: Path = typer.Option(..., "--kernel", "-k", help="bzImage or vml
 
 
 def _profile_env(path: Path) -> dict:
-    """The environment profiles expand: the caller's, plus the built-in demo guest's paths when a profile asks."""
+    """The environment profiles expand: the caller's, plus the built-in demo guest's paths when a profile asks (the
+    Linux guest of this host's board, boards/registry.py)."""
+    from .boards import registry
     from .profile import read_profile_bytes
 
     env = dict(os.environ)
@@ -70,21 +79,21 @@ def _profile_env(path: Path) -> dict:
         wanted = b"CLOUDKVM_DEMO_" in read_profile_bytes(path)  # a FIFO, device or huge file is never read
     except CloudkvmError:
         wanted = False  # loading the profile says why
-    if wanted and not (env.get("CLOUDKVM_DEMO_KERNEL") and env.get("CLOUDKVM_DEMO_INITRD")):
-        from .guests.debian import default_guest
+    guest = registry.host_board().linux_guest
+    if wanted and guest is not None and not (env.get("CLOUDKVM_DEMO_KERNEL") and env.get("CLOUDKVM_DEMO_INITRD")):
         from .progress import step
 
         with step("preparing the demo guest (Debian cloud kernel + busybox initramfs)"):
-            kernel, initrd = default_guest()
+            kernel, initrd = guest()
         env.setdefault("CLOUDKVM_DEMO_KERNEL", str(kernel))
         env.setdefault("CLOUDKVM_DEMO_INITRD", str(initrd))
     return env
 
 
-def _load(path: Path, check_files: bool = True):
+def _load(path: Path, check_files: bool = True, env: dict | None = None):
     from .profile import load_profile
 
-    return load_profile(path, env=_profile_env(path), check_files=check_files)
+    return load_profile(path, env=_profile_env(path) if env is None else env, check_files=check_files)
 
 
 @app.command()
@@ -95,7 +104,11 @@ def up(profile: Path = typer.Argument(..., help="profile YAML"),
     """Start a VM from a profile, in the background; returns once it runs."""
     from . import launcher
 
-    loaded = _load(profile)
+    env = _profile_env(profile)
+    # A guest this host cannot run at all (another architecture; a board not in this version) is said first, before
+    # anything about the files it names.
+    launcher.check_runnable(_load(profile, check_files=False, env=env))
+    loaded = _load(profile, env=env)
     if foreground or not loaded.daemonize:
         _run_foreground(loaded if not name else loaded.model_copy(update={"name": name}))
         return
@@ -133,7 +146,7 @@ def _run_foreground(profile) -> None:
 @app.command()
 def down(name: str, force: bool = typer.Option(False, "--force", help="stop at once, no graceful power-off"),
          timeout: float = typer.Option(60.0, help="seconds to wait for the guest to power off")) -> None:
-    """Power a VM off gracefully (ACPI power button), stopping it hard after --timeout."""
+    """Power a VM off gracefully (the board's power button), stopping it hard after --timeout."""
     from . import launcher
 
     from .progress import step
@@ -307,11 +320,11 @@ def inspect_acpi(output: Path = typer.Option(..., "--output", "-o", help="folder
                  cpus: int = typer.Option(1, help="vCPUs"),
                  memory: str = typer.Option("512M", help="guest RAM (the tables do not depend on it yet)")) -> None:
     """Write the ACPI tables an x86 VM gets (rsdp.dat, xsdt.dat, facp.dat, apic.dat, dsdt.dat) for `iasl -d`."""
-    from .boards.x86.board import write_acpi_tables
+    from .boards import registry
     from .units import parse_size
 
     parse_size(memory, "--memory")
-    for path in write_acpi_tables(output, cpus):
+    for path in registry.X86.board_class().write_acpi_tables(output, cpus):
         typer.echo(str(path))
 
 

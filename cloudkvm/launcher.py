@@ -9,11 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import control, daemon
+from .boards import registry
+from .boards.base import CpuOptions
 from .errors import CloudkvmError
 from .fsutil import is_within
 from .instances import Instance, list_instances, private_dir, private_files, state_folder_error
 from .logfile import CappedLog, open_log
-from .boards.x86.cpu import CpuPolicy
 from .machine import FlatBinary, LinuxBoot, Machine, MachineSpec, check_payload
 from .preflight import check_profile
 from .profile import Profile
@@ -22,10 +23,14 @@ log = logging.getLogger("cloudkvm.launcher")
 
 
 def check_runnable(profile: Profile) -> None:
-    """Refuse, after validation and before anything is created, what this version cannot run."""
-    if profile.machine != "x86":
-        raise CloudkvmError(f"{profile.name}: the '{profile.machine}' board ({profile.arch}) is not available yet",
-                            "only x86_64 profiles run today; the aarch64 virt board is a later issue")
+    """Refuse, before anything is created, a profile this host or this version cannot run at all: a guest of
+    another architecture (KVM runs its own only), or a board not implemented yet (boards/registry.py)."""
+    info = registry.named(profile.machine)
+    try:
+        info.check_host()
+        info.board_class()
+    except CloudkvmError as exc:
+        raise CloudkvmError(f"{profile.name}: {exc.message}", exc.hint) from None
 
 
 def prepare_disks(profile: Profile, instance: Instance) -> tuple[list, dict]:
@@ -90,14 +95,14 @@ def attach_backends(machine: Machine) -> None:
 
 
 def spec_for(profile: Profile, console_fd: int | None, virtio: list | None = None) -> MachineSpec:
-    """The machine a validated profile describes (x86 board today; `virt` lands with the aarch64 issue)."""
+    """The machine a validated profile describes, on the board its `machine` names."""
     check_runnable(profile)
     boot = profile.boot
     payload = FlatBinary(boot.kernel) if getattr(boot, "format", "linux") == "flat" \
         else LinuxBoot(boot.kernel, boot.initrd, boot.cmdline)
-    return MachineSpec(payload=payload, cpus=profile.cpus, memory=profile.memory, host_quirks=profile.host_quirks,
-                       cpu=CpuPolicy(profile.cpu.model, list(profile.cpu.hide)), console_fd=console_fd,
-                       virtio=virtio or [])
+    return MachineSpec(payload=payload, board=profile.machine, cpus=profile.cpus, memory=profile.memory,
+                       host_quirks=profile.host_quirks, cpu=CpuOptions(profile.cpu.model, list(profile.cpu.hide)),
+                       console_fd=console_fd, virtio=virtio or [])
 
 
 def instance_info(profile: Profile, source: str | None) -> dict:
@@ -161,8 +166,9 @@ def claimed(profile: Profile, source: str | None, doing: str, console_file: bool
     """The profile's instance for this command alone (its lock held, so one `up` wins), checked, its folder made
     private and its disks prepared; yields (instance, disks, lock fd). A refused start leaves nothing behind: a
     folder this made is removed again. `console_file`: the serial output goes to the console log (checked here)."""
+    check_runnable(profile)  # a guest this host cannot run at all: said before anything about its details
     check_profile(profile)  # what this host or the board cannot run, before anything is created
-    check_payload(spec_for(profile, None).payload)
+    check_payload(spec_for(profile, None).payload, profile.machine)
     instance = Instance.named(profile.name)
     with private_files():
         try:
@@ -242,7 +248,8 @@ def _wait_gone(instance: Instance, timeout: float) -> bool:
 
 
 def down(instance: Instance, force: bool = False, timeout: float = 60.0) -> str:
-    """Graceful power-off (ACPI power button), then a hard stop after `timeout`; --force stops at once."""
+    """Graceful power-off (the board's power button: ACPI on x86), then a hard stop after `timeout`; --force stops
+    at once."""
     if instance.state() != "running":
         return f"{instance.name} is not running"
     if not force:

@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .boards.x86 import board as x86, layout as x86_layout
+from .boards import registry
 from .errors import CloudkvmError
 from .fsutil import file_kind
 from .profile import GiB, MiB, Profile, size_text
@@ -100,27 +100,36 @@ def host_facts() -> HostFacts:
 
 def check_profile(profile: Profile, host: HostFacts | None = None) -> None:
     """Refuse, before anything is created, what this host or the profile's board cannot run (one-line
-    CloudkvmError at the field's file:line:col). Boards without a model here (virt) get the host checks only."""
+    CloudkvmError at the field's file:line:col). A board this tree does not implement yet (boards/registry.py) gets
+    the host checks only."""
     host = host or host_facts()
-    board = profile.machine == "x86"
+    board = _board(profile)
     _check_cpus(profile, host, board)
     _check_memory(profile, host)
-    if board:
-        _check_virtio_slots(profile)
+    if board is not None:
+        _check_virtio_slots(profile, board)
     _check_console_log(profile)
     _check_disk_sizes(profile, host)
 
 
+def _board(profile: Profile):
+    """The profile's board class (boards.base.Board), or None while the board is not implemented here."""
+    info = registry.named(profile.machine)
+    return info.board_class() if info.available() else None
+
+
 # ---------------------------------------------------------------------------------------------------- vCPUs
 
-def _check_cpus(profile: Profile, host: HostFacts, board: bool) -> None:
+def _check_cpus(profile: Profile, host: HostFacts, board) -> None:
     where = profile.where("cpus")
     flat = profile.boot.format == "flat"
-    if board and flat and profile.cpus > x86_layout.FLAT_MAX_CPUS:
-        raise CloudkvmError(f"{where}: cpus: a flat guest on the x86 board takes at most {x86_layout.FLAT_MAX_CPUS} vCPUs "
-                            f"(each starts on its own {x86_layout.FLAT_STACK_SIZE // 1024} KiB stack below "
-                            f"0x{x86_layout.FLAT_STACKS_TOP:x}), not {profile.cpus}",
-                            f"use cpus: {x86_layout.FLAT_MAX_CPUS} or fewer")
+    if board is not None and profile.cpus > board.max_cpus:
+        raise CloudkvmError(f"{where}: cpus: the {board.name} board takes at most {board.max_cpus} vCPUs, not "
+                            f"{profile.cpus}", f"use cpus: {board.max_cpus} or fewer")
+    if board is not None and flat and profile.cpus > board.flat_max_cpus:
+        raise CloudkvmError(f"{where}: cpus: a flat guest on the {board.name} board takes at most "
+                            f"{board.flat_max_cpus} vCPUs ({board.flat_limit}), not {profile.cpus}",
+                            f"use cpus: {board.flat_max_cpus} or fewer")
     if host.kvm_max_vcpus is not None and profile.cpus > host.kvm_max_vcpus:
         raise CloudkvmError(f"{where}: cpus: this host's KVM takes at most {host.kvm_max_vcpus} vCPUs per VM "
                             f"(KVM_CAP_MAX_VCPUS), not {profile.cpus}", f"use cpus: {host.kvm_max_vcpus} or fewer")
@@ -130,9 +139,10 @@ def _check_cpus(profile: Profile, host: HostFacts, board: bool) -> None:
 
 def ram_regions(profile: Profile, memory: int | None = None) -> list[tuple[int, int]]:
     """The guest-physical RAM regions (gpa, size) the profile's board maps for `memory` bytes (one mmap and one
-    KVM memory slot each): the x86 board's layout, or one region for a board without a model here."""
+    KVM memory slot each): the board's layout, or one region for a board not implemented here."""
     memory = profile.memory if memory is None else memory
-    return x86.memory_layout(memory) if profile.machine == "x86" else [(0, memory)]
+    board = _board(profile)
+    return board.memory_layout(memory) if board is not None else [(0, memory)]
 
 
 def ram_problem(regions: list[tuple[int, int]], host: HostFacts) -> str | None:
@@ -203,14 +213,14 @@ def virtio_device_count(profile: Profile) -> int:
     return len(profile.disks) + (profile.network.mode == "user") + 1
 
 
-def _check_virtio_slots(profile: Profile) -> None:
-    slots = len(x86_layout.VIRTIO_GSIS)
+def _check_virtio_slots(profile: Profile, board) -> None:
+    slots = board.virtio_slot_count
     if virtio_device_count(profile) <= slots:
         return
     net = profile.network.mode == "user"
     most_disks = slots - 1 - net
     what = f"{len(profile.disks)} disks, " + ("a network card and " if net else "") + "an entropy source"
-    raise CloudkvmError(f"{profile.where('disks', most_disks)}: disks[{most_disks}]: the x86 board has "
+    raise CloudkvmError(f"{profile.where('disks', most_disks)}: disks[{most_disks}]: the {board.name} board has "
                         f"{slots} virtio-mmio slots, and this VM needs {virtio_device_count(profile)} ({what})",
                         f"use at most {most_disks} disks" + (" with network: user" if net else ""))
 

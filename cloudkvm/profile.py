@@ -17,7 +17,6 @@ import errno
 import ipaddress
 import json
 import os
-import platform
 import re
 import stat
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       WithJsonSchema, model_validator)
 
-from .boards.x86.cpu import FEATURES, check_feature_names
+from .boards import registry
 from .errors import CloudkvmError, printable
 from .fsutil import file_kind
 from .units import parse_size
@@ -39,8 +38,9 @@ MIN_MEMORY = 16 * MiB
 DEFAULT_MEMORY = "512M"
 DEFAULT_NET = "10.0.2.0/24"  # QEMU/libslirp's default user network
 DEFAULT_FORWARD_HOST_IP = "127.0.0.1"  # safer than QEMU's hostfwd default (all interfaces)
-ARCH_MACHINE = {"x86_64": "x86", "aarch64": "virt"}
-MACHINE_SERIAL = {"x86": "ttyS0", "virt": "ttyAMA0"}  # 16550 on x86; PL011 on virt
+# The profile format's boards (boards/registry.py): arch -> machine, machine -> console (16550 on x86; PL011 on virt)
+ARCH_MACHINE = {board.arch: board.name for board in registry.boards()}
+MACHINE_SERIAL = {board.name: board.default_console for board in registry.boards()}
 PROFILE_FIELD_ORDER = ("base", "name", "arch", "machine", "cpu", "cpus", "memory", "boot", "disks", "network",
                        "console", "daemonize", "host_quirks")
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "profiles" / "schema.json"
@@ -60,8 +60,7 @@ MAX_NUMBER_BITS = 64  # no profile field holds a larger number (sizes are at mos
 
 def host_arch() -> str:
     """This host's architecture as a profile `arch` (x86_64 when the host is neither x86_64 nor aarch64)."""
-    machine = platform.machine().lower()
-    return {"aarch64": "aarch64", "arm64": "aarch64"}.get(machine, "x86_64")
+    return registry.host_arch() or "x86_64"
 
 
 class FieldError(ValueError):
@@ -139,7 +138,7 @@ class CpuSpec(_Model):
     """The vCPU model: `host` (what KVM supports), minus the features named in `hide`."""
 
     model: Literal["host"] = Field("host", description="CPU model; only `host` (KVM's supported CPUID) for now")
-    hide: list[Annotated[str, WithJsonSchema({"type": "string", "enum": sorted(FEATURES)})]] = Field(
+    hide: list[Annotated[str, WithJsonSchema({"type": "string", "enum": list(registry.cpu_features())})]] = Field(
         default_factory=list, description="x86 CPU features to hide from the guest (e.g. cx16, avx512f)")
 
 
@@ -277,7 +276,7 @@ class Console(_Model):
     """The serial console."""
 
     log: ProfilePath | None = Field(None, description="file for the serial output (default: the instance folder)")
-    serial: Literal["ttyS0", "ttyAMA0"] | None = Field(
+    serial: Literal[tuple(MACHINE_SERIAL.values())] | None = Field(
         None, description="the guest's console device; derived from machine (x86: ttyS0, virt: ttyAMA0)")
 
 
@@ -285,9 +284,9 @@ class Profile(_Model):
     """A VM: what to boot, on which board, with which disks, network and console."""
 
     name: Annotated[str, BeforeValidator(_name)] = Field(description="the VM's name (names its instance folder)")
-    arch: Literal["x86_64", "aarch64"] = Field(default_factory=host_arch,
+    arch: Literal[tuple(ARCH_MACHINE)] = Field(default_factory=host_arch,
                                                description="guest architecture (default: the host's)")
-    machine: Literal["x86", "virt"] | None = Field(None, description="board; derived from arch (x86_64: x86, "
+    machine: Literal[tuple(MACHINE_SERIAL)] | None = Field(None, description="board; derived from arch (x86_64: x86, "
                                                                       "aarch64: virt)")
     cpu: Annotated[CpuSpec, BeforeValidator(_cpu_shorthand, json_schema_input_type=Union[Literal["host"], CpuSpec])] \
         = Field("host", validate_default=True, description="`host`, or {model: host, hide: [features]}")
@@ -319,12 +318,13 @@ class Profile(_Model):
                              "write e.g. memory: 512M")
         if self.memory % MiB:
             raise FieldError(f"{self.memory} bytes is not a whole number of MiB", ("memory",), "write e.g. 512M")
+        info = registry.named(self.machine)
         for index, name in enumerate(self.cpu.hide):
-            if self.arch != "x86_64":
-                raise FieldError(f"hiding CPU features is only supported on x86_64, not {self.arch}",
-                                 ("cpu", "hide", index), "remove cpu.hide")
+            if not info.cpu_hide:
+                raise FieldError(f"hiding CPU features is only supported on {registry.cpu_hide_arches()}, not "
+                                 f"{self.arch}", ("cpu", "hide", index), "remove cpu.hide")
             try:
-                check_feature_names([name])
+                info.check_cpu_hide([name])
             except CloudkvmError as exc:
                 raise FieldError(f"unknown CPU feature '{name}'", ("cpu", "hide", index), exc.hint) from None
         serial = MACHINE_SERIAL[self.machine]

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from .boards.x86.cpu import FEATURES
+from .boards import registry
 from .errors import CloudkvmError
-from .profile import ARCH_MACHINE, DEFAULT_NET, PROFILE_FIELD_ORDER, Profile, host_arch, parse_forward, size_text
+from .profile import DEFAULT_NET, PROFILE_FIELD_ORDER, Profile, host_arch, parse_forward, size_text
 
 # qemu-system-* options that take an argument (qemu-options.hx); any other option is a flag unless unknown.
 _WITH_ARG = {
@@ -41,8 +41,6 @@ _VIRTIO_BLK = {"virtio-blk-device", "virtio-blk-pci", "virtio-blk"}
 _VIRTIO_NET = {"virtio-net-device", "virtio-net-pci", "virtio-net", "virtio-net-pci-non-transitional"}
 _OTHER_NICS = {"e1000", "e1000e", "rtl8139", "ne2k_pci", "pcnet", "vmxnet3", "i82559er"}
 _SCSI = {"virtio-scsi-device", "virtio-scsi-pci", "scsi-hd", "scsi-cd", "scsi-disk", "lsi53c895a", "megasas"}
-_VIRT_MACHINES = re.compile(r"^virt(-\d+\.\d+)?$")
-_X86_MACHINES = re.compile(r"^(pc|q35|microvm|isapc|pc-(i440fx|q35)-[\d.]+|pc-[\d.]+)$")
 # QEMU's names for the CPU features whose profile (Linux-style) names differ (target/i386/cpu.c feature_word_info)
 _QEMU_FEATURE = {"sse3": "pni", "sse4_1": "sse4.1", "sse4_2": "sse4.2", "kvmclock_legacy": "kvmclock"}
 _FROM_QEMU_FEATURE = {"pni": "sse3", "sse4.1": "sse4_1", "sse4.2": "sse4_2"}
@@ -198,10 +196,10 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
     if binary is not None:
         base = os.path.basename(binary)
         match = re.fullmatch(r"qemu-system-(\w+)", base)
-        if match and match.group(1) in ARCH_MACHINE:
+        if match and match.group(1) in registry.arches():
             arch = match.group(1)
         elif match:
-            unmapped(binary, f"architecture {match.group(1)} is not supported: only x86_64 and aarch64")
+            unmapped(binary, f"architecture {match.group(1)} is not supported: only {' and '.join(registry.arches())}")
         elif base != "qemu-kvm":
             unmapped(binary, "not a qemu-system-* binary; the host's architecture is assumed")
     effective_arch = arch or host_arch()
@@ -379,7 +377,7 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
             unmapped(text, "device not supported by cloudkvm")
 
     at[0] = len(opts) + 1
-    board = machine or ARCH_MACHINE[effective_arch]
+    board = machine or registry.for_arch(effective_arch).name
     if machine is None:
         if effective_arch == "x86_64":
             unmapped("(no -M)", "approximated: QEMU's default pc machine runs on cloudkvm's microvm-like x86 board")
@@ -438,21 +436,19 @@ def import_qemu(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[
 
 
 def _machine(value: str, arch: str, opt: _Opt, unmapped) -> str | None:
-    if _VIRT_MACHINES.match(value):
-        if arch != "aarch64":
-            unmapped(opt.text, f"{value} is an aarch64 machine, not {arch}")
-            return None
-        return "virt"
-    if _X86_MACHINES.match(value):
-        if arch != "x86_64":
-            unmapped(opt.text, f"{value} is an x86_64 machine, not {arch}")
-            return None
-        if value != "microvm":
-            unmapped(opt.text, f"approximated: {value} runs on cloudkvm's microvm-like x86 board (virtio-mmio, "
-                               "no PCI)")
-        return "x86"
-    unmapped(opt.text, "machine not supported: x86 (x86_64) and virt (aarch64) only")
-    return None
+    """The board QEMU's `-M value` means (boards/registry.py), or None with the reason listed."""
+    board = registry.for_qemu_machine(value)
+    if board is None:
+        known = " and ".join(f"{b.name} ({b.arch})" for b in registry.boards())
+        unmapped(opt.text, f"machine not supported: {known} only")
+        return None
+    if board.arch != arch:
+        unmapped(opt.text, f"{value} is an {board.arch} machine, not {arch}")
+        return None
+    if board.approximates(value):
+        unmapped(opt.text, f"approximated: {value} runs on cloudkvm's {board.qemu_machine}-like {board.name} board "
+                           "(virtio-mmio, no PCI)")
+    return board.name
 
 
 def _cpu(arg: str, arch: str, opt: _Opt, unmapped) -> list[str]:
@@ -468,7 +464,7 @@ def _cpu(arg: str, arch: str, opt: _Opt, unmapped) -> list[str]:
         if key[:1] in "+-" and value == "on":  # legacy +feat / -feat
             feature, off = key[1:], key[0] == "-"
         ours = _FROM_QEMU_FEATURE.get(feature, feature.replace("-", "_").replace(".", "_"))
-        if off and arch == "x86_64" and ours in FEATURES:
+        if off and ours in registry.for_arch(arch).cpu_features():
             hide.append(ours)
         else:
             unmapped(f"-cpu {model},{key}" + ("" if key[:1] in "+-" else f"={value}"),
@@ -559,7 +555,7 @@ def _disk(drive: _Drive, board: str, path, unmapped, snapshot: bool) -> dict | N
 
 
 def _default_nic(machine: str | None, arch: str) -> str:
-    board = machine or ARCH_MACHINE[arch]
+    board = machine or registry.for_arch(arch).name
     return "virtio-net-pci" if board == "virt" else "e1000"  # QEMU's default NIC model for the machine
 
 
@@ -631,7 +627,7 @@ def profile_to_qemu(profile: Profile) -> list[str]:
     argv = [f"qemu-system-{profile.arch}", "-name", profile.name]
     if profile.daemonize:
         argv.append("-daemonize")
-    argv += ["-enable-kvm", "-M", "microvm" if profile.machine == "x86" else "virt"]
+    argv += ["-enable-kvm", "-M", registry.named(profile.machine).qemu_machine]
     argv += ["-cpu", ",".join([profile.cpu.model] + [f"{_qemu_feature(n)}=off" for n in profile.cpu.hide])]
     argv += ["-smp", str(profile.cpus), "-m", size_text(profile.memory)]
     argv += ["-kernel", str(profile.boot.kernel)]
