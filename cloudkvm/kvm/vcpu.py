@@ -31,19 +31,19 @@ class Vcpu:
         return value
 
     # --- generic -------------------------------------------------------------------------------------------
-    def get_regs(self):
-        return self._get(lib.KVM_GET_REGS, "struct kvm_regs *")
-
-    def set_regs(self, regs) -> None:
-        ioctl(self.fd, lib.KVM_SET_REGS, regs)
-
     def get_mp_state(self) -> int:
         return self._get(lib.KVM_GET_MP_STATE, "struct kvm_mp_state *").mp_state
 
     def set_mp_state(self, state: int) -> None:
         ioctl(self.fd, lib.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": state}))
 
-    # --- x86 -----------------------------------------------------------------------------------------------
+    # --- x86 (arm64 reaches its registers through ONE_REG: kvm/arm64.py) ---------------------------------------
+    def get_regs(self):
+        return self._get(lib.KVM_GET_REGS, "struct kvm_regs *")
+
+    def set_regs(self, regs) -> None:
+        ioctl(self.fd, lib.KVM_SET_REGS, regs)
+
     def get_sregs(self):
         return self._get(lib.KVM_GET_SREGS, "struct kvm_sregs *")
 

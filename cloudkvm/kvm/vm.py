@@ -53,7 +53,8 @@ class Vm:
         ioctl(self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("__u64 *", addr))
 
     def irq_line(self, irq: int, level: int) -> None:
-        """KVM_IRQ_LINE: set an interrupt line (a GSI on x86) high (1) or low (0)."""
+        """KVM_IRQ_LINE: set an interrupt line (a GSI on x86; type | vCPU | INTID on arm64, kvm/vgic.py) high (1)
+        or low (0)."""
         ioctl(self.fd, lib.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level}))
 
     def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
@@ -111,9 +112,12 @@ class Vm:
         return True
 
     def set_device_attr(self, dev_fd: int, group: int, attr: int, value_ptr=None) -> None:
-        arg = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr,
-                                                   "addr": int(ffi.cast("uintptr_t", value_ptr)) if value_ptr else 0})
-        ioctl(dev_fd, lib.KVM_SET_DEVICE_ATTR, arg)
+        """KVM_SET_DEVICE_ATTR: `value_ptr` points at the attribute's value (its type is the attribute's), or None."""
+        ioctl(dev_fd, lib.KVM_SET_DEVICE_ATTR, _device_attr(group, attr, value_ptr))
+
+    def get_device_attr(self, dev_fd: int, group: int, attr: int, value_ptr) -> None:
+        """KVM_GET_DEVICE_ATTR: KVM writes the attribute's value where `value_ptr` points."""
+        ioctl(dev_fd, lib.KVM_GET_DEVICE_ATTR, _device_attr(group, attr, value_ptr))
 
     def create_vcpu(self, index: int) -> Vcpu:
         return Vcpu(self.fd, index, self.kvm.vcpu_mmap_size)
@@ -122,3 +126,8 @@ class Vm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _device_attr(group: int, attr: int, value_ptr):
+    return ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr,
+                                               "addr": int(ffi.cast("uintptr_t", value_ptr)) if value_ptr else 0})
