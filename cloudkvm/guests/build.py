@@ -1,4 +1,5 @@
-"""Builds purpose-made guests from assembly with the system toolchain (gcc, ld, objcopy) into flat binaries."""
+"""Builds purpose-made guests from assembly with the system toolchain (gcc, ld, objcopy) into flat binaries: x86_64
+with the host's tools, aarch64 with the cross toolchain (aarch64-linux-gnu-gcc/-ld/-objcopy)."""
 import hashlib
 import shutil
 import subprocess
@@ -16,10 +17,17 @@ BUILD_RECIPE_VERSION = "2"  # bump when the commands below change, so cached bin
 C_FLAGS = ["-ffreestanding", "-fno-pie", "-fno-pic", "-fno-stack-protector", "-mno-red-zone", "-mgeneral-regs-only",
            "-fno-asynchronous-unwind-tables", "-O2", "-Wall", "-Werror", "-std=gnu11"]
 C_RUNTIME = ("x86_crt0.S", "guest_lib.c")
+# aarch64 guests: assembly only, built with the cross toolchain's tools (this prefix), linked by default where
+# QEMU's -kernel and an arm64 Image loader put an Image with text_offset 0x80000: RAM base 0x40000000 + 0x80000.
+AARCH64_PREFIX = "aarch64-linux-gnu-"
+AARCH64_LOAD_ADDR = 0x40080000
+AARCH64_HINT = "apt-get install gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu"
+ARCHES = ("x86_64", "aarch64")
 
 
-def _inputs_digest(sources: list[Path], include_dirs: list[Path], load_addr: int) -> str:
-    h = hashlib.sha256(f"{BUILD_RECIPE_VERSION}:{load_addr:x}".encode())
+def _inputs_digest(sources: list[Path], include_dirs: list[Path], load_addr: int, arch: str = "x86_64") -> str:
+    key = f"{BUILD_RECIPE_VERSION}:{load_addr:x}" + ("" if arch == "x86_64" else f":{arch}")
+    h = hashlib.sha256(key.encode())
     for source in sources:
         h.update(source.name.encode() + source.read_bytes())
     for d in include_dirs:
@@ -28,30 +36,43 @@ def _inputs_digest(sources: list[Path], include_dirs: list[Path], load_addr: int
     return h.hexdigest()[:20]
 
 
-def build_flat(source: Path, load_addr: int = 0x100000, include_dirs: list[Path] | None = None,
-               cache: Path | None = None) -> Path:
-    """Build `source` (.S in GNU as syntax, or freestanding .c with guest.h) for x86_64, linked at `load_addr`,
-    into a flat binary; cached by the inputs' hash."""
+def build_flat(source: Path, load_addr: int | None = None, include_dirs: list[Path] | None = None,
+               cache: Path | None = None, arch: str = "x86_64") -> Path:
+    """Build `source` into a flat binary linked at `load_addr`; cached by the inputs' hash. x86_64 (the default,
+    at 1 MiB): .S in GNU as syntax, or freestanding .c with guest.h. aarch64 (at 0x40080000): .S only, assembled
+    and linked with the aarch64-linux-gnu- cross tools."""
+    if arch not in ARCHES:
+        raise CloudkvmError(f"no guest toolchain for '{arch}'", f"one of: {', '.join(ARCHES)}")
     source = Path(source)
-    include_dirs = [source.parent, GUEST_SOURCES] + list(include_dirs or [])
-    sources = [source] if source.suffix == ".S" else [GUEST_SOURCES / n for n in C_RUNTIME] + [source]
+    include_dirs = [source.parent] + ([GUEST_SOURCES] if arch == "x86_64" else []) + list(include_dirs or [])
+    if arch == "x86_64":
+        prefix, flags, hint = "", C_FLAGS, "apt-get install gcc binutils"
+        load_addr = 0x100000 if load_addr is None else load_addr
+        sources = [source] if source.suffix == ".S" else [GUEST_SOURCES / n for n in C_RUNTIME] + [source]
+    else:
+        if source.suffix != ".S":
+            raise CloudkvmError(f"{source.name}: aarch64 guests are assembly (.S) only", "write the guest in .S")
+        prefix, flags, hint = AARCH64_PREFIX, [], AARCH64_HINT
+        load_addr = AARCH64_LOAD_ADDR if load_addr is None else load_addr
+        sources = [source]
     out_dir = (cache or cache_dir()) / "guests"
-    out = out_dir / f"{source.stem}-{_inputs_digest(sources, include_dirs, load_addr)}.bin"
+    digest = _inputs_digest(sources, include_dirs, load_addr, arch)
+    out = out_dir / (f"{source.stem}-{digest}.bin" if arch == "x86_64" else f"{source.stem}-{arch}-{digest}.bin")
     if out.exists():
         return out
     for tool in ("gcc", "ld", "objcopy"):
-        if shutil.which(tool) is None:
-            raise CloudkvmError(f"building {source.name} needs '{tool}'", "apt-get install gcc binutils")
+        if shutil.which(prefix + tool) is None:
+            raise CloudkvmError(f"building {source.name} needs '{prefix + tool}'", hint)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cloudkvm-guest-") as tmp:
         elf, flat = Path(tmp, "g.elf"), Path(tmp, "g.bin")
         incs = [f"-I{d}" for d in include_dirs]
         objs = [Path(tmp, f"{i}.o") for i in range(len(sources))]
-        steps = [["gcc", "-c", "-nostdlib", *C_FLAGS, *incs, "-o", str(obj), str(src)]
+        steps = [[prefix + "gcc", "-c", "-nostdlib", *flags, *incs, "-o", str(obj), str(src)]
                  for obj, src in zip(objs, sources)]
-        steps += [["ld", "-nostdlib", "-static", f"-Ttext=0x{load_addr:x}", "-e", "_start", "-o", str(elf),
+        steps += [[prefix + "ld", "-nostdlib", "-static", f"-Ttext=0x{load_addr:x}", "-e", "_start", "-o", str(elf),
                    *map(str, objs)],
-                  ["objcopy", "-O", "binary", "-R", ".note*", "-R", ".comment", str(elf), str(flat)]]
+                  [prefix + "objcopy", "-O", "binary", "-R", ".note*", "-R", ".comment", str(elf), str(flat)]]
         for cmd in steps:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
