@@ -101,6 +101,19 @@ def test_show_qemu_prints_an_equivalent_command_line():
     assert proc.stdout.startswith("qemu-system-aarch64 ") and "hostfwd=tcp:127.0.0.1:1122-:22" in proc.stdout
 
 
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "amd64"), reason="needs an x86_64 host")
+def test_up_of_profiles_vm2_on_an_x86_64_host_says_aarch64_needs_an_arm64_host(tmp_path):
+    """Said before anything about the profile's files (vm2's are not in the repository) and before any instance
+    folder exists."""
+    import os
+
+    state = tmp_path / "state"
+    proc = cloudkvm("up", str(PROFILES / "vm2.yaml"), env={**os.environ, "CLOUDKVM_STATE_DIR": str(state)})
+    line = one_line_error(proc)
+    assert "vm2: aarch64 guests need an arm64 host with KVM" in line and "this host is x86_64" in line
+    assert not state.exists() or not any(state.iterdir())
+
+
 def test_validate_names_file_and_line_of_a_bad_profile(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmemroy: 4G\nboot:\n  kernel: /dev/null\n")
