@@ -63,12 +63,20 @@ def warnings(profile: Profile) -> list[str]:
     return out
 
 
+def user_net_config(profile: Profile):
+    """The user network's own config (net/config.UserNetConfig) for a profile with `network: user`."""
+    from .net.config import user_net
+
+    network = profile.network
+    return user_net(network.net, network.forwards, network.restrict)
+
+
 def check_forwards(profile: Profile) -> None:
     """Fail before anything starts when a forward's host port is taken (one line naming the port)."""
     if profile.network.mode == "user":
         from .net.slirp import check_port_free
 
-        for forward in profile.network.forwards:
+        for forward in user_net_config(profile).forwards:
             check_port_free(forward)
 
 
@@ -82,7 +90,7 @@ def virtio_devices(profile: Profile, disks: list) -> list:
         from .devices.virtio.net import VirtioNet, mac_for
         from .net.slirp import SlirpBackend
 
-        devices.append(VirtioNet(SlirpBackend(profile.network), mac_for(profile.name)))
+        devices.append(VirtioNet(SlirpBackend(user_net_config(profile)), mac_for(profile.name)))
     return devices + [VirtioRng()]
 
 

@@ -14,7 +14,6 @@ import contextlib
 import copy
 import difflib
 import errno
-import ipaddress
 import json
 import os
 import re
@@ -30,14 +29,14 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 from .boards import registry
 from .errors import CloudkvmError, printable
 from .fsutil import file_kind
+from .net import config as netconfig
+from .net.config import DEFAULT_FORWARD_HOST_IP, DEFAULT_NET, NetConfigError
 from .units import parse_size
 
 MiB = 1 << 20
 GiB = 1 << 30
 MIN_MEMORY = 16 * MiB
 DEFAULT_MEMORY = "512M"
-DEFAULT_NET = "10.0.2.0/24"  # QEMU/libslirp's default user network
-DEFAULT_FORWARD_HOST_IP = "127.0.0.1"  # safer than QEMU's hostfwd default (all interfaces)
 # The profile format's boards (boards/registry.py): arch -> machine, machine -> console (16550 on x86; PL011 on virt)
 ARCH_MACHINE = {board.arch: board.name for board in registry.boards()}
 MACHINE_SERIAL = {board.name: board.default_console for board in registry.boards()}
@@ -108,10 +107,7 @@ def _path(value: Any, info: ValidationInfo) -> Path:
 def _ipv4(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected an IPv4 address, not {_show(value)}")
-    try:
-        return str(ipaddress.IPv4Address(value))
-    except ValueError:
-        raise ValueError(f"'{value}' is not an IPv4 address") from None
+    return netconfig.ipv4_address(value)
 
 
 def _name(value: Any) -> Any:
@@ -178,31 +174,20 @@ class Disk(_Model):
         return self
 
 
-_FORWARD = re.compile(r"^(?P<proto>[A-Za-z]*):(?P<host_ip>[^:]*):(?P<host_port>[^-]*)-"
-                      r"(?P<guest_ip>[^:]*):(?P<guest_port>.*)$")
 FORWARD_PATTERN = r"^([tT][cC][pP]|[uU][dD][pP]):([0-9.]*):[0-9]+-([0-9.]*):[0-9]+$|\$\{"
-_FORWARD_HINT = "write PROTO:[HOSTIP]:HOSTPORT-[GUESTIP]:GUESTPORT, e.g. tcp:127.0.0.1:2222-:22"
+
+
+def _field_error(exc: NetConfigError) -> FieldError:
+    return FieldError(str(exc), exc.loc, exc.hint)
 
 
 def parse_forward(text: str) -> dict:
-    """`tcp|udp:[HOSTIP]:HOSTPORT-[GUESTIP]:GUESTPORT` (QEMU's hostfwd form) as a `Forward` dict."""
-    match = _FORWARD.match(text.strip())
-    if not match:
-        raise FieldError(f"cannot read the forward '{text}'", hint=_FORWARD_HINT)
-    parts = match.groupdict()
-    if not parts["proto"]:
-        raise FieldError(f"the forward '{text}' names no protocol", hint=_FORWARD_HINT)
-    out: dict[str, Any] = {"proto": parts["proto"].lower()}
-    for key in ("host_ip", "guest_ip"):
-        if parts[key]:
-            out[key] = parts[key]
-    for key in ("host_port", "guest_port"):
-        port = parts[key].strip()
-        if not port.isdigit():
-            raise FieldError(f"the forward '{text}' has no valid {key.replace('_', ' ')} ('{port}')",
-                             hint=_FORWARD_HINT)
-        out[key] = int(port)
-    return out
+    """`tcp|udp:[HOSTIP]:HOSTPORT-[GUESTIP]:GUESTPORT` (QEMU's hostfwd form) as a `Forward` dict (the user
+    network's own rule, net/config.parse_forward)."""
+    try:
+        return netconfig.parse_forward(text)
+    except NetConfigError as exc:
+        raise _field_error(exc) from None
 
 
 def _forward_shorthand(value: Any) -> Any:
@@ -230,13 +215,7 @@ ForwardField = Annotated[Forward, BeforeValidator(
 def _ipv4_net(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected an IPv4 network such as 10.0.2.0/24, not {_show(value)}")
-    try:
-        net = ipaddress.IPv4Network(value, strict=True)
-    except ValueError as exc:
-        raise ValueError(f"'{value}' is not an IPv4 network: {exc}") from None
-    if net.prefixlen > 28:
-        raise ValueError(f"'{value}' is too small for user networking (at most /28)")
-    return str(net)
+    return netconfig.ipv4_network(value)
 
 
 class Network(_Model):
@@ -252,19 +231,10 @@ class Network(_Model):
     def _consistent(self) -> "Network":
         if self.forwards and self.mode != "user":
             raise FieldError("port forwards need mode: user", ("forwards",), "set network: {mode: user, ...}")
-        net = ipaddress.IPv4Network(self.net)
-        seen: list[tuple[int, Forward]] = []
-        for index, fwd in enumerate(self.forwards):
-            if fwd.guest_ip is not None and ipaddress.IPv4Address(fwd.guest_ip) not in net:
-                raise FieldError(f"guest address {fwd.guest_ip} is outside the guest network {self.net}",
-                                 ("forwards", index, "guest_ip"), "omit guest_ip to use the guest's DHCP address")
-            for other_index, other in seen:
-                overlap = "0.0.0.0" in (fwd.host_ip, other.host_ip) or fwd.host_ip == other.host_ip
-                if fwd.proto == other.proto and fwd.host_port == other.host_port and overlap:
-                    raise FieldError(f"host port {fwd.proto}:{fwd.host_ip}:{fwd.host_port} is already forwarded "
-                                     f"by forwards[{other_index}]", ("forwards", index),
-                                     "use a different host port for each forward")
-            seen.append((index, fwd))
+        try:
+            netconfig.check_forwards(self.net, self.forwards)
+        except NetConfigError as exc:
+            raise _field_error(exc) from None
         return self
 
 

@@ -22,14 +22,13 @@ import socket
 import struct
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Iterable
 
-from pydantic import ValidationError
-
 from ..errors import CloudkvmError
-from ..profile import DEFAULT_NET, Forward, Network
 from . import slirp_ffi
 from .backend import Deliver
+from .config import DEFAULT_NET, HostForward, UserNetConfig, user_net
 from .slirp_ffi import ffi
 
 log = logging.getLogger("cloudkvm.net.slirp")
@@ -184,7 +183,7 @@ def guest_addresses(net: str) -> tuple[str, str, str]:
     return tuple(str(ipaddress.IPv4Address(a)) for a in (host, dhcp, dns))
 
 
-def _forward_error(fwd: Forward, err: int) -> CloudkvmError:
+def _forward_error(fwd: HostForward, err: int) -> CloudkvmError:
     where = f"{fwd.proto} {fwd.host_ip}:{fwd.host_port}"
     flag = "t" if fwd.proto == "tcp" else "u"
     if err == errno.EADDRINUSE:
@@ -201,7 +200,7 @@ def _forward_error(fwd: Forward, err: int) -> CloudkvmError:
     return CloudkvmError(f"cannot listen on {where}: {reason}", f"check the forward {fwd.spec()}")
 
 
-def check_port_free(fwd: Forward) -> None:
+def check_port_free(fwd: HostForward) -> None:
     """Bind the forward's host port ourselves first, so a taken port is a clear error (libslirp only says -1)."""
     kind = socket.SOCK_STREAM if fwd.proto == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as probe:
@@ -215,23 +214,18 @@ def check_port_free(fwd: Forward) -> None:
             raise _forward_error(fwd, exc.errno) from None
 
 
-def _network(network: Network | None, net: str, forwards: Iterable, restrict: bool) -> Network:
-    if network is not None:
-        if network.mode != "user":
-            raise CloudkvmError(f"network mode '{network.mode}' has no user networking",
+def _config(config, net: str, forwards: Iterable, restrict: bool) -> UserNetConfig:
+    """The backend's UserNetConfig: `config` as given, or one built from another object with the same fields
+    (a profile's `network:` in mode user), or from the plain arguments."""
+    if isinstance(config, UserNetConfig):
+        return config
+    if config is not None:
+        mode = getattr(config, "mode", "user")
+        if mode != "user":
+            raise CloudkvmError(f"network mode '{mode}' has no user networking",
                                 "set network: {mode: user} in the profile")
-        return network
-    try:
-        # strings (tcp:127.0.0.1:2222-:22), dicts and Forward models, checked as a profile's would be
-        return Network(mode="user", net=net, forwards=list(forwards), restrict=restrict)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        cause = (first.get("ctx") or {}).get("error")
-        loc = list(first["loc"]) + list(getattr(cause, "loc", ()))
-        where = "network" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
-        message = str(cause) if cause is not None else first["msg"]
-        raise CloudkvmError(f"{where}: {message}",
-                            getattr(cause, "hint", "") or "forwards look like tcp:127.0.0.1:2222-:22") from None
+        net, forwards, restrict = config.net, config.forwards, config.restrict
+    return user_net(net, forwards, restrict)  # strings (tcp:127.0.0.1:2222-:22), dicts or forward objects
 
 
 class _Timer:
@@ -250,23 +244,24 @@ class _Timer:
 class SlirpBackend:
     """libslirp user networking for one guest NIC (a `NetBackend`).
 
-    `SlirpBackend(network)` with a profile's `Network` (mode user), or with plain arguments:
-    `SlirpBackend(net="10.0.2.0/24", forwards=["tcp:127.0.0.1:2222-:22", Forward(...), {...}], restrict=False)`.
+    `SlirpBackend(config)` with a `net.config.UserNetConfig` (what the launcher builds from a profile), or with
+    plain arguments: `SlirpBackend(net="10.0.2.0/24", forwards=["tcp:127.0.0.1:2222-:22", HostForward(...), {...}],
+    restrict=False)`.
     `ipv6` (default on, like QEMU) and `dns` (the 10.0.2.3 proxy, default on) are keyword-only.
     The forwards listen as soon as the backend exists; a forward that cannot listen (port taken, not an address
     of this host, privileged port) raises `CloudkvmError` naming it, and nothing created so far is left open.
     A missing or too old libslirp is a `CloudkvmError` too. `close()` (or `with`) releases everything."""
 
-    def __init__(self, network: Network | None = None, *, net: str = DEFAULT_NET, forwards: Iterable = (),
+    def __init__(self, config: UserNetConfig | None = None, *, net: str = DEFAULT_NET, forwards: Iterable = (),
                  restrict: bool = False, ipv6: bool = True, dns: bool = True):
-        self.network = _network(network, net, forwards, restrict)
+        self.network = _config(config, net, forwards, restrict)
         self.libslirp = slirp_ffi.load()
         self.version = self.libslirp.version
         self.config_version = self.libslirp.config_version
         self._lib = self.libslirp.lib
         self.host_addr, self.dhcp_start, self.dns_addr = guest_addresses(self.network.net)
         self.restrict = self.network.restrict
-        self.forwards = [fwd if fwd.guest_ip else fwd.model_copy(update={"guest_ip": self.dhcp_start})
+        self.forwards = [fwd if fwd.guest_ip else replace(fwd, guest_ip=self.dhcp_start)
                          for fwd in self.network.forwards]
         self._deliver: Deliver | None = None
         self._held: deque[bytes] = deque()
@@ -333,7 +328,7 @@ class SlirpBackend:
             raise CloudkvmError(f"libslirp {self.version} refused the user network {self.network.net}",
                                 "check network.net in the profile")
 
-    def _add_forward(self, fwd: Forward) -> None:
+    def _add_forward(self, fwd: HostForward) -> None:
         check_port_free(fwd)
         host, guest = ffi.new("struct in_addr *"), ffi.new("struct in_addr *")
         host.s_addr, guest.s_addr = _in_addr(fwd.host_ip), _in_addr(fwd.guest_ip)
