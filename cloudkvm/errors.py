@@ -15,6 +15,16 @@ class CloudkvmError(Exception):
         return f"{self.message} (hint: {self.hint})" if self.hint else self.message
 
 
+class FieldError(ValueError):
+    """A validator's complaint about a place below the field being validated (`loc`, e.g. ("forwards", 1,
+    "guest_ip")), with a hint; the profile loader turns it into a CloudkvmError at that place's file:line:col."""
+
+    def __init__(self, message: str, loc: tuple = (), hint: str = ""):
+        super().__init__(message)
+        self.loc = tuple(loc)
+        self.hint = hint
+
+
 class KvmUnavailable(CloudkvmError):
     """/dev/kvm is missing, not permitted, or speaks an API we do not know."""
 

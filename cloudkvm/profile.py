@@ -27,10 +27,10 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       WithJsonSchema, model_validator)
 
 from .boards import registry
-from .errors import CloudkvmError, printable
+from .errors import CloudkvmError, FieldError, printable
 from .fsutil import file_kind
 from .net import config as netconfig
-from .net.config import DEFAULT_FORWARD_HOST_IP, DEFAULT_NET, NetConfigError
+from .net.config import DEFAULT_FORWARD_HOST_IP, DEFAULT_NET, parse_forward
 from .units import parse_size
 
 MiB = 1 << 20
@@ -60,15 +60,6 @@ MAX_NUMBER_BITS = 64  # no profile field holds a larger number (sizes are at mos
 def host_arch() -> str:
     """This host's architecture as a profile `arch` (x86_64 when the host is neither x86_64 nor aarch64)."""
     return registry.host_arch() or "x86_64"
-
-
-class FieldError(ValueError):
-    """A validator's complaint about a place below the field being validated (`loc`), with a hint."""
-
-    def __init__(self, message: str, loc: tuple = (), hint: str = ""):
-        super().__init__(message)
-        self.loc = tuple(loc)
-        self.hint = hint
 
 
 # ---------------------------------------------------------------------------------------------------- field types
@@ -177,19 +168,6 @@ class Disk(_Model):
 FORWARD_PATTERN = r"^([tT][cC][pP]|[uU][dD][pP]):([0-9.]*):[0-9]+-([0-9.]*):[0-9]+$|\$\{"
 
 
-def _field_error(exc: NetConfigError) -> FieldError:
-    return FieldError(str(exc), exc.loc, exc.hint)
-
-
-def parse_forward(text: str) -> dict:
-    """`tcp|udp:[HOSTIP]:HOSTPORT-[GUESTIP]:GUESTPORT` (QEMU's hostfwd form) as a `Forward` dict (the user
-    network's own rule, net/config.parse_forward)."""
-    try:
-        return netconfig.parse_forward(text)
-    except NetConfigError as exc:
-        raise _field_error(exc) from None
-
-
 def _forward_shorthand(value: Any) -> Any:
     return parse_forward(value) if isinstance(value, str) else value
 
@@ -231,10 +209,7 @@ class Network(_Model):
     def _consistent(self) -> "Network":
         if self.forwards and self.mode != "user":
             raise FieldError("port forwards need mode: user", ("forwards",), "set network: {mode: user, ...}")
-        try:
-            netconfig.check_forwards(self.net, self.forwards)
-        except NetConfigError as exc:
-            raise _field_error(exc) from None
+        netconfig.check_forwards(self.net, self.forwards)  # the user network's own rules (a FieldError at the place)
         return self
 
 

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from ..errors import CloudkvmError
+from ..errors import CloudkvmError, FieldError
 
 DEFAULT_NET = "10.0.2.0/24"  # QEMU/libslirp's default user network
 DEFAULT_FORWARD_HOST_IP = "127.0.0.1"  # safer than QEMU's hostfwd default (all interfaces)
@@ -19,16 +19,6 @@ SMALLEST_PREFIX = 28  # /28: the smallest network with room for the host, DNS, D
 FORWARD_HINT = "write PROTO:[HOSTIP]:HOSTPORT-[GUESTIP]:GUESTPORT, e.g. tcp:127.0.0.1:2222-:22"
 _FORWARD = re.compile(r"^(?P<proto>[A-Za-z]*):(?P<host_ip>[^:]*):(?P<host_port>[^-]*)-"
                       r"(?P<guest_ip>[^:]*):(?P<guest_port>.*)$")
-
-
-class NetConfigError(ValueError):
-    """A setting the user network cannot take; `loc` says where below `network` (("forwards", 1, "guest_ip")),
-    `hint` what to write instead."""
-
-    def __init__(self, message: str, loc: tuple = (), hint: str = ""):
-        super().__init__(message)
-        self.loc = tuple(loc)
-        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -62,10 +52,10 @@ def parse_forward(text: str) -> dict:
     """`tcp|udp:[HOSTIP]:HOSTPORT-[GUESTIP]:GUESTPORT` (QEMU's hostfwd form) as a dict of the parts given."""
     match = _FORWARD.match(text.strip())
     if not match:
-        raise NetConfigError(f"cannot read the forward '{text}'", hint=FORWARD_HINT)
+        raise FieldError(f"cannot read the forward '{text}'", hint=FORWARD_HINT)
     parts = match.groupdict()
     if not parts["proto"]:
-        raise NetConfigError(f"the forward '{text}' names no protocol", hint=FORWARD_HINT)
+        raise FieldError(f"the forward '{text}' names no protocol", hint=FORWARD_HINT)
     out: dict[str, Any] = {"proto": parts["proto"].lower()}
     for key in ("host_ip", "guest_ip"):
         if parts[key]:
@@ -73,7 +63,7 @@ def parse_forward(text: str) -> dict:
     for key in ("host_port", "guest_port"):
         port = parts[key].strip()
         if not port.isdigit():
-            raise NetConfigError(f"the forward '{text}' has no valid {key.replace('_', ' ')} ('{port}')",
+            raise FieldError(f"the forward '{text}' has no valid {key.replace('_', ' ')} ('{port}')",
                                  hint=FORWARD_HINT)
         out[key] = int(port)
     return out
@@ -104,12 +94,12 @@ def check_forwards(net: str, forwards: Iterable) -> None:
     seen: list[tuple[int, Any]] = []
     for index, fwd in enumerate(forwards):
         if fwd.guest_ip is not None and ipaddress.IPv4Address(fwd.guest_ip) not in network:
-            raise NetConfigError(f"guest address {fwd.guest_ip} is outside the guest network {net}",
+            raise FieldError(f"guest address {fwd.guest_ip} is outside the guest network {net}",
                                  ("forwards", index, "guest_ip"), "omit guest_ip to use the guest's DHCP address")
         for other_index, other in seen:
             overlap = "0.0.0.0" in (fwd.host_ip, other.host_ip) or fwd.host_ip == other.host_ip
             if fwd.proto == other.proto and fwd.host_port == other.host_port and overlap:
-                raise NetConfigError(f"host port {fwd.proto}:{fwd.host_ip}:{fwd.host_port} is already forwarded "
+                raise FieldError(f"host port {fwd.proto}:{fwd.host_ip}:{fwd.host_port} is already forwarded "
                                      f"by forwards[{other_index}]", ("forwards", index),
                                      "use a different host port for each forward")
         seen.append((index, fwd))
@@ -127,24 +117,24 @@ def _forward(value: Any) -> HostForward:
         key: getattr(value, key) for key in ("proto", "host_ip", "host_port", "guest_ip", "guest_port")}
     unknown = set(fields) - {"proto", "host_ip", "host_port", "guest_ip", "guest_port"}
     if unknown:
-        raise NetConfigError(f"unknown forward field '{sorted(unknown)[0]}'", (sorted(unknown)[0],))
+        raise FieldError(f"unknown forward field '{sorted(unknown)[0]}'", (sorted(unknown)[0],))
     if fields.get("proto", "tcp") not in PROTOCOLS:
-        raise NetConfigError(f"protocol '{fields['proto']}' is neither tcp nor udp", ("proto",))
+        raise FieldError(f"protocol '{fields['proto']}' is neither tcp nor udp", ("proto",))
     for key in ("host_port", "guest_port"):
         port = fields.get(key)
         if port is None:
-            raise NetConfigError("Field required", (key,))
+            raise FieldError("Field required", (key,))
         if isinstance(port, bool) or not isinstance(port, int):
-            raise NetConfigError(f"expected a port number, not {port!r}", (key,))
+            raise FieldError(f"expected a port number, not {port!r}", (key,))
         if not MIN_PORT <= port <= MAX_PORT:  # as the profile's own check words it (pydantic's le/ge)
             bound = ("less than or equal to", MAX_PORT) if port > MAX_PORT else ("greater than or equal to", MIN_PORT)
-            raise NetConfigError(f"Input should be {bound[0]} {bound[1]}", (key,))
+            raise FieldError(f"Input should be {bound[0]} {bound[1]}", (key,))
     for key in ("host_ip", "guest_ip"):
         if fields.get(key) is not None:
             try:
                 fields[key] = ipv4_address(fields[key])
             except ValueError as exc:
-                raise NetConfigError(str(exc), (key,)) from None
+                raise FieldError(str(exc), (key,)) from None
     if fields.get("host_ip") is None:
         fields.pop("host_ip", None)
     return HostForward(proto=fields.get("proto", "tcp"), **{k: v for k, v in fields.items() if k != "proto"})
