@@ -7,10 +7,11 @@ its architecture, the QEMU machines it answers to, its console) and where its im
 
 Adding a board (the aarch64 `virt` board is declared below already):
   1. write `cloudkvm/boards/<name>/board.py` with a `boards.base.Board` subclass (and `layout.py` beside it);
-  2. point its entry's `implementation` at that class ("cloudkvm.boards.virt.board:VirtBoard" for virt: creating
-     that module is all the virt board has to do to register itself);
-  3. a brand-new architecture also needs its `BoardInfo` added to `_BOARDS` (and its names in profiles/schema.json,
-     which `cloudkvm.profile.write_profile_schema()` regenerates from here).
+  2. point its entry's `implementation` at that class. For virt that is "cloudkvm.boards.virt.board:VirtBoard"
+     already: creating that module and class is all the virt board has to do to register itself. Its entry can
+     then also name a `demo_guest` (for `cloudkvm demo`) and a `linux_guest` (the demo profile's kernel and initrd);
+  3. a brand-new architecture also needs its `BoardInfo` in `_BOARDS` (and its names in profiles/schema.json, which
+     `cloudkvm.profile.write_profile_schema()` regenerates from here).
 Until the implementation exists, profiles for the board still validate, `import-qemu` and `show --qemu` still work,
 and starting a VM is one clear error (`BoardInfo.board_class`).
 """

@@ -9,7 +9,7 @@ from cloudkvm.boards import registry
 from cloudkvm.boards.x86.board import X86Board
 from cloudkvm.devices.virtio.rng import VirtioRng
 from cloudkvm.kvm.native import lib
-from cloudkvm.machine import FlatBinary, Machine, MachineSpec
+from cloudkvm.machine import FlatBinary, LinuxBoot, Machine, MachineSpec
 
 LOG: list = []  # (hook, what the machine had built when the board was called)
 
@@ -53,6 +53,21 @@ class RecordingBoard(X86Board):
     def boot_flat(self, kvm, vcpus, memory, image, load_addr, entry):
         LOG.append(("boot_flat", len(vcpus), hex(entry)))
         super().boot_flat(kvm, vcpus, memory, image, load_addr, entry)
+
+
+class LinuxRecordingBoard(RecordingBoard):
+    """Takes any file as a kernel and only records what the machine asks it to boot."""
+
+    name = "linux-recording"
+    default_console = "ttyX9"
+
+    @staticmethod
+    def check_kernel(data, path):
+        LOG.append(("check_kernel", data))
+
+    def boot_linux(self, kvm, vcpus, memory, kernel_path, initrd_path, cmdline, virtio_slots=()):
+        LOG.append(("boot_linux", len(vcpus), cmdline, tuple(virtio_slots)))
+        return {}
 
 
 class NoPortsBoard(RecordingBoard):
@@ -107,3 +122,18 @@ def test_a_board_without_port_io_gets_no_port_bus_and_describes_its_own_exits(bo
     # the guest's first port write (its console) is no exit the machine handles: the board says what it was
     assert result.reason == "port-access" and "on a board without ports" in result.detail, result
     assert result.cpu == 0 and result.pc is not None and f" at RIP 0x{result.pc:x}" in str(result)
+
+
+@pytest.mark.parametrize("cmdline, expected", [(None, "console=ttyX9"), ("", ""), ("quiet", "quiet")])
+def test_a_linux_payload_is_checked_by_the_board_and_gets_its_console_by_default(board, tmp_path, cmdline,
+                                                                                 expected):
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(b"any kernel")
+    spec = MachineSpec(payload=LinuxBoot(kernel, None, cmdline), board=board(LinuxRecordingBoard), memory=64 << 20,
+                       virtio=[VirtioRng(), VirtioRng()])
+    with Machine(spec) as machine:
+        slots = tuple(X86Board.virtio_slot(machine.board, i) for i in range(2))  # unrecorded
+    assert LOG[0] == ("check_kernel", b"any kernel")
+    # the machine asks for the slots' places again to describe them to the guest, then boots
+    assert LOG[-4:] == [("finalize_irqchip", 1), ("virtio_slot", 0), ("virtio_slot", 1),
+                        ("boot_linux", 1, expected, slots)]
