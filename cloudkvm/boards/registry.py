@@ -114,9 +114,9 @@ class BoardInfo:
         host = host_arch()
         if host != self.arch:
             this = host or platform.machine() or "unknown"
-            raise CloudkvmError(f"{self.arch} guests need an {HOST_NAMES[self.arch][0]} host with KVM (the "
-                                f"{self.name} board); this host is {this}",
-                                f"run it on an {HOST_NAMES[self.arch][0]} machine")
+            needed = HOST_NAMES.get(self.arch, (self.arch,))[0]
+            raise CloudkvmError(f"{self.arch} guests need an {needed} host with KVM (the {self.name} board); this "
+                                f"host is {this}", f"run it on an {needed} machine")
 
 
 _classes: dict[str, type] = {}  # implementation path -> its class, once imported
