@@ -43,10 +43,12 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "a special file")
 
 
-def open_regular(path):
-    """A binary file object on `path` if it is a regular file reached without following a symlink; else OSError.
-    A FIFO, device or symlink planted where a state or log file belongs never blocks or redirects the read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def open_regular(path, follow_symlinks: bool = False):
+    """A binary file object on `path` if it is a regular file (reached without following a symlink unless
+    `follow_symlinks`: a user's kernel or initrd path may be one); else OSError. A FIFO, device or symlink planted
+    where a state or log file belongs never blocks or redirects the read."""
+    nofollow = 0 if follow_symlinks else os.O_NOFOLLOW
+    fd = os.open(path, os.O_RDONLY | nofollow | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, f"{path} is not a regular file")

@@ -151,6 +151,18 @@ def _x86_linux_guest() -> tuple[Path, Path]:
     return default_guest()
 
 
+def _virt_demo_guest() -> Path:
+    from ..guests.build import GUEST_SOURCES, build_flat  # aarch64 purpose-built guests (cross toolchain, cached)
+
+    return build_flat(GUEST_SOURCES / "aarch64" / "hello.S", arch="aarch64")
+
+
+def _virt_linux_guest() -> tuple[Path, Path]:
+    from ..guests.debian import default_guest  # Debian's arm64 cloud kernel + a busybox initramfs
+
+    return default_guest(arch="arm64")
+
+
 X86 = BoardInfo(
     name="x86", arch="x86_64", qemu_machines=(r"microvm",), qemu_machine="microvm", default_console="ttyS0",
     qemu_approximates=(r"pc", r"q35", r"isapc", r"pc-(i440fx|q35)-[\d.]+", r"pc-[\d.]+"),
@@ -158,7 +170,8 @@ X86 = BoardInfo(
     demo_guest=_x86_demo_guest, linux_guest=_x86_linux_guest)
 VIRT = BoardInfo(
     name="virt", arch="aarch64", qemu_machines=(r"virt(-\d+\.\d+)?",), qemu_machine="virt",
-    default_console="ttyAMA0", cpu_hide=False, implementation="cloudkvm.boards.virt.board:VirtBoard")
+    default_console="ttyAMA0", cpu_hide=False, implementation="cloudkvm.boards.virt.board:VirtBoard",
+    demo_guest=_virt_demo_guest, linux_guest=_virt_linux_guest)
 
 _BOARDS: dict[str, BoardInfo] = {board.name: board for board in (X86, VIRT)}  # in the profile schema's order
 

@@ -6,6 +6,8 @@ Pure Python over bytes. A wrong or broken kernel file is a one-line CloudkvmErro
 
 from __future__ import annotations
 
+import os
+
 import struct
 import zlib
 from dataclasses import dataclass
@@ -182,12 +184,12 @@ def load_image(path: str | Path) -> Arm64Image:
     """Read and parse a kernel file (a regular file, at most MAX_IMAGE_SIZE bytes)."""
     name = str(path)
     try:
-        with open_regular(path) as f:
-            data = f.read(MAX_IMAGE_SIZE + 1)
+        with open_regular(path, follow_symlinks=True) as f:
+            if os.fstat(f.fileno()).st_size > MAX_IMAGE_SIZE:  # before read(): it allocates what it is asked for
+                raise _err(name, f"is larger than {MAX_IMAGE_SIZE // MiB} MiB: not a kernel Image")
+            data = f.read()
     except OSError as e:
         raise _err(name, f"cannot be read: {e.strerror or e}", "check the kernel path in the profile") from None
-    if len(data) > MAX_IMAGE_SIZE:
-        raise _err(name, f"is larger than {MAX_IMAGE_SIZE // MiB} MiB: not a kernel Image")
     return parse_image(data, name)
 
 

@@ -1,6 +1,7 @@
 """Builds purpose-made guests from assembly with the system toolchain (gcc, ld, objcopy) into flat binaries: x86_64
 with the host's tools, aarch64 with the cross toolchain (aarch64-linux-gnu-gcc/-ld/-objcopy)."""
 import hashlib
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -44,7 +45,8 @@ def build_flat(source: Path, load_addr: int | None = None, include_dirs: list[Pa
     if arch not in ARCHES:
         raise CloudkvmError(f"no guest toolchain for '{arch}'", f"one of: {', '.join(ARCHES)}")
     source = Path(source)
-    include_dirs = [source.parent] + ([GUEST_SOURCES] if arch == "x86_64" else []) + list(include_dirs or [])
+    own = GUEST_SOURCES if arch == "x86_64" else GUEST_SOURCES / arch  # the packaged guests' includes
+    include_dirs = [source.parent, own] + list(include_dirs or [])
     if arch == "x86_64":
         prefix, flags, hint = "", C_FLAGS, "apt-get install gcc binutils"
         load_addr = 0x100000 if load_addr is None else load_addr
@@ -52,7 +54,8 @@ def build_flat(source: Path, load_addr: int | None = None, include_dirs: list[Pa
     else:
         if source.suffix != ".S":
             raise CloudkvmError(f"{source.name}: aarch64 guests are assembly (.S) only", "write the guest in .S")
-        prefix, flags, hint = AARCH64_PREFIX, [], AARCH64_HINT
+        native = platform.machine() == "aarch64" and shutil.which(AARCH64_PREFIX + "gcc") is None
+        prefix, flags, hint = ("" if native else AARCH64_PREFIX), [], AARCH64_HINT
         load_addr = AARCH64_LOAD_ADDR if load_addr is None else load_addr
         sources = [source]
     out_dir = (cache or cache_dir()) / "guests"

@@ -69,15 +69,13 @@ def test_the_x86_entry_agrees_with_its_board_class():
 
 # ---------------------------------------------------------------------------------------------------- missing boards
 
-def test_virt_while_missing_is_one_clear_error():
-    if registry.VIRT.available():
-        pytest.skip("the virt board is implemented in this tree now")
-    with pytest.raises(CloudkvmError) as err:
-        registry.VIRT.board_class()
-    assert err.value.message == "the 'virt' board (aarch64 guests) is not available in this version of cloudkvm yet"
-    assert err.value.hint == "only x86_64 guests run today"
-    with pytest.raises(CloudkvmError, match="'virt' board"):
-        registry.VIRT.create(1, CpuOptions(), None)
+def test_the_virt_entry_agrees_with_its_board_class():
+    cls = registry.VIRT.board_class()
+    assert issubclass(cls, Board)
+    assert (cls.name, cls.arch, cls.default_console) == ("virt", "aarch64", registry.VIRT.default_console)
+    assert registry.VIRT.max_cpus == cls.max_cpus == 123  # 2 x 64 KiB redistributor frames each in 0xF60000
+    assert registry.VIRT.virtio_slots == cls.virtio_slot_count == 32  # as QEMU's virt
+    assert not cls.has_port_io
 
 
 def test_a_board_whose_module_is_absent_is_not_available(registered):
