@@ -328,6 +328,27 @@ def inspect_acpi(output: Path = typer.Option(..., "--output", "-o", help="folder
         typer.echo(str(path))
 
 
+@inspect_app.command("dtb")
+def inspect_dtb(profile: Path = typer.Argument(..., help="an aarch64 profile"),
+                output: Path = typer.Option(..., "--output", "-o", help="the .dtb file to write")) -> None:
+    """Write the device tree an aarch64 (virt) profile's VM gets, for `dtc -I dtb -O dts`."""
+    from .boards import registry
+    from .preflight import virtio_device_count
+    from .profile import load_profile
+
+    loaded = load_profile(profile, check_files=False)
+    board = registry.named(loaded.machine or registry.for_arch(loaded.arch).name)
+    if not hasattr(board.board_class(), "write_dtb"):
+        raise CloudkvmError(f"{profile}: the {board.name} board has no device tree ({board.arch} guests)",
+                            "inspect dtb is for aarch64 profiles (machine: virt)")
+    cmdline = loaded.boot.cmdline if loaded.boot.cmdline is not None else f"console={board.default_console}"
+    notes = board.board_class().write_dtb(output, loaded.cpus, loaded.memory, loaded.boot.kernel,
+                                          loaded.boot.initrd, cmdline, virtio_device_count(loaded))
+    for note in notes:
+        typer.echo(f"cloudkvm: note: {printable(note)}", err=True)
+    typer.echo(str(output))
+
+
 @app.command()
 def doctor() -> None:
     """Say whether this host can run VMs and which host quirks apply."""

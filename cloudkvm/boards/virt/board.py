@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from pathlib import Path
 
 from ...boot import linux_arm64
@@ -21,6 +22,7 @@ from .dtb import VirtDtbConfig, build_dtb, fresh_seeds
 log = logging.getLogger("cloudkvm.virt")
 
 MAX_INITRD = 2 << 30  # bytes read from an initrd file (a larger one is not an initramfs a VM boots from)
+PLACEHOLDER_SIZE = 32 << 20  # `inspect dtb`: the size assumed for a kernel or initrd that is not there
 
 
 class SpiLine:
@@ -130,25 +132,42 @@ class VirtBoard(Board):
 
     def _load(self, vcpus: list, memory, image, initrd: bytes | None, cmdline: str, slots: int) -> dict:
         region = memory.regions[0]
-        placement = linux_arm64.place(image, region.gpa, region.size, None if initrd is None else len(initrd))
+        placement, dtb = plan(image, None if initrd is None else len(initrd), region.size, len(vcpus),
+                              self.vgic.version, cmdline, slots)
         memory.write(placement.kernel_addr, image.data)
         if initrd is not None:
             memory.write(placement.initrd_addr, initrd)
-        rng_seed, kaslr_seed = fresh_seeds()
-        config = VirtDtbConfig(cpus=len(vcpus), memory_size=region.size, rng_seed=rng_seed, kaslr_seed=kaslr_seed,
-                               gic_version=self.vgic.version, cmdline=cmdline, virtio_slots=slots,
-                               initrd=None if initrd is None else (placement.initrd_addr, placement.initrd_end))
-        try:
-            config.check()
-        except ValueError as exc:
-            raise CloudkvmError(f"the virt board cannot describe this VM: {exc}", "check cpus and memory") from None
-        dtb = build_dtb(config)
-        linux_arm64.check_dtb(dtb, placement)
         memory.write(placement.dtb_addr, dtb)
         arm64.set_boot_regs(vcpus[0], placement.entry, placement.dtb_addr)
         return {"entry": placement.entry, "cmdline": cmdline, "dtb": (placement.dtb_addr, len(dtb)),
                 "initrd": None if initrd is None else (placement.initrd_addr, len(initrd)),
                 "gic": self.vgic.version}
+
+    @staticmethod
+    def write_dtb(path: Path, cpus: int, memory: int, kernel: Path | None, initrd: Path | None, cmdline: str,
+                  virtio_slots: int) -> list[str]:
+        """`cloudkvm inspect dtb`: the device tree a VM would get (GICv3), written to `path`. A kernel or initrd
+        that is not there is stood in for by a placeholder of PLACEHOLDER_SIZE bytes; the notes say which."""
+        notes = []
+        if kernel is not None and kernel.is_file():
+            image = linux_arm64.load_image(kernel)
+        else:
+            notes.append(f"the kernel {kernel} is not there: placed as a {PLACEHOLDER_SIZE >> 20} MiB Image")
+            image = linux_arm64.parse_image(placeholder_image(), "placeholder kernel")
+        initrd_size = None
+        if initrd is not None:
+            if initrd.is_file():
+                initrd_size = initrd.stat().st_size
+            else:
+                notes.append(f"the initrd {initrd} is not there: a {PLACEHOLDER_SIZE >> 20} MiB placeholder")
+                initrd_size = PLACEHOLDER_SIZE
+        _, dtb = plan(image, initrd_size, memory, cpus, 3, cmdline, virtio_slots)
+        try:
+            Path(path).write_bytes(dtb)
+        except OSError as exc:
+            raise CloudkvmError(f"{path}: cannot write the device tree: {exc.strerror}", "pick a writable path") \
+                from None
+        return notes
 
     # --- while the VM runs -------------------------------------------------------------------------------------------
     def serial_input(self, data: bytes) -> int:
@@ -166,6 +185,28 @@ class VirtBoard(Board):
             return arm64.get_core_reg(vcpu, "pc")
         except OSError:
             return None
+
+
+def plan(image, initrd_size: int | None, memory: int, cpus: int, gic_version: int, cmdline: str,
+         slots: int) -> tuple:
+    """(placement, DTB) of a VM: where booting.rst puts the Image, initrd and DTB in RAM, and the tree naming them."""
+    placement = linux_arm64.place(image, L.RAM_BASE, memory, initrd_size)
+    rng_seed, kaslr_seed = fresh_seeds()
+    config = VirtDtbConfig(cpus=cpus, memory_size=memory, rng_seed=rng_seed, kaslr_seed=kaslr_seed,
+                           gic_version=gic_version, cmdline=cmdline, virtio_slots=slots,
+                           initrd=None if initrd_size is None else (placement.initrd_addr, placement.initrd_end))
+    try:
+        config.check()
+    except ValueError as exc:
+        raise CloudkvmError(f"the virt board cannot describe this VM: {exc}", "check cpus and memory") from None
+    dtb = build_dtb(config)
+    linux_arm64.check_dtb(dtb, placement)
+    return placement, dtb
+
+
+def placeholder_image() -> bytes:
+    """The 64-byte header of an arm64 Image of PLACEHOLDER_SIZE bytes (booting.rst §4), standing in for a kernel."""
+    return struct.pack("<IIQQQQQQII", 0, 0, 0, PLACEHOLDER_SIZE, 0b1010, 0, 0, 0, 0x644D5241, 0)
 
 
 def _read_initrd(path: Path) -> bytes:
