@@ -145,7 +145,7 @@ class Machine:
 
     def _build(self) -> None:
         """The board's hooks in the order boards/base.py promises: interrupt controller, RAM, the board's devices,
-        virtio slots, vCPUs (each initialised as created), the finished interrupt controller, the payload."""
+        vCPUs (each initialised as created), the finished interrupt controller, virtio slots, the payload."""
         spec, board = self.spec, self.board
         board.create_irqchip(self.vm)
         try:
@@ -155,14 +155,14 @@ class Machine:
                                 "give the VM less memory") from None
         self.vm.add_memory(self.memory)
         board.create_devices(self.vm, self.pio_bus, self.mmio_bus, self)
-        for device in spec.virtio:
-            self._attach_virtio(device)
         for index in range(spec.cpus):
             vcpu = self.vm.create_vcpu(index)
             self.vcpus.append(vcpu)
             vcpu.memory = self.memory
             board.init_vcpu(self.kvm, vcpu)
         board.finalize_irqchip(self.vm, self.vcpus)
+        for device in spec.virtio:  # after the interrupt controller is finished: arm's KVM_IRQFD needs it
+            self._attach_virtio(device)
         self.loops = [VcpuLoop(v, self) for v in self.vcpus]
         self._load_payload()
 

@@ -9,9 +9,10 @@ transports) and calls the hooks below, always in this order (docs/architecture.m
     board.create_irqchip(vm)                                 # 1. interrupt controller (and timers) of the VM
     vm.add_memory(GuestMemory(board.memory_layout(size)))    # 2. guest RAM
     board.create_devices(vm, pio, mmio, host)                # 3. the board's own devices (pio is None without port I/O)
-    board.virtio_slot(n)                                     # 4. where virtio device n lives, for each device
-    board.init_vcpu(kvm, vcpu)                               # 5. right after each KVM_CREATE_VCPU
-    board.finalize_irqchip(vm, vcpus)                        # 6. all vCPUs exist (arm vGIC: KVM_DEV_ARM_VGIC_CTRL_INIT)
+    board.init_vcpu(kvm, vcpu)                               # 4. right after each KVM_CREATE_VCPU
+    board.finalize_irqchip(vm, vcpus)                        # 5. all vCPUs exist (arm vGIC: KVM_DEV_ARM_VGIC_CTRL_INIT)
+    board.virtio_slot(n)                                     # 6. where virtio device n lives, for each device
+                                                             #    (its irqfd needs a finished irqchip: arm says EAGAIN)
     board.boot_linux(...) | board.boot_flat(...)             # 7. the payload: memory contents and entry registers
 
 While the VM runs, vCPU threads call `pc`, `describe_exit`, `instruction_bytes`, `handle_internal_error`,
@@ -94,14 +95,14 @@ class Board(abc.ABC):
 
     @abc.abstractmethod
     def virtio_slot(self, index: int) -> VirtioSlot:
-        """4. Where virtio-mmio device `index` lives; a CloudkvmError when the board has no such slot."""
+        """6. Where virtio-mmio device `index` lives; a CloudkvmError when the board has no such slot."""
 
     def init_vcpu(self, kvm, vcpu) -> None:
-        """5. Once per vCPU, right after KVM_CREATE_VCPU: the state every payload starts from (x86: CPUID, local
+        """4. Once per vCPU, right after KVM_CREATE_VCPU: the state every payload starts from (x86: CPUID, local
         APIC wiring, MSRs; arm: KVM_ARM_VCPU_INIT). `kvm` is kvm.system.Kvm."""
 
     def finalize_irqchip(self, vm, vcpus: list) -> None:
-        """6. Every vCPU exists: finish the interrupt controller (arm: the vGIC's CTRL_INIT). Nothing on x86."""
+        """5. Every vCPU exists: finish the interrupt controller (arm: the vGIC's CTRL_INIT). Nothing on x86."""
 
     @abc.abstractmethod
     def boot_linux(self, kvm, vcpus: list, memory, kernel_path: Path, initrd_path: Path | None, cmdline: str,

@@ -107,8 +107,8 @@ def test_the_machine_calls_the_board_hooks_in_the_promised_order(board, guest_bi
         result = machine.run(timeout=60)
         console = machine.console.text()
     assert built == [("__init__", 2), ("create_irqchip", "no-ram"), ("memory_layout", 64),
-                     ("create_devices", "ram", 0, True), ("virtio_slot", 0), ("init_vcpu", 0), ("init_vcpu", 1),
-                     ("finalize_irqchip", 2), ("boot_flat", 2, "0x100000")]
+                     ("create_devices", "ram", 0, True), ("init_vcpu", 0), ("init_vcpu", 1),
+                     ("finalize_irqchip", 2), ("virtio_slot", 0), ("boot_flat", 2, "0x100000")]
     assert result.reason == "poweroff", (result, console)  # the board built this way really runs its guest
     assert "c_hello: vCPU 1 of 2" in console
 
@@ -134,6 +134,7 @@ def test_a_linux_payload_is_checked_by_the_board_and_gets_its_console_by_default
     with Machine(spec) as machine:
         slots = tuple(X86Board.virtio_slot(machine.board, i) for i in range(2))  # unrecorded
     assert LOG[0] == ("check_kernel", b"any kernel")
-    # the machine asks for the slots' places again to describe them to the guest, then boots
-    assert LOG[-4:] == [("finalize_irqchip", 1), ("virtio_slot", 0), ("virtio_slot", 1),
-                        ("boot_linux", 1, expected, slots)]
+    # the slots are attached once the interrupt controller is finished, asked for again to describe them to the
+    # guest, then the kernel boots
+    assert LOG[-6:] == [("finalize_irqchip", 1), ("virtio_slot", 0), ("virtio_slot", 1), ("virtio_slot", 0),
+                        ("virtio_slot", 1), ("boot_linux", 1, expected, slots)]
