@@ -53,7 +53,8 @@ ARM64 = HostRecipe(
     modules=NINE_P_MODULES,  # KVM is built into Debian's arm64 kernel
     own_root=False,
     rootfs_packages=("dash", "coreutils", "python3-minimal", "python3.11-minimal", "libpython3.11-stdlib",
-                     "busybox-static", "libslirp0"),
+                     "busybox-static", "libslirp0",
+                     "qemu-system-arm"),  # the reference VMM of bench/boot_time --testhost (-M virt -enable-kvm)
 )
 
 RECIPES = {r.name: r for r in (X86_64, ARM64)}
