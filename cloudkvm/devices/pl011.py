@@ -109,6 +109,7 @@ class Pl011(PrimeCell):
         self._lcr_h = 0
         self._cr = CR_RESET
         self._ris = 0
+        self._fast = None  # the C run loop's view of FR/DR (kvm.fastpath.FastUart.state), if any
 
     # --- host side -----------------------------------------------------------
 
@@ -124,6 +125,37 @@ class Pl011(PrimeCell):
     def rx_space(self) -> int:
         with self._lock:
             return RX_BACKLOG - len(self._backlog)
+
+    def attach_fast_path(self, state, base: int) -> None:
+        """Let a run loop complete FR reads and DR writes at `base` itself while they are plain (no loopback, no
+        transmit interrupt enabled): `state.enabled`/`state.fr` are kept true after every access."""
+        with self._lock:
+            self._fast = state
+            state.mmio_base = base
+            self._publish()
+
+    def emit(self, data: bytes) -> None:
+        """Bytes the guest wrote to DR through the fast path: out, in order, and TXRIS raised as a DR write here
+        raises it (Linux enables TXIM after filling the FIFO and waits for it)."""
+        with self._tx_lock:
+            self._on_output(data)
+            with self._lock:
+                self._ris |= INT_TX
+                self._update_irq()
+
+    def _update_irq(self) -> None:
+        super()._update_irq()
+        self._publish()
+
+    def _publish(self) -> None:
+        fast = self._fast
+        if fast is None:
+            return
+        if self._cr & CR_LBE or self._regs[IMSC] & INT_TX:
+            fast.enabled = 0
+        else:
+            fast.fr = self._flags()
+            fast.enabled = 1
 
     # --- guest side ----------------------------------------------------------
 

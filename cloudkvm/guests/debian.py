@@ -22,6 +22,8 @@ from cloudkvm.errors import CloudkvmError
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 ARM64_KERNEL_METAPACKAGE = "linux-image-cloud-arm64:arm64"
+# arm64's generic kernel: what its cloud kernel lacks, e.g. gpio-keys (the virt board's power key) as a module
+ARM64_GENERIC_METAPACKAGE = "linux-image-arm64:arm64"
 BUSYBOX_PACKAGE = "busybox-static"
 INIT_MARKER = "cloudkvm-guest: init reached"
 REQUIRED_APPLETS = ("sh", "mount", "echo", "cat", "poweroff", "reboot", "ls", "uname", "dmesg", "ip",
@@ -156,10 +158,14 @@ def _newest(paths: list[Path], key_of: Callable[[Path], str]) -> Path | None:
     return max(paths, key=lambda p: _natural_key(key_of(p)), default=None)
 
 
-def fetch_debian_kernel(cache: Path | None = None, arch: str = "amd64") -> Path:
+def fetch_debian_kernel(cache: Path | None = None, arch: str = "amd64", generic: bool = False) -> Path:
     """Debian's cloud kernel as <cache>/debian/<kernel-release>/vmlinuz (with config and System.map beside it);
-    for arm64 <cache>/debian/arm64/<kernel-release>/vmlinuz (a plain arm64 Image), its modules in `modules/`."""
-    debian = _debian_dir(cache, arch)
+    for arm64 <cache>/debian/arm64/<kernel-release>/vmlinuz (a plain arm64 Image), its modules in `modules/`;
+    `generic`: arm64's generic kernel instead, under <cache>/debian/arm64/generic/."""
+    if generic and _debian_arch(arch) != "arm64":
+        raise CloudkvmError("only the arm64 generic kernel is fetched here", "leave generic unset for amd64")
+    debian = _debian_dir(cache, arch) / "generic" if generic else _debian_dir(cache, arch)
+    debian.mkdir(exist_ok=True)
     cached = _newest([p for p in debian.glob("*/vmlinuz") if not p.parent.name.startswith(".")],
                      lambda p: p.parent.name)
     if cached is not None:
@@ -167,7 +173,8 @@ def fetch_debian_kernel(cache: Path | None = None, arch: str = "amd64") -> Path:
     foreign = _debian_arch(arch) != "amd64"
     if foreign:
         ensure_architecture(arch)
-    package = resolve_kernel_package(ARM64_KERNEL_METAPACKAGE if foreign else KERNEL_METAPACKAGE)
+    package = resolve_kernel_package(ARM64_GENERIC_METAPACKAGE if generic else
+                                     ARM64_KERNEL_METAPACKAGE if foreign else KERNEL_METAPACKAGE)
     with tempfile.TemporaryDirectory(prefix="cloudkvm-apt-") as tmp:
         root, pkg_version = download_and_extract(package, Path(tmp))
         images = sorted((root / "boot").glob("vmlinuz-*"))
@@ -309,10 +316,11 @@ def render_initramfs(busybox: bytes, applets: list[str], init_script: str,
 
 
 def build_busybox_initramfs(cache: Path | None = None, init_script: str | None = None, arch: str = "amd64",
-                            modules: list[str] | tuple[str, ...] = ()) -> Path:
+                            modules: list[str] | tuple[str, ...] = (), generic: bool = False) -> Path:
     """A gzip'd newc initramfs at <cache>/debian/initramfs-<hash>.cpio.gz, keyed by busybox version + /init
     (arm64: under <cache>/debian/arm64/; `modules` names modules of the fetched arm64 kernel to include, with
-    their dependencies, which the init loads with LOAD_MODULES; the key then has the kernel release too)."""
+    their dependencies, which the init loads with LOAD_MODULES; the key then has the kernel release too;
+    `generic`: modules of arm64's generic kernel)."""
     script = DEFAULT_INIT_SCRIPT if init_script is None else init_script
     if not script.startswith("#!"):
         raise CloudkvmError("the initramfs init script must start with a #! line", "begin it with #!/bin/sh")
@@ -324,7 +332,7 @@ def build_busybox_initramfs(cache: Path | None = None, init_script: str | None =
     key = f"{_LAYOUT_VERSION}\0{busybox.parent.name}\0{script}"
     kos: list[Path] = []
     if modules:
-        kernel = fetch_debian_kernel(cache, arch)
+        kernel = fetch_debian_kernel(cache, arch, generic)
         kos = kernel_modules(kernel, modules)
         key += f"\0{kernel.parent.name}\0{','.join(modules)}"
     target = _debian_dir(cache, arch) / f"initramfs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.cpio.gz"

@@ -146,7 +146,7 @@ int ioctl(int fd, unsigned long request, ...);
 /* cloudkvm helpers (see the C source below) */
 int ckvm_run(int vcpu_fd);
 #define CKVM_TX_MAX ...
-struct ckvm_uart_fast { uint8_t enabled; uint8_t lsr; };
+struct ckvm_uart_fast { uint8_t enabled; uint8_t lsr; uint32_t fr; uint64_t mmio_base; };
 struct ckvm_tx { uint32_t len; uint8_t polling; uint64_t total; uint8_t data[...]; };
 int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_codes, uint64_t *exits,
                   const struct ckvm_uart_fast *uart, struct ckvm_tx *tx);
@@ -295,18 +295,22 @@ int ckvm_run(int vcpu_fd)
 /* The C_* codes of devices/bus.py: what this loop completes at a port without returning to Python. */
 enum { CKVM_PYTHON = 0, CKVM_SINK = 1, CKVM_UART_THR = 2, CKVM_UART_LSR = 3 };
 
-/* A polled 16550's two busy registers (codes UART_THR/UART_LSR), completed here while the Python model says
- * they are plain (polled transmit, no loopback, no divisor latch, no latched line error): LSR reads get `lsr`,
- * THR writes are appended to the vCPU's `ckvm_tx` buffer. Linux's serial console writes every byte as an LSR read
- * and a THR write, so a boot's log otherwise costs two Python exits per byte. The model updates both fields
- * after every register access it handles (PC16550D register summary, Table II). */
+/* A polled console UART's two busy registers, completed here while the Python model says they are plain:
+ * - a 16550 on ports (codes UART_THR/UART_LSR; `mmio_base` 0): polled transmit, no loopback, no divisor latch, no
+ *   latched line error; LSR reads get `lsr`, THR writes go to the vCPU's `ckvm_tx` buffer (PC16550D Table II);
+ * - a PL011 at `mmio_base` (MMIO exits): no loopback, no transmit interrupt enabled; FR (offset 0x18) reads get
+ *   `fr`, DR (offset 0) writes go to `ckvm_tx` (ARM DDI 0183 §3.3).
+ * Linux's serial consoles write every byte as a status read and a data write, so a boot's log otherwise costs two
+ * Python exits per byte. The model updates the fields after every register access it handles. */
 #define CKVM_TX_MAX 256
-struct ckvm_uart_fast { uint8_t enabled; uint8_t lsr; };
+#define CKVM_PL011_DR 0x00
+#define CKVM_PL011_FR 0x18
+struct ckvm_uart_fast { uint8_t enabled; uint8_t lsr; uint32_t fr; uint64_t mmio_base; };
 struct ckvm_tx { uint32_t len; uint8_t polling; uint64_t total; uint8_t data[CKVM_TX_MAX]; };
 
 /* KVM_RUN repeatedly, completing in C the port accesses `pio_codes` (65536 C_* codes) names: sinks (writes
- * dropped, reads all ones, e.g. the POST port 0x80 Linux uses for I/O delays), and the console UART's LSR reads
- * and THR writes when `uart` is given and enabled. Returns 0 on any other exit, 1 when `tx` ends a line, is full,
+ * dropped, reads all ones, e.g. the POST port 0x80 Linux uses for I/O delays), and the console UART's status reads
+ * and data writes (a 16550's LSR/THR ports, or a PL011's FR/DR by MMIO) when `uart` is given and enabled. Returns 0 on any other exit, 1 when `tx` ends a line, is full,
  * or the guest polls LSR twice with bytes pending (the caller passes the bytes on; no exit is pending), or -errno.
  * `exits` counts every exit. Python-side exit handling costs several microseconds per exit on a hardware KVM and
  * far more on an emulated or software one, so the frequent trivial cases stay here. */
@@ -317,6 +321,28 @@ int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_codes, ui
         if (ioctl(vcpu_fd, KVM_RUN, 0) < 0)
             return -errno;
         (*exits)++;
+        if (run->exit_reason == KVM_EXIT_MMIO) {
+            if (uart == NULL || uart->mmio_base == 0 || !__atomic_load_n(&uart->enabled, __ATOMIC_ACQUIRE))
+                return 0;
+            uint64_t off = run->mmio.phys_addr - uart->mmio_base;
+            if (off == CKVM_PL011_FR && !run->mmio.is_write && run->mmio.len <= 4) {
+                uint32_t fr = __atomic_load_n(&uart->fr, __ATOMIC_RELAXED);
+                memcpy(run->mmio.data, &fr, run->mmio.len);  /* little-endian on both x86 and arm64 */
+                /* a second status read in a row: the guest waits for something else, show what it printed */
+                if (tx->len && tx->polling)
+                    return 1;
+                tx->polling = 1;
+                continue;
+            }
+            if (off != CKVM_PL011_DR || !run->mmio.is_write || tx->len >= CKVM_TX_MAX)
+                return 0;
+            tx->polling = 0;
+            tx->data[tx->len++] = run->mmio.data[0];
+            tx->total++;
+            if (run->mmio.data[0] == '\n' || tx->len == CKVM_TX_MAX)
+                return 1;
+            continue;
+        }
         if (run->exit_reason != KVM_EXIT_IO)
             return 0;
         uint8_t code = pio_codes[run->io.port];
@@ -327,7 +353,7 @@ int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_codes, ui
                 memset(data, 0xff, (size_t)run->io.size * run->io.count);
             continue;
         }
-        if (code == CKVM_PYTHON || uart == NULL || run->io.size != 1 || run->io.count != 1
+        if (code == CKVM_PYTHON || uart == NULL || uart->mmio_base != 0 || run->io.size != 1 || run->io.count != 1
             || !__atomic_load_n(&uart->enabled, __ATOMIC_ACQUIRE))
             return 0;
         if (code == CKVM_UART_LSR && in) {

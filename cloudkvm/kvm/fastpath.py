@@ -1,5 +1,6 @@
-"""The C run loop's console fast path (kvm/_build.py `ckvm_run_loop`): a polled 16550's LSR reads and THR writes
-completed without returning to Python; the device model keeps `state` true, the vCPU loop passes the bytes on."""
+"""The C run loop's console fast path (kvm/_build.py `ckvm_run_loop`): a polled console UART's status reads and data
+writes (a 16550's LSR/THR ports, a PL011's FR/DR by MMIO) completed without returning to Python; the device model
+keeps `state` true, the vCPU loop passes the bytes on."""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,8 +9,9 @@ from .native import ffi
 
 
 class FastUart:
-    """`state` is the C view (`enabled`, `lsr`) the UART model updates; `emit(bytes)` takes the bytes C buffered.
-    Which ports are its THR and LSR is in the port bus's `c_table` (devices/bus.py C_UART_THR, C_UART_LSR)."""
+    """`state` is the C view the UART model updates (`enabled`; a 16550's `lsr`; a PL011's `fr` and `mmio_base`);
+    `emit(bytes)` takes the bytes C buffered. A 16550's THR and LSR ports are in the port bus's `c_table`
+    (devices/bus.py C_UART_THR, C_UART_LSR); a PL011 is found by `mmio_base` (non-zero)."""
 
     def __init__(self, emit: Callable[[bytes], None]):
         self.state = ffi.new("struct ckvm_uart_fast *")

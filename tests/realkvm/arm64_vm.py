@@ -30,6 +30,28 @@ exec sh -i
 """
 
 
+KEY_READY = "cloudkvm-guest: waiting for the power key"
+KEY_PRESSED = "cloudkvm-guest: power key pressed, powering off"
+# Debian's generic arm64 kernel: its gpio_keys module binds the DTB's gpio-keys node (the cloud kernel has none)
+KEY_MODULES = ("gpio_keys", "evdev")
+KEY_INIT = INIT_PRELUDE + f"""busybox --install -s /bin
+{LOAD_MODULES}
+n=0
+while [ ! -e /dev/input/event0 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+ls -l /dev/input
+echo "{KEY_READY}"
+dd if=/dev/input/event0 of=/dev/null bs=24 count=1 2>/dev/null
+echo "{KEY_PRESSED}"
+poweroff -f
+"""
+
+
+def power_key_guest(cache: Path | None = None) -> tuple[Path, Path]:
+    """(kernel, initramfs): Debian's generic arm64 kernel and an init that powers off on the first input event."""
+    return (fetch_debian_kernel(cache, "arm64", generic=True),
+            build_busybox_initramfs(cache, KEY_INIT, "arm64", KEY_MODULES, generic=True))
+
+
 def guest(cache: Path | None = None) -> tuple[Path, Path]:
     """(kernel, initramfs), built from Debian's arm64 packages and cached."""
     return fetch_debian_kernel(cache, "arm64"), build_busybox_initramfs(cache, INIT, "arm64", MODULES)

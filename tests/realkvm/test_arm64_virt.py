@@ -2,7 +2,8 @@
 through the PL011, then PSCI SYSTEM_OFF), and `cloudkvm up` of a vm2-like profile — Debian's arm64 cloud kernel,
 an initramfs loading virtio_mmio/virtio_blk/virtio_net from it, a qcow2 disk whose marker file the guest reads,
 user networking with the seed's forward tcp:127.0.0.1:1122-:22 — then a TCP connection through the forward, the
-console both ways, `logs`, `status`, and `down`."""
+console both ways, `logs`, `status`, and `down`; and `down` of a guest whose kernel has gpio-keys (Debian's generic
+arm64 kernel) powering it off gracefully through the PL061 power key, as QEMU's system_powerdown does."""
 import json
 import shlex
 
@@ -31,6 +32,16 @@ network:
   forwards:
     - tcp:127.0.0.1:1122-:22
 """
+KEY_PROFILE = """name: pk
+arch: aarch64
+cpus: 1
+memory: 512M
+boot:
+  kernel: {kernel}
+  initrd: {initrd}
+  cmdline: console=ttyAMA0 panic=-1
+network: none
+"""
 
 # Inside the test host, from the shared scratch folder {out}: the demo, then the VM's whole life.
 SCRIPT = """
@@ -56,6 +67,17 @@ python3 -m cloudkvm status vm2t --json > status.json 2> status.err
 python3 -m cloudkvm down vm2t --timeout 20 > down.out 2> down.err; echo $? > down.rc
 python3 -m cloudkvm status vm2t --json > status-after.json 2>&1
 cp /tmp/state/vm2t/vmm.log vmm.log
+python3 -m cloudkvm up pk.yaml > pk-up.out 2> pk-up.err; echo $? > pk-up.rc
+python3 - <<'EOF' > pk-wait.out 2>&1
+import pathlib, time
+log = pathlib.Path("/tmp/state/pk/console.log")
+deadline = time.monotonic() + 900
+while {key_ready!r} not in (log.read_text(errors="replace") if log.exists() else "") and time.monotonic() < deadline:
+    time.sleep(1)
+EOF
+python3 -m cloudkvm down pk --timeout 120 > pk-down.out 2> pk-down.err; echo $? > pk-down.rc
+python3 -m cloudkvm status pk --json > pk-status.json 2>&1
+cp /tmp/state/pk/console.log pk-console.log
 """
 
 
@@ -66,7 +88,10 @@ def run(testhost, tmp_path_factory):
     out = tmp_path_factory.mktemp("arm64-virt")
     arm64_vm.marker_disk(out)
     (out / "vm.yaml").write_text(PROFILE.format(kernel=kernel, initrd=initrd))
-    result = testhost("arm64").run(SCRIPT.format(out=shlex.quote(str(out)), ready=arm64_vm.READY),
+    key_kernel, key_initrd = arm64_vm.power_key_guest()
+    (out / "pk.yaml").write_text(KEY_PROFILE.format(kernel=key_kernel, initrd=key_initrd))
+    result = testhost("arm64").run(SCRIPT.format(out=shlex.quote(str(out)), ready=arm64_vm.READY,
+                                                 key_ready=arm64_vm.KEY_READY),
                                    writable=(out,), timeout=1500)
     assert result.status == 0, result.describe()
     return {f.name: f.read_text(errors="replace") for f in out.iterdir() if f.is_file()}
@@ -105,3 +130,12 @@ def test_down_ends_the_vm(run):
     assert run["down.rc"].strip() == "0", run["down.out"] + run["down.err"]
     after = json.loads(run["status-after.json"])
     assert after["state"] == "stopped", after
+
+
+def test_down_powers_a_guest_with_gpio_keys_off_through_the_power_key(run):
+    assert run["pk-up.rc"].strip() == "0", run["pk-up.out"] + run["pk-up.err"]
+    log = run["pk-console.log"]
+    assert arm64_vm.KEY_READY in log and arm64_vm.KEY_PRESSED in log, log[-3000:]
+    assert run["pk-down.rc"].strip() == "0" and "powered off" in run["pk-down.out"], run["pk-down.out"]
+    status = json.loads(run["pk-status.json"])
+    assert status["state"] == "stopped" and status["result"]["reason"] == "poweroff", status

@@ -488,3 +488,44 @@ def test_no_access_sequence_raises_and_the_line_follows_mis(seq):
         fr = u.read(FR, 4)
         assert not (fr & FR_RXFE and fr & FR_RXFF)
         assert 0 <= u.rx_space() <= RX_BACKLOG
+
+
+# --- the C run loop's fast path (kvm/_build.py ckvm_run_loop: FR reads and DR writes by MMIO) -----------------------
+def fast_pl011():
+    from cloudkvm.kvm.fastpath import FastUart
+
+    u, line, out = make()
+    fast = FastUart(u.emit)
+    u.attach_fast_path(fast.state, 0x0900_0000)
+    return u, line, out, fast.state
+
+
+def test_the_fast_path_knows_the_uart_and_what_fr_reads():
+    u, _, _, state = fast_pl011()
+    assert state.mmio_base == 0x0900_0000 and state.enabled == 1
+    assert state.fr == readw(u, FR) == FR_TXFE | FR_RXFE
+    writew(u, CR, CR_UARTEN | CR_TXE | CR_RXE)
+    u.receive(b"k")  # host input: FR must stop saying "receive FIFO empty" in C too
+    assert state.fr == readw(u, FR) == FR_TXFE | FR_RXFF and state.enabled == 1  # FEN clear: a 1-byte FIFO
+
+
+def test_the_fast_path_stops_while_transmit_interrupts_or_loopback_are_on():
+    u, _, _, state = fast_pl011()
+    writew(u, IMSC, TXIM)  # interrupt-driven transmit (the tty layer): every DR write must reach the model
+    assert state.enabled == 0
+    writew(u, IMSC, RXIM | RTIM)
+    assert state.enabled == 1
+    writew(u, CR, CR_UARTEN | CR_TXE | CR_RXE | CR_LBE)  # loopback: DR writes feed the receive FIFO
+    assert state.enabled == 0
+
+
+def test_bytes_written_through_the_fast_path_leave_in_order_and_raise_txris():
+    u, line, out, _ = fast_pl011()
+    writew(u, DR, ord("a"))  # through the model
+    u.emit(b"bc\n")          # what the C loop buffered
+    assert output(out) == b"abc\n"
+    writew(u, ICR, TXIS)
+    u.emit(b"d")
+    assert readw(u, RIS) & TXIS  # as if "d" had been written to DR here: Linux then enables TXIM and waits for it
+    writew(u, IMSC, TXIM)
+    assert line.level

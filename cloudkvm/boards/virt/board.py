@@ -15,6 +15,7 @@ from ...devices.pl061 import Pl061, press_power_key
 from ...errors import CloudkvmError
 from ...fsutil import open_regular
 from ...kvm import arm64, arm64_abi, vgic
+from ...kvm.fastpath import FastUart
 from ..base import Board, CpuOptions, VirtioSlot
 from . import layout as L
 from .dtb import VirtDtbConfig, build_dtb, fresh_seeds
@@ -90,6 +91,8 @@ class VirtBoard(Board):
         """PL011 console (SPI 1), PL031 clock (SPI 2), PL061 GPIO with the power key on line 3 (SPI 7)."""
         self._call_later = host.io.call_later
         self.uart = Pl011(SpiLine(vm, L.PL011_SPI), host.console.write)
+        self.fast_uart = FastUart(self.uart.emit)  # the console's FR reads and DR writes stay in the C run loop
+        self.uart.attach_fast_path(self.fast_uart.state, L.PL011_BASE)
         self.rtc = Pl031(SpiLine(vm, L.PL031_SPI), call_later=host.io.call_later)
         self.gpio = Pl061(SpiLine(vm, L.PL061_SPI))
         mmio.add(L.PL011_BASE, L.PL011_SIZE, self.uart, "pl011")
