@@ -70,8 +70,7 @@ def boot(kernel: Path = typer.Option(..., "--kernel", "-k", help="the kernel: bz
 
 def _profile_env(path: Path) -> dict:
     """The environment profiles expand: the caller's, plus the built-in demo guest's paths when a profile asks (the
-    Linux guest of this host's board, boards/registry.py)."""
-    from .boards import registry
+    Linux guest of the profile's board, boards/registry.py)."""
     from .profile import read_profile_bytes
 
     env = dict(os.environ)
@@ -79,8 +78,10 @@ def _profile_env(path: Path) -> dict:
         wanted = b"CLOUDKVM_DEMO_" in read_profile_bytes(path)  # a FIFO, device or huge file is never read
     except CloudkvmError:
         wanted = False  # loading the profile says why
-    guest = registry.host_board().linux_guest
-    if wanted and guest is not None and not (env.get("CLOUDKVM_DEMO_KERNEL") and env.get("CLOUDKVM_DEMO_INITRD")):
+    if not wanted or (env.get("CLOUDKVM_DEMO_KERNEL") and env.get("CLOUDKVM_DEMO_INITRD")):
+        return env
+    guest = _demo_board(path, env).linux_guest
+    if guest is not None:
         from .progress import step
 
         with step("preparing the demo guest (Debian cloud kernel + busybox initramfs)"):
@@ -88,6 +89,19 @@ def _profile_env(path: Path) -> dict:
         env.setdefault("CLOUDKVM_DEMO_KERNEL", str(kernel))
         env.setdefault("CLOUDKVM_DEMO_INITRD", str(initrd))
     return env
+
+
+def _demo_board(path: Path, env: dict):
+    """The board of the profile's own `arch` (read with stand-in demo paths), whose built-in Linux guest it gets;
+    this host's board when the profile does not load (loading it again says why)."""
+    from .boards import registry
+    from .profile import load_profile
+
+    stand_in = {**env, "CLOUDKVM_DEMO_KERNEL": "demo-kernel", "CLOUDKVM_DEMO_INITRD": "demo-initrd"}
+    try:
+        return registry.for_arch(load_profile(path, env=stand_in, check_files=False).arch)
+    except CloudkvmError:
+        return registry.host_board()
 
 
 def _load(path: Path, check_files: bool = True, env: dict | None = None):
@@ -334,9 +348,8 @@ def inspect_dtb(profile: Path = typer.Argument(..., help="an aarch64 profile"),
     """Write the device tree an aarch64 (virt) profile's VM gets, for `dtc -I dtb -O dts`."""
     from .boards import registry
     from .preflight import virtio_device_count
-    from .profile import load_profile
 
-    loaded = load_profile(profile, check_files=False)
+    loaded = _load(profile, check_files=False)
     board = registry.named(loaded.machine or registry.for_arch(loaded.arch).name)
     if not hasattr(board.board_class(), "write_dtb"):
         raise CloudkvmError(f"{profile}: the {board.name} board has no device tree ({board.arch} guests)",

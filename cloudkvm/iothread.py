@@ -19,6 +19,7 @@ from collections import deque
 from typing import Any, Callable, Iterable
 
 log = logging.getLogger("cloudkvm.io")
+MAX_POLL_MS = 3_600_000  # a far timer (a guest RTC alarm months ahead) wakes the loop hourly: poll() takes < 2^31 ms
 
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _WRITABLE = select.POLLOUT | select.POLLHUP | select.POLLERR
@@ -268,7 +269,7 @@ class IoThread:
                 limit = due if limit is None else min(limit, due)
         if limit is None:
             return -1
-        return max(0, math.ceil(limit * 1000))
+        return max(0, min(MAX_POLL_MS, math.ceil(limit * 1000)))
 
     def _run_readers(self, revents: dict[int, int]) -> None:
         """The ready fds' reader callbacks, then their writer callbacks (each looked up when its turn comes: an

@@ -27,6 +27,7 @@ log = logging.getLogger("cloudkvm.machine")
 
 KICK_SIGNAL = signal.SIGRTMIN + 1
 MiB = 1 << 20
+MAX_KERNEL = 512 * MiB  # a kernel file larger than this is not one (checked before it is read)
 
 
 @dataclass
@@ -85,6 +86,8 @@ def check_payload(payload: FlatBinary | LinuxBoot, board: str | None = None) -> 
         size = st.st_size
         if size == 0:
             raise CloudkvmError(f"{path}: the {what} file is empty", f"pass a real {what}")
+        if what == "kernel" and size > MAX_KERNEL:
+            raise CloudkvmError(f"{path}: {size >> 20} MiB is too large for a kernel", "is this really a kernel?")
     if isinstance(payload, LinuxBoot):
         info = registry.named(board) if board is not None else registry.host_board()
         with open(payload.kernel, "rb") as f:
@@ -110,11 +113,14 @@ class Machine:
         if spec.cpus > board_class.max_cpus:
             raise CloudkvmError(f"cpus: the {spec.board} board has at most {board_class.max_cpus} vCPUs "
                                 f"(got {spec.cpus})", f"use {board_class.max_cpus} or fewer")
+        self.quirks = hostquirks.detect() if spec.host_quirks else hostquirks.HostQuirks()
+        self.board = board_class(spec.cpus, spec.cpu, self.quirks)  # may refuse the spec: before /dev/kvm is open
         self.kvm = kvm or Kvm()
         if spec.cpus > self.kvm.max_vcpus():
-            raise CloudkvmError(f"cpus: {spec.cpus} is more than this host's KVM allows ({self.kvm.max_vcpus()})")
-        self.quirks = hostquirks.detect() if spec.host_quirks else hostquirks.HostQuirks()
-        self.board = board_class(spec.cpus, spec.cpu, self.quirks)
+            allowed = self.kvm.max_vcpus()
+            if kvm is None:
+                self.kvm.close()
+            raise CloudkvmError(f"cpus: {spec.cpus} is more than this host's KVM allows ({allowed})")
         self.unmapped_mmio = spec.unmapped_mmio
         self.console = ConsoleLog(spec.console_fd, writer=spec.console_out)
         self.stopping = threading.Event()
@@ -291,20 +297,20 @@ class Machine:
             self.board.serial_input(data)
 
     def close(self) -> None:
-        """Release everything the machine holds (also after a build that stopped half-way)."""
-        for efd in self._eventfds:
-            os.close(efd)
-        for irq in self._irqfds:
-            irq.close()
-        for device in self.spec.virtio:
-            if hasattr(device, "close"):
-                device.close()
-        for vcpu in self.vcpus:
-            vcpu.close()
-        self.vm.close()
-        if self.memory is not None:
-            self.memory.close()
-        self.kvm.close()
+        """Release everything the machine holds (also after a build that stopped half-way); one release that
+        fails is logged and the others still happen."""
+        steps = [functools.partial(os.close, efd) for efd in self._eventfds]
+        steps += [irq.close for irq in self._irqfds]
+        steps += [device.close for device in self.spec.virtio if hasattr(device, "close")]
+        steps += [vcpu.close for vcpu in self.vcpus]
+        steps += [self.board.close, self.vm.close]  # the board's KVM devices (a vGIC fd holds the VM) first
+        steps += [self.memory.close] if self.memory is not None else []
+        steps.append(self.kvm.close)
+        for step in steps:
+            try:
+                step()
+            except OSError as exc:
+                log.warning("releasing the VM: %s", exc)
 
     def __enter__(self):
         return self

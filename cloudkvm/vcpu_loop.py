@@ -83,7 +83,11 @@ class VcpuLoop:
                             host.ticks_due.discard(vcpu.index)
                             host.board.vcpu_tick(vcpu)
                         continue
-                    host.end(VmResult("error", f"KVM_RUN failed: {errno.errorcode.get(-rc, -rc)}", vcpu.index))
+                    guest_fault = host.board.describe_run_error(vcpu, -rc)
+                    if guest_fault is not None:  # the guest did something KVM cannot run, not a VMM failure
+                        host.end(VmResult(*guest_fault, vcpu.index, host.board.pc(vcpu)))
+                    else:
+                        host.end(VmResult("error", f"KVM_RUN failed: {errno.errorcode.get(-rc, -rc)}", vcpu.index))
                     return
                 reason = run.exit_reason
                 if reason == exit_io:

@@ -134,6 +134,11 @@ class Board(abc.ABC):
         triple fault), ending the VM; None for an exit the board does not know (reported as unhandled)."""
         return None
 
+    def describe_run_error(self, vcpu, err: int) -> tuple[str, str] | None:
+        """(result reason, detail) when KVM_RUN failing with errno `err` means the guest did something KVM cannot
+        run (arm: ENOSYS for an MMIO access without an instruction syndrome); None: a VMM/host error."""
+        return None
+
     def instruction_bytes(self, vcpu) -> bytes:
         """The bytes of the instruction an emulation failure stopped at, when the board can find them."""
         return b""
@@ -148,3 +153,7 @@ class Board(abc.ABC):
 
     def vcpu_tick(self, vcpu) -> None:
         """Every `tick_interval` seconds, on each vCPU's own thread."""
+
+    def close(self) -> None:
+        """Release what the board holds of the VM (KVM device fds: an open one keeps the whole VM alive in the
+        kernel). The machine calls it once, before closing the VM."""

@@ -30,7 +30,11 @@ class IrqFd:
         self.vm = vm
         self.gsi = gsi
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        vm.irqfd(self.fd, gsi)
+        try:
+            vm.irqfd(self.fd, gsi)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def trigger(self) -> None:
         os.eventfd_write(self.fd, 1)

@@ -334,7 +334,7 @@ int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_codes, ui
                 tx->polling = 1;
                 continue;
             }
-            if (off != CKVM_PL011_DR || !run->mmio.is_write || tx->len >= CKVM_TX_MAX)
+            if (off != CKVM_PL011_DR || !run->mmio.is_write || run->mmio.len > 4 || tx->len >= CKVM_TX_MAX)
                 return 0;
             tx->polling = 0;
             tx->data[tx->len++] = run->mmio.data[0];

@@ -34,3 +34,12 @@ def test_an_x86_profile_has_no_device_tree(tmp_path):
     result = inspect(profile, tmp_path / "x.dtb")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "no device tree" in result.stderr and not (tmp_path / "x.dtb").exists()
+
+
+def test_the_aarch64_demo_profile_gets_the_arm64_demo_guest(tmp_path):
+    need_dtc()
+    out = tmp_path / "demo.dtb"
+    result = inspect(PROFILES / "demo-aarch64.yaml", out)  # fetches Debian's arm64 guest on first use
+    assert result.returncode == 0 and "placeholder" not in result.stderr, result.stderr
+    assert fdtget(out, "/chosen", "bootargs", "s") == "console=ttyAMA0"
+    assert fdtget(out, "/chosen", "linux,initrd-start") is not None  # the arm64 initramfs's real size placed

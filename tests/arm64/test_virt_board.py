@@ -2,6 +2,7 @@
 before the vCPUs and its CTRL_INIT after them, PSCI 0.2 on every vCPU with the secondaries powered off, the Image,
 initrd and DTB where booting.rst wants them, x0 = the DTB, level SPIs for the PrimeCells. The DTB is read back with
 dtc/fdtget; the real arm64 KVM runs the same board in tests/realkvm/test_arm64_virt.py."""
+import os
 import struct
 from types import SimpleNamespace
 
@@ -39,7 +40,8 @@ class RecordingVm:
 
     def create_device(self, dev_type):
         self.calls.append(("create-device", "v3" if dev_type == V3 else "v2"))
-        return open("/dev/null", "rb").fileno()  # noqa: SIM115  (closed by Vgic.close)
+        self.device_fd = os.open(os.devnull, os.O_RDONLY)  # a real fd of our own: Vgic.close closes it
+        return self.device_fd
 
     def set_device_attr(self, fd, group, attr, value_ptr=None):
         self.calls.append(("device-attr", group, attr, None if value_ptr is None else value_ptr[0]))
@@ -94,11 +96,24 @@ def test_the_vgic_is_initialised_only_after_every_vcpu_exists_and_secondaries_st
                         ("created-vcpu", 2), ("vcpu-init", 2, 5, sorted([psci, off]))]
 
 
-def test_without_a_vgic_v3_it_falls_back_to_v2_and_its_eight_cpu_limit(recorded):
+def fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def test_without_a_vgic_v3_it_falls_back_to_v2_and_its_eight_cpu_limit(recorded, monkeypatch):
     machine = build(recorded, cpus=8, devices=(V2,))
     assert machine.vm.calls[0] == ("create-device", "v2") and machine.board.vgic.version == 2
+    machine.board.close()
+    made = []
+    monkeypatch.setattr(RecordingVm, "create_device",
+                        lambda vm, dev_type: made.append(os.open(os.devnull, os.O_RDONLY)) or made[-1])
     with pytest.raises(CloudkvmError, match="only a GICv2, which takes 8 vCPUs"):
         build(recorded, cpus=9, devices=(V2,))
+    assert made and not fd_open(made[0])  # the refused vGIC's fd is closed, not left holding the VM
     with pytest.raises(CloudkvmError, match="cannot create an in-kernel"):
         build(recorded, devices=())
 
@@ -132,6 +147,15 @@ def test_linux_gets_the_image_initrd_and_a_device_tree_where_booting_rst_says(re
     assert "arm,gic-v3" in dts
 
 
+def test_closing_the_board_closes_the_vgic_device_that_holds_the_vm(recorded):
+    machine = build(recorded)
+    fd = machine.vm.device_fd
+    assert fd_open(fd)
+    machine.board.close()
+    machine.board.close()  # once is enough; twice is harmless
+    assert not fd_open(fd) and machine.board.vgic is None
+
+
 def test_the_primecells_sit_on_qemus_addresses_with_level_spis(recorded):
     machine = build(recorded)
     for base, device in ((L.PL011_BASE, machine.board.uart), (L.PL031_BASE, machine.board.rtc),
@@ -159,3 +183,21 @@ def test_the_power_key_is_gpio_line_3(recorded):
 def test_virt_takes_only_cpu_host(recorded):
     with pytest.raises(CloudkvmError, match="cpu: host"):
         virt.VirtBoard(1, CpuOptions(hide=["sve"]), HostQuirks())
+
+
+def test_an_mmio_access_kvm_cannot_decode_is_the_guests_fault_not_a_vmm_error(recorded):
+    import errno
+
+    board = virt.VirtBoard(1, CpuOptions(), HostQuirks())
+    reason, detail = board.describe_run_error(None, errno.ENOSYS)
+    assert reason == "guest-fault" and "instruction syndrome" in detail
+    assert board.describe_run_error(None, errno.EFAULT) is None  # anything else stays a VMM/host error
+
+
+@pytest.mark.parametrize("cmdline, what", [("x" * 2048, "COMMAND_LINE_SIZE"), ("console=\udcff", "UTF-8")])
+def test_a_command_line_linux_would_cut_or_cannot_read_is_refused_in_one_line(recorded, tmp_path, cmdline, what):
+    machine = build(recorded)
+    kernel = tmp_path / "Image"
+    kernel.write_bytes(fake_image())
+    with pytest.raises(CloudkvmError, match=what):
+        machine.board.boot_linux(None, machine.vcpus, machine.memory, kernel, None, cmdline, [])

@@ -16,6 +16,7 @@ READY = "cloudkvm-guest: responder up"
 INIT = INIT_PRELUDE + f"""busybox --install -s /bin
 {LOAD_MODULES}
 echo "cpus online: $(cat /sys/devices/system/cpu/online)"
+echo "rng: $(cat /sys/class/misc/hw_random/rng_current)"
 mkdir -p /mnt
 if mount -t ext4 -o ro /dev/vda /mnt; then echo "disk marker: $(cat /mnt/marker.txt)"; else echo "no disk"; fi
 ip link set lo up

@@ -103,3 +103,16 @@ def test_a_raising_writer_is_removed_and_the_loop_goes_on(io, caplog):
 
 def wait(predicate, timeout=WAIT) -> bool:
     return wait_for(predicate, timeout, interval=0.01)
+
+
+def test_a_timer_months_ahead_does_not_stop_the_loop(io):
+    """poll() takes at most 2^31-1 ms (24.8 days): a guest RTC alarm set 30 days ahead (PL031 MR, `rtcwake -s
+    2592000`) must not end the I/O thread that serves disks, network, console and the control socket."""
+    io.call_later(30 * 86400, lambda: None)
+    ran = threading.Event()
+    io.call_soon(ran.set)
+    assert ran.wait(WAIT) and io.running
+    time.sleep(0.2)  # the loop has gone round and polled with that timer due next
+    ran.clear()
+    io.call_soon(ran.set)
+    assert ran.wait(WAIT) and io.running

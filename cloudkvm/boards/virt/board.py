@@ -3,6 +3,7 @@ PSCI 0.2 in the kernel; PL011, PL031, PL061 with a gpio-keys power key; virtio-m
 Documentation/arch/arm64/booting.rst asks: an Image, a device tree, x0 = its address, EL1h with DAIF masked."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -84,6 +85,7 @@ class VirtBoard(Board):
         self.vgic = vgic.create_vgic(vm, L.GIC_DIST_BASE, redist=L.GICV3_REDIST_BASE,
                                      cpu_interface=L.GICV2_CPU_BASE, nr_irqs=L.GIC_SPI_BASE + L.GIC_SPI_COUNT)
         if self.vgic.version == 2 and self.cpus > L.GICV2_MAX_CPUS:
+            self.close()
             raise CloudkvmError(f"cpus: this host's KVM has only a GICv2, which takes {L.GICV2_MAX_CPUS} vCPUs "
                                 f"(got {self.cpus})", f"use {L.GICV2_MAX_CPUS} or fewer")
 
@@ -182,6 +184,19 @@ class VirtBoard(Board):
             return False
         press_power_key(self.gpio, self._call_later, pin=L.PL061_POWER_KEY_LINE)
         return True
+
+    def close(self) -> None:
+        if self.vgic is not None:
+            self.vgic.close()
+            self.vgic = None
+
+    def describe_run_error(self, vcpu, err: int) -> tuple[str, str] | None:
+        """KVM answers ENOSYS for a data abort on MMIO it cannot decode (no valid ISV: a load/store pair, writeback,
+        or SIMD access to device memory; arch/arm64/kvm/mmio.c io_mem_abort): the guest's fault."""
+        if err == errno.ENOSYS:
+            return ("guest-fault", "an MMIO access KVM cannot decode (no instruction syndrome: e.g. a load/store "
+                                   "pair or a writeback access to device memory)")
+        return None
 
     def pc(self, vcpu) -> int | None:
         try:

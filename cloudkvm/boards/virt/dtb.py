@@ -16,6 +16,7 @@ from . import layout as L
 RNG_SEED_SIZE = 64  # bytes of /chosen/rng-seed (Linux adds them to its entropy pool)
 KASLR_SEED_SIZE = 8  # /chosen/kaslr-seed is one u64 (arch/arm64/kernel/kaslr.c)
 KEY_POWER = 116  # include/uapi/linux/input-event-codes.h
+COMMAND_LINE_SIZE = 2048  # arch/arm64/include/uapi/asm/setup.h: /chosen/bootargs beyond it is cut off
 
 # Interrupt specifiers (Documentation/devicetree/bindings/interrupt-controller/arm,gic*.yaml): type, number, flags
 GIC_SPI, GIC_PPI = 0, 1
@@ -57,6 +58,13 @@ class VirtDtbConfig:
                              f"(got {len(self.rng_seed)} and {len(self.kaslr_seed)})")
         if "\0" in self.cmdline:
             raise ValueError("the kernel command line cannot contain NUL")
+        try:
+            encoded = self.cmdline.encode()
+        except UnicodeEncodeError:
+            raise ValueError("the kernel command line is not valid UTF-8 text") from None
+        if len(encoded) >= COMMAND_LINE_SIZE:
+            raise ValueError(f"the kernel command line is {len(encoded)} bytes: arm64 Linux takes at most "
+                             f"{COMMAND_LINE_SIZE - 1} (COMMAND_LINE_SIZE)")
         if self.initrd is not None:
             start, end = self.initrd
             ram_end = L.RAM_BASE + self.memory_size
