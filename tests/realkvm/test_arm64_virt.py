@@ -61,14 +61,35 @@ print("ready after", round(900 - (deadline - time.monotonic())), "s")
 with socket.create_connection(("127.0.0.1", 1122), timeout=60) as sock:
     print("answer:", sock.makefile().readline().strip())
 EOF
-mkfifo /tmp/console.in  # the console's input stays open until its answer came (importing cloudkvm takes seconds)
-timeout 300 python3 -m cloudkvm console vm2t < /tmp/console.in > console.out 2> console.err &
-exec 3> /tmp/console.in
-n=0; until grep -q attached console.err || [ $n -ge 120 ]; do sleep 1; n=$((n + 1)); done
-echo 'echo con$((6*7))' >&3
-n=0; until grep -q con42 console.out || [ $n -ge 120 ]; do sleep 1; n=$((n + 1)); done
-exec 3>&-
-wait
+python3 - <<'EOF'
+# `cloudkvm console` with its input open until the answer came (importing cloudkvm takes seconds there)
+import os, subprocess, sys, time
+con = subprocess.Popen([sys.executable, "-m", "cloudkvm", "console", "vm2t"], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+os.set_blocking(con.stdout.fileno(), False)
+os.set_blocking(con.stderr.fileno(), False)
+out = err = b""
+def pump(until, what, limit=180):
+    global out, err
+    deadline = time.monotonic() + limit
+    while until not in what() and time.monotonic() < deadline and con.poll() is None:
+        out += con.stdout.read() or b""
+        err += con.stderr.read() or b""
+        time.sleep(0.2)
+pump(b"attached", lambda: err)
+con.stdin.write(b"echo con$((6*7))\\n")
+con.stdin.flush()
+pump(b"con42", lambda: out)
+con.stdin.close()  # end of input: the console detaches
+try:
+    con.wait(60)
+except subprocess.TimeoutExpired:
+    con.kill()
+out += con.stdout.read() or b""
+err += con.stderr.read() or b""
+open("console.out", "wb").write(out)
+open("console.err", "wb").write(err + f"\\nexit status {{con.returncode}}\\n".encode())
+EOF
 python3 -m cloudkvm logs vm2t > logs.out 2> logs.err
 python3 -m cloudkvm status vm2t --json > status.json 2> status.err
 python3 -m cloudkvm down vm2t --timeout 20 > down.out 2> down.err; echo $? > down.rc
