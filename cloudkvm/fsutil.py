@@ -59,6 +59,16 @@ def open_regular(path, follow_symlinks: bool = False):
         raise
 
 
+def read_bounded(path, limit: int, follow_symlinks: bool = False) -> bytes:
+    """All of `path`, a regular file (opened as `open_regular` does) of at most `limit` bytes; OSError EFBIG when it
+    is larger. Only what the file holds is asked for: read(n) allocates n bytes before it reads any."""
+    with open_regular(path, follow_symlinks) as f:
+        data = f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+    return data
+
+
 def read_regular(path, limit: int = 1 << 20) -> bytes:
     """The first `limit` bytes of `path`, opened as `open_regular` does."""
     with open_regular(path) as f:

@@ -15,6 +15,7 @@ from .console import ConsoleLog
 from .devices.bus import Bus
 from .devices.irq import IrqFd
 from .errors import CloudkvmError
+from .fsutil import read_bounded
 from .iothread import IoThread
 from .kvm.memory import GuestMemory
 from .kvm.native import lib
@@ -90,8 +91,12 @@ def check_payload(payload: FlatBinary | LinuxBoot, board: str | None = None) -> 
             raise CloudkvmError(f"{path}: {size >> 20} MiB is too large for a kernel", "is this really a kernel?")
     if isinstance(payload, LinuxBoot):
         info = registry.named(board) if board is not None else registry.host_board()
-        with open(payload.kernel, "rb") as f:
-            info.check_kernel(f.read(), str(payload.kernel))
+        try:
+            data = read_bounded(payload.kernel, MAX_KERNEL, follow_symlinks=True)  # no FIFO swapped in since stat
+        except OSError as exc:
+            raise CloudkvmError(f"{payload.kernel}: cannot read the kernel: {exc.strerror}", "check the kernel path") \
+                from None
+        info.check_kernel(data, str(payload.kernel))
 
 
 class Machine:

@@ -6,7 +6,7 @@ Pure Python over bytes. A wrong or broken kernel file is a one-line CloudkvmErro
 
 from __future__ import annotations
 
-import os
+import errno
 
 import struct
 import zlib
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloudkvm.errors import CloudkvmError
-from cloudkvm.fsutil import open_regular
+from cloudkvm.fsutil import read_bounded
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -184,11 +184,10 @@ def load_image(path: str | Path) -> Arm64Image:
     """Read and parse a kernel file (a regular file, at most MAX_IMAGE_SIZE bytes)."""
     name = str(path)
     try:
-        with open_regular(path, follow_symlinks=True) as f:
-            if os.fstat(f.fileno()).st_size > MAX_IMAGE_SIZE:  # before read(): it allocates what it is asked for
-                raise _err(name, f"is larger than {MAX_IMAGE_SIZE // MiB} MiB: not a kernel Image")
-            data = f.read()
+        data = read_bounded(path, MAX_IMAGE_SIZE, follow_symlinks=True)
     except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise _err(name, f"is larger than {MAX_IMAGE_SIZE // MiB} MiB: not a kernel Image") from None
         raise _err(name, f"cannot be read: {e.strerror or e}", "check the kernel path in the profile") from None
     return parse_image(data, name)
 

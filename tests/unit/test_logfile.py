@@ -105,3 +105,22 @@ def test_following_a_missing_log_fails_at_once(tmp_path):
 
     with pytest.raises(OSError):
         follow(tmp_path / "none.log", lambda: True)
+
+
+def test_read_bounded_reads_a_regular_file_whole_and_refuses_more_than_its_limit(tmp_path):
+    import errno
+
+    from cloudkvm.fsutil import read_bounded
+
+    (tmp_path / "k").write_bytes(b"x" * 100)
+    (tmp_path / "link").symlink_to(tmp_path / "k")
+    assert read_bounded(tmp_path / "k", 100) == b"x" * 100
+    assert read_bounded(tmp_path / "link", 100, follow_symlinks=True) == b"x" * 100
+    with pytest.raises(OSError) as err:
+        read_bounded(tmp_path / "k", 99)
+    assert err.value.errno == errno.EFBIG
+    with pytest.raises(OSError):
+        read_bounded(tmp_path / "link", 100)  # not followed unless asked
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(OSError):
+        read_bounded(tmp_path / "fifo", 100)  # refused, never blocks

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import struct
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from ...devices.pl011 import Pl011
 from ...devices.pl031 import Pl031
 from ...devices.pl061 import Pl061, press_power_key
 from ...errors import CloudkvmError
-from ...fsutil import open_regular
+from ...fsutil import read_bounded
 from ...kvm import arm64, arm64_abi, vgic
 from ...kvm.fastpath import FastUart
 from ..base import Board, CpuOptions, VirtioSlot
@@ -230,12 +229,11 @@ def placeholder_image() -> bytes:
 def _read_initrd(path: Path) -> bytes:
     """The initrd's bytes as they are (the arm64 kernel unpacks it itself; KVM runs its code at native speed)."""
     try:
-        with open_regular(path, follow_symlinks=True) as f:
-            if os.fstat(f.fileno()).st_size > MAX_INITRD:  # before read(): it allocates what it is asked for
-                raise CloudkvmError(f"{path}: the initrd is larger than {MAX_INITRD >> 30} GiB",
-                                    "is this an initramfs?")
-            data = f.read()
+        data = read_bounded(path, MAX_INITRD, follow_symlinks=True)
     except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise CloudkvmError(f"{path}: the initrd is larger than {MAX_INITRD >> 30} GiB",
+                                "is this an initramfs?") from None
         raise CloudkvmError(f"{path}: cannot read the initrd: {exc.strerror or exc}", "check the initrd path") from None
     if not data:
         raise CloudkvmError(f"{path}: the initrd file is empty", "pass a real initrd")
