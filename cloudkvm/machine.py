@@ -1,4 +1,5 @@
 """Turns a machine spec into a running VM: board + memory + devices + vCPU threads + I/O thread."""
+import errno
 import functools
 import logging
 import os
@@ -87,13 +88,14 @@ def check_payload(payload: FlatBinary | LinuxBoot, board: str | None = None) -> 
         size = st.st_size
         if size == 0:
             raise CloudkvmError(f"{path}: the {what} file is empty", f"pass a real {what}")
-        if what == "kernel" and size > MAX_KERNEL:
-            raise CloudkvmError(f"{path}: {size >> 20} MiB is too large for a kernel", "is this really a kernel?")
     if isinstance(payload, LinuxBoot):
         info = registry.named(board) if board is not None else registry.host_board()
         try:
             data = read_bounded(payload.kernel, MAX_KERNEL, follow_symlinks=True)  # no FIFO swapped in since stat
         except OSError as exc:
+            if exc.errno == errno.EFBIG:
+                raise CloudkvmError(f"{payload.kernel}: over {MAX_KERNEL >> 20} MiB is too large for a kernel",
+                                    "is this really a kernel?") from None
             raise CloudkvmError(f"{payload.kernel}: cannot read the kernel: {exc.strerror}", "check the kernel path") \
                 from None
         info.check_kernel(data, str(payload.kernel))

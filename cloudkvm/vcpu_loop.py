@@ -85,7 +85,7 @@ class VcpuLoop:
                         continue
                     guest_fault = host.board.describe_run_error(vcpu, -rc)
                     if guest_fault is not None:  # the guest did something KVM cannot run, not a VMM failure
-                        host.end(VmResult(*guest_fault, vcpu.index, host.board.pc(vcpu)))
+                        host.end(self._result(*guest_fault))
                     else:
                         host.end(VmResult("error", f"KVM_RUN failed: {errno.errorcode.get(-rc, -rc)}", vcpu.index))
                     return

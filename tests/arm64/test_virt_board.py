@@ -201,3 +201,13 @@ def test_a_command_line_linux_would_cut_or_cannot_read_is_refused_in_one_line(re
     kernel.write_bytes(fake_image())
     with pytest.raises(CloudkvmError, match=what):
         machine.board.boot_linux(None, machine.vcpus, machine.memory, kernel, None, cmdline, [])
+
+
+def test_a_kernel_file_larger_than_any_kernel_is_refused_without_reading_it(tmp_path):
+    from cloudkvm.machine import MAX_KERNEL, LinuxBoot, check_payload
+
+    huge = tmp_path / "disk-image-not-a-kernel"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_KERNEL + 1)  # sparse: reading it whole would cost 512 MiB of memory
+    with pytest.raises(CloudkvmError, match="too large for a kernel"):
+        check_payload(LinuxBoot(huge), "virt")
