@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .errors import CloudkvmError, printable
+from .image_cli import image_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="cloudkvm: run cloud-image VMs on /dev/kvm, with cloudkvm itself as the VMM.")
@@ -114,43 +115,90 @@ def _load(path: Path, check_files: bool = True, env: dict | None = None):
 def up(profile: Path = typer.Argument(..., help="profile YAML"),
        name: Optional[str] = typer.Option(None, help="instance name (default: the profile's name)"),
        foreground: bool = typer.Option(False, "--foreground", "-f", help="run attached, console on this terminal"),
-       wait: float = typer.Option(120.0, help="seconds to wait for the VM to start")) -> None:
-    """Start a VM from a profile, in the background; returns once it runs."""
+       wait_text: str = typer.Option("120", "--wait", metavar="SECONDS|ssh",
+                                     help="seconds to wait for the VM to start, or `ssh`: until a login with the "
+                                          "instance key works (up to --ssh-timeout)"),
+       ssh_timeout: float = typer.Option(900.0, help="seconds --wait ssh waits for the guest's ssh")) -> None:
+    """Start a VM from a profile, in the background; returns once it runs (or, with --wait ssh, once ssh works)."""
     from . import launcher
 
+    wait_for = "ssh" if wait_text.strip().lower() == "ssh" else None
+    wait = 120.0 if wait_for else _seconds(wait_text, "--wait")
     env = _profile_env(profile)
     # A guest this host cannot run at all (another architecture; a board not in this version) is said first, before
     # anything about the files it names.
     launcher.check_runnable(_load(profile, check_files=False, env=env))
     loaded = _load(profile, env=env)
     if foreground or not loaded.daemonize:
+        if wait_for:
+            raise CloudkvmError("--wait ssh needs a VM in the background", "drop --foreground (or --wait ssh)")
         _run_foreground(loaded if not name else loaded.model_copy(update={"name": name}))
         return
     from .progress import step
 
     _warn(launcher.warnings(loaded))
+    cached = launcher.pull_image(loaded, name, warn=_warn_one)  # a download shows its own progress first
     with step(f"starting {name or loaded.name}"):
-        instance, running = launcher.up(loaded, str(profile.resolve()), name=name, wait=wait)
+        instance, running = launcher.up(loaded, str(profile.resolve()), name=name, wait=wait, cached=cached)
     if not running:
         typer.echo(f"{instance.name}: still starting after {wait:g} s (cloudkvm status {instance.name}; "
                    f"logs: {printable(str(instance.console_log))})")
+        if wait_for:
+            raise typer.Exit(1)
+        return
+    if wait_for == "ssh":
+        from . import ssh
+
+        to = ssh.target(instance)
+        with step(f"waiting for ssh on {to.host}:{to.port}"):
+            seconds = ssh.wait(instance, to, ssh_timeout)
+        typer.echo(f"{instance.name}: ssh answers after {seconds:.0f} s (cloudkvm ssh {instance.name})")
         return
     typer.echo(f"{instance.name}: running (console: cloudkvm console {instance.name}; "
                f"logs: {printable(str(instance.console_log))})")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssh(ctx: typer.Context, name: str = typer.Argument(..., help="instance name")) -> None:
+    """Log in to a VM with ssh through its forwarded port and its own key: `cloudkvm ssh NAME [-- CMD ...]`."""
+    from . import launcher, ssh as ssh_client
+
+    instance = launcher.existing(name)
+    if instance.state() != "running":
+        raise CloudkvmError(f"instance '{name}' is {instance.state()}, not running", "cloudkvm up first")
+    argv = ssh_client.command(ssh_client.target(instance), list(ctx.args))
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+
+
+def _seconds(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e9:
+        raise CloudkvmError(f"{option} {text!r}: expected seconds (e.g. 120) or ssh", f"write {option} 120 or "
+                                                                                     f"{option} ssh")
+    return value
+
+
 def _warn(messages: list[str]) -> None:
     for message in messages:
-        typer.echo(f"cloudkvm: warning: {printable(message)}", err=True)
+        _warn_one(message)
+
+
+def _warn_one(message: str) -> None:
+    typer.echo(f"cloudkvm: warning: {printable(message)}", err=True)
 
 
 def _run_foreground(profile) -> None:
-    from .launcher import claimed, machine_for, warnings
+    from .launcher import claimed, machine_for, pull_image, warnings
     from .terminal import raw_terminal
 
     _warn(warnings(profile))
-    with claimed(profile, None, "running in the foreground", console_file=False) as (_, disks, _lock), \
-            machine_for(profile, disks, sys.stdout.fileno(), sys.stdin.fileno()) as machine, \
+    with claimed(profile, None, "running in the foreground", console_file=False,
+                 cached=pull_image(profile, warn=_warn_one)) as (_, disks, _lock, booted), \
+            machine_for(booted, disks, sys.stdout.fileno(), sys.stdin.fileno()) as machine, \
             raw_terminal(sys.stdin.fileno()):
         result = machine.run()
     typer.echo(f"\ncloudkvm: VM ended: {result}", err=True)
@@ -262,6 +310,13 @@ def validate(profile: Path) -> None:
 
     _warn(warnings(loaded))
     typer.echo(printable(f"{profile}: ok ({loaded.name}: {loaded.arch} {loaded.machine}, {loaded.cpus} vCPUs)"))
+    if loaded.image is not None:
+        digest = loaded.image.digest or "no digest"
+        typer.echo(printable(f"  image: {loaded.image.location} ({digest})"))
+    if loaded.boot.from_image:
+        typer.echo("  boot: the image's newest kernel and initrd")
+    if loaded.seed is not None:
+        typer.echo(printable(f"  cloud-init: user {loaded.seed.user}, the instance's ssh key"))
     for index, chain in found:  # backing names come from the images: never raw to the terminal
         typer.echo(printable(f"  disks.{index}: {' <- '.join(link.describe() for link in chain)}"))
 
@@ -327,6 +382,7 @@ def import_qemu_(ctx: typer.Context,
 
 inspect_app = typer.Typer(no_args_is_help=True, help="Show what a VM would be given, without running one.")
 app.add_typer(inspect_app, name="inspect")
+app.add_typer(image_app, name="image")
 
 
 @inspect_app.command("acpi")

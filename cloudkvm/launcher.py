@@ -33,15 +33,39 @@ def check_runnable(profile: Profile) -> None:
         raise CloudkvmError(f"{profile.name}: {exc.message}", exc.hint) from None
 
 
-def prepare_disks(profile: Profile, instance: Instance) -> tuple[list, dict]:
-    """The instance's disks made ready (disks.prepare), and every format probed so far for the instance to record
-    (so that a restart does not probe again)."""
+def prepare_disks(profile: Profile, instance: Instance, cached=None, warn=None) -> tuple[list, dict, Profile]:
+    """The instance's disks made ready — the cloud image's overlay first (cloudimage.py), the profile's disks
+    (disks.prepare), the cloud-init seed last — every format probed so far for the instance to record (so that a
+    restart does not probe again), and the profile as it boots (with `from_image`, the kernel read out of the
+    image)."""
+    from . import cloudimage
     from .disks import prepare
 
     recorded = instance.info().get("probed_formats")
     recorded = recorded if isinstance(recorded, dict) else {}
     prepared, probed = prepare(profile, instance.dir, recorded)
-    return prepared, {**recorded, **probed}
+    if profile.images:
+        root = cloudimage.prepare_root(profile, instance.dir, warn or log.warning, cached)
+        prepared.insert(0, root)
+        if profile.boot.from_image:
+            found = cloudimage.boot_from_image(profile, root, instance.dir)
+            boot = profile.boot.model_copy(update={"from_image": False, "kernel": found.kernel,
+                                                   "initrd": found.initrd, "cmdline": found.cmdline})
+            profile = profile.model_copy(update={"boot": boot})
+            check_payload(spec_for(profile, None).payload, profile.machine)
+    if profile.seed is not None:
+        prepared.append(cloudimage.prepare_seed(profile, instance.dir))
+    return prepared, {**recorded, **probed}, profile
+
+
+def pull_image(profile: Profile, name: str | None = None, warn=None):
+    """The profile's cloud image, pulled into the cache before an instance is claimed (a download shows its own
+    progress), or None: no image, or the instance already has its disk (later starts keep their base)."""
+    from . import cloudimage
+
+    if not profile.images or cloudimage.root_disk(Instance.named(name or profile.name).dir).exists():
+        return None
+    return cloudimage.pull(profile, warn or log.warning)
 
 
 def warnings(profile: Profile) -> list[str]:
@@ -113,6 +137,19 @@ def spec_for(profile: Profile, console_fd: int | None, virtio: list | None = Non
                        console_fd=console_fd, virtio=virtio or [])
 
 
+def ssh_info(profile: Profile, instance: Instance) -> dict | None:
+    """How `cloudkvm ssh` reaches the guest: the seed's user, the instance key and the forward to guest port 22."""
+    from . import cloudimage
+
+    settings = profile.seed
+    if settings is None:
+        return None
+    forward = next((f for f in profile.network.forwards if f.proto == "tcp" and f.guest_port == 22), None)
+    return {"user": settings.user, "key": str(instance.dir / cloudimage.SSH_KEY),
+            "host": None if forward is None else ("127.0.0.1" if forward.host_ip == "0.0.0.0" else forward.host_ip),
+            "port": None if forward is None else forward.host_port}
+
+
 def instance_info(profile: Profile, source: str | None) -> dict:
     return {"name": profile.name, "arch": profile.arch, "machine": profile.machine, "cpus": profile.cpus,
             "memory": profile.memory, "profile": source,
@@ -170,13 +207,15 @@ def _stopped(how: str):
 
 
 @contextmanager
-def claimed(profile: Profile, source: str | None, doing: str, console_file: bool = True):
+def claimed(profile: Profile, source: str | None, doing: str, console_file: bool = True, cached=None):
     """The profile's instance for this command alone (its lock held, so one `up` wins), checked, its folder made
-    private and its disks prepared; yields (instance, disks, lock fd). A refused start leaves nothing behind: a
-    folder this made is removed again. `console_file`: the serial output goes to the console log (checked here)."""
+    private and its disks prepared; yields (instance, disks, lock fd, the profile as it boots). A refused start
+    leaves nothing behind: a folder this made is removed again. `console_file`: the serial output goes to the
+    console log (checked here). `cached`: the profile's image, already pulled (pull_image)."""
     check_runnable(profile)  # a guest this host cannot run at all: said before anything about its details
     check_profile(profile)  # what this host or the board cannot run, before anything is created
-    check_payload(spec_for(profile, None).payload, profile.machine)
+    if not profile.boot.from_image:  # the image's own kernel is checked once it is read out of the image
+        check_payload(spec_for(profile, None).payload, profile.machine)
     instance = Instance.named(profile.name)
     with private_files():
         try:
@@ -193,8 +232,9 @@ def claimed(profile: Profile, source: str | None, doing: str, console_file: bool
                 private_dir(instance.dir)
                 for stale in (instance.result_file, instance.pid_file):
                     stale.unlink(missing_ok=True)
-                disks, probed = prepare_disks(profile, instance)
-                instance.write_json(instance.info_file, {**instance_info(profile, source), "probed_formats": probed})
+                disks, probed, booted = prepare_disks(profile, instance, cached)
+                instance.write_json(instance.info_file, {**instance_info(profile, source), "probed_formats": probed,
+                                                         "ssh": ssh_info(profile, instance)})
                 if console_file:
                     os.close(open_log(instance.console_log))  # a symlink or a FIFO there is refused now
             except BaseException as exc:
@@ -203,16 +243,17 @@ def claimed(profile: Profile, source: str | None, doing: str, console_file: bool
                 if isinstance(exc, OSError):
                     raise state_folder_error(instance.dir, exc) from None
                 raise
-            yield instance, disks, lock_fd
+            yield instance, disks, lock_fd, booted
 
 
-def up(profile: Profile, source: str | None, name: str | None = None, wait: float = 120.0) -> tuple[Instance, bool]:
+def up(profile: Profile, source: str | None, name: str | None = None, wait: float = 120.0,
+       cached=None) -> tuple[Instance, bool]:
     """Start `profile` as a daemonized VM. Returns (instance, running): running is False when the VM was still
     starting after `wait` seconds. Errors are one-line CloudkvmErrors; a refused start leaves nothing behind."""
     if name:
         profile = profile.model_copy(update={"name": name})
-    with claimed(profile, source, "being started") as (instance, disks, lock_fd):
-        message, _ = daemon.spawn(instance, lambda ready: _run_vm(instance, profile, disks, ready), wait,
+    with claimed(profile, source, "being started", cached=cached) as (instance, disks, lock_fd, booted):
+        message, _ = daemon.spawn(instance, lambda ready: _run_vm(instance, booted, disks, ready), wait,
                                   close_in_daemon=(lock_fd,))
     if message == "timeout" and instance.state() == "running":
         return instance, False

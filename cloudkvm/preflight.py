@@ -209,8 +209,12 @@ def _check_memory(profile: Profile, host: HostFacts) -> None:
 
 def virtio_device_count(profile: Profile) -> int:
     """The virtio-mmio devices the profile's VM gets (as launcher.virtio_devices builds them): one virtio-blk per
-    disk, a virtio-net on user networking, and a virtio-rng."""
-    return len(profile.disks) + (profile.network.mode == "user") + 1
+    disk (the image's, the profile's, the cloud-init seed), a virtio-net on user networking, and a virtio-rng."""
+    return _image_disks(profile) + len(profile.disks) + (profile.network.mode == "user") + 1
+
+
+def _image_disks(profile: Profile) -> int:
+    return bool(profile.images) + (profile.seed is not None)
 
 
 def _check_virtio_slots(profile: Profile, board) -> None:
@@ -218,8 +222,9 @@ def _check_virtio_slots(profile: Profile, board) -> None:
     if virtio_device_count(profile) <= slots:
         return
     net = profile.network.mode == "user"
-    most_disks = slots - 1 - net
-    what = f"{len(profile.disks)} disks, " + ("a network card and " if net else "") + "an entropy source"
+    most_disks = max(0, slots - 1 - net - _image_disks(profile))
+    what = f"{_image_disks(profile) + len(profile.disks)} disks, " + ("a network card and " if net else "") + \
+        "an entropy source"
     raise CloudkvmError(f"{profile.where('disks', most_disks)}: disks[{most_disks}]: the {board.name} board has "
                         f"{slots} virtio-mmio slots, and this VM needs {virtio_device_count(profile)} ({what})",
                         f"use at most {most_disks} disks" + (" with network: user" if net else ""))

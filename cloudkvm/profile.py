@@ -32,6 +32,7 @@ from .fsutil import file_kind
 from .net import config as netconfig
 from .net.config import DEFAULT_FORWARD_HOST_IP, DEFAULT_NET, parse_forward
 from .units import parse_size
+from .yamlevents import EventParser as _EventParser
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -40,12 +41,17 @@ DEFAULT_MEMORY = "512M"
 # The profile format's boards (boards/registry.py): arch -> machine, machine -> console (16550 on x86; PL011 on virt)
 ARCH_MACHINE = {board.arch: board.name for board in registry.boards()}
 MACHINE_SERIAL = {board.name: board.default_console for board in registry.boards()}
-PROFILE_FIELD_ORDER = ("base", "name", "arch", "machine", "cpu", "cpus", "memory", "boot", "disks", "network",
-                       "console", "daemonize", "host_quirks")
+PROFILE_FIELD_ORDER = ("base", "name", "arch", "machine", "cpu", "cpus", "memory", "images", "disk", "boot", "disks",
+                       "cloud_init", "network", "console", "daemonize", "host_quirks")
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "profiles" / "schema.json"
 _SCHEMA_HINT = "see profiles/schema.json for the profile format"
 # Where paths appear in a profile (resolved against the folder of the file they are written in).
-_PATH_FIELDS = (("boot", "kernel"), ("boot", "initrd"), ("console", "log"), ("disks", int, "file"))
+_PATH_FIELDS = (("boot", "kernel"), ("boot", "initrd"), ("console", "log"), ("disks", int, "file"),
+                ("cloud_init", "user_data_file"))
+# Fields that hold a URL or a path: a path (no `scheme://`, not a `sha256:`/`sha512:` digest) is resolved like the
+# fields above.
+_LOCATION_FIELDS = (("images", int, "location"), ("images", int, "digest"))
+_DIGEST_LIKE = re.compile(r"\s*[A-Za-z0-9-]+:[0-9A-Fa-f]*\s*$")  # `algorithm:hex`, not a path
 _CHECKED_FILES = (("boot", "kernel"), ("boot", "initrd"), ("disks", int, "file"))
 # Bounds on what a profile may make the loader do (profiles are a few hundred bytes, nest 5 deep, hold ~50 values).
 MAX_PROFILE_BYTES = 1 * MiB  # per file
@@ -134,14 +140,109 @@ def _cpu_shorthand(value: Any) -> Any:
 
 
 class Boot(_Model):
-    """Direct Linux boot: kernel, optional initramfs and the kernel command line."""
+    """Direct Linux boot: a kernel file (optional initramfs) or the newest kernel inside the image, and the kernel
+    command line."""
 
-    kernel: ProfilePath = Field(description="kernel image (bzImage or vmlinux on x86_64, Image on aarch64)")
+    kernel: ProfilePath | None = Field(None, description="kernel image (bzImage or vmlinux on x86_64, Image on "
+                                                         "aarch64)")
     initrd: ProfilePath | None = Field(None, description="initramfs / initrd image")
-    cmdline: str = Field("", description="kernel command line")
+    from_image: bool = Field(False, description="boot the newest vmlinuz/initrd.img pair found in the image's own "
+                                                "file systems (root=UUID= and the console are added)")
+    cmdline: str = Field("", description="kernel command line (with from_image: added after root= and console=)")
     format: Literal["linux", "flat"] = Field(
         "linux", description="linux: the Linux boot protocol; flat: a raw binary every vCPU enters at 1 MiB in "
                              "64-bit mode (cloudkvm's purpose-built test guests)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Boot":
+        if self.from_image:
+            for key in ("kernel", "initrd"):
+                if getattr(self, key) is not None:
+                    raise FieldError(f"from_image boots the image's own kernel; {key} cannot be given too", (key,),
+                                     f"drop {key}, or drop from_image")
+            if self.format != "linux":
+                raise FieldError("from_image boots Linux", ("format",), "drop format")
+        elif self.kernel is None:
+            raise FieldError("boot needs a kernel, or from_image: true", ("kernel",),
+                             "name the kernel file, or set from_image: true to boot the image's own kernel")
+        return self
+
+
+def _location(value: Any) -> Any:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a URL or a path, not {_show(value)}")
+    if not value.isprintable():
+        raise ValueError("the location contains control characters")
+    return value.strip()
+
+
+def _image_digest(value: Any) -> Any:
+    from .images.digest import is_digest, parse_digest
+
+    value = _location(value)
+    if is_digest(value) or _DIGEST_LIKE.match(value):
+        try:
+            return str(parse_digest(value))
+        except CloudkvmError as exc:
+            raise FieldError(exc.message.split(": ", 1)[-1], hint=exc.hint) from None
+    return value
+
+
+class Image(_Model):
+    """A cloud image by URL or path (the first whose arch is the VM's is used), checked against its digest."""
+
+    location: Annotated[str, BeforeValidator(_location)] = Field(
+        description="http(s):// or file:// URL, or a path (relative: from the profile's folder); .xz/.gz/.zst are "
+                    "unpacked")
+    arch: Literal[tuple(ARCH_MACHINE)] | None = Field(None, description="the image's architecture (default: any)")
+    digest: Annotated[str, BeforeValidator(_image_digest)] | None = Field(
+        None, description="sha256:HEX or sha512:HEX, or the URL of the distribution's SHA256SUMS/SHA512SUMS file")
+
+
+_USER_NAME = r"[a-z_][a-z0-9_-]{0,31}"
+_HOSTNAME = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one RFC 1123 label
+
+
+def _cloud_init_shorthand(value: Any) -> Any:
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
+class CloudInit(_Model):
+    """The cloud-init NoCloud seed (ISO 9660, label cidata) cloudkvm writes for the instance: a user who logs in
+    with the instance's own ssh key, the host name, packages, and extra user-data merged in."""
+
+    enabled: bool = Field(True, description="write and attach the seed (false: none)")
+    user: Annotated[str, Field(pattern=f"^{_USER_NAME}$")] = Field(
+        "cloudkvm", description="the user cloud-init creates (sudo without a password, ssh keys only)")
+    ssh_keys: list[str] = Field(default_factory=list, description="more public keys to authorize (the instance's "
+                                                                  "own key always is)")
+    dot_ssh_keys: bool = Field(False, description="also authorize the keys in ~/.ssh/*.pub")
+    hostname: Annotated[str, Field(pattern=f"^{_HOSTNAME}$")] | None = Field(
+        None, description="the guest's host name (default: the VM's name)")
+    packages: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+:=~_-]*$")]] = Field(
+        default_factory=list, description="packages to install at first boot")
+    user_data: dict[str, Any] | None = Field(None, description="more cloud-config, merged over cloudkvm's (maps "
+                                                               "merge, lists append, later scalars win)")
+    user_data_file: ProfilePath | None = Field(None, description="a #cloud-config file merged after user_data")
+    network_config: dict[str, Any] | None = Field(None, description="network-config (version 1 or 2) for the seed")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CloudInit":
+        for index, key in enumerate(self.ssh_keys):
+            from .images.sshkeys import check_public_key
+
+            try:
+                self.ssh_keys[index] = check_public_key(key, "")
+            except CloudkvmError as exc:
+                raise FieldError(exc.message.lstrip(": "), ("ssh_keys", index), exc.hint) from None
+        if self.network_config is not None:
+            from .images.cloudinit import network_config
+
+            try:
+                network_config(self.network_config, "")
+            except CloudkvmError as exc:
+                raise FieldError(exc.message.lstrip(": "), ("network_config",), exc.hint) from None
+        return self
 
 
 class Disk(_Model):
@@ -238,8 +339,17 @@ class Profile(_Model):
     cpus: Annotated[int, Field(ge=1, le=255), BeforeValidator(_no_bool)] = Field(1, description="vCPUs (1..255)")
     memory: Annotated[int, BeforeValidator(_size("memory"), json_schema_input_type=SizeText)] = Field(
         DEFAULT_MEMORY, validate_default=True, description="guest RAM: 512M, 4G, 4GiB or 4096 (MiB); at least 16M")
+    images: list[Image] = Field(default_factory=list, description="the cloud image the VM boots from: its first "
+                                "disk is an overlay on the cached image (the first entry of the VM's arch is used)")
+    disk: Annotated[int, BeforeValidator(_size("disk"), json_schema_input_type=SizeText)] | None = Field(
+        None, description="size of the image's disk (the overlay grows to it; default 10G, or the image's size "
+                          "when larger)")
     boot: Boot = Field(description="direct kernel boot")
-    disks: list[Disk] = Field(default_factory=list, description="disks, in the order the guest sees them")
+    disks: list[Disk] = Field(default_factory=list, description="more disks, in the order the guest sees them "
+                                                                "(after the image's)")
+    cloud_init: Annotated[CloudInit, BeforeValidator(
+        _cloud_init_shorthand, json_schema_input_type=Union[bool, CloudInit])] | None = Field(
+        None, description="the cloud-init seed; written by default when the VM boots an image")
     network: Annotated[Network, BeforeValidator(
         _network_shorthand, json_schema_input_type=Union[Literal["none", "user"], Network])] = Field(
         "none", validate_default=True, description="`none`, `user`, or {mode: user, forwards: [...]}")
@@ -272,6 +382,7 @@ class Profile(_Model):
                 info.check_cpu_hide([name])
             except CloudkvmError as exc:
                 raise FieldError(f"unknown CPU feature '{name}'", ("cpu", "hide", index), exc.hint) from None
+        self._check_image()
         serial = MACHINE_SERIAL[self.machine]
         if self.console.serial is None:
             self.console.serial = serial
@@ -279,6 +390,29 @@ class Profile(_Model):
             raise FieldError(f"the {self.machine} board's console is {serial}, not {self.console.serial}",
                              ("console", "serial"), f"use serial: {serial} (or omit it)")
         return self
+
+    def _check_image(self) -> None:
+        if self.images and self.image is None:
+            raise FieldError(f"no image for arch {self.arch}", ("images",),
+                             f"add an entry with arch: {self.arch} (or one without arch)")
+        if not self.images:
+            if self.boot.from_image:
+                raise FieldError("from_image needs an image", ("boot", "from_image"), "add images: [{location: URL}]")
+            if self.disk is not None:
+                raise FieldError("disk sizes the image's disk; there is no image", ("disk",),
+                                 "add images:, or give a size to a disk under disks:")
+
+    @property
+    def image(self) -> "Image | None":
+        """The image this VM boots from: the first entry of `images` for its arch."""
+        return next((image for image in self.images if image.arch in (None, self.arch)), None)
+
+    @property
+    def seed(self) -> "CloudInit | None":
+        """The cloud-init seed settings, when the VM gets a seed (by default when it boots an image)."""
+        if self.cloud_init is not None:
+            return self.cloud_init if self.cloud_init.enabled else None
+        return CloudInit() if self.images else None
 
     def __eq__(self, other: object) -> bool:
         """Profiles are equal when they mean the same VM, wherever they were written."""
@@ -474,14 +608,6 @@ class _Budget:
 _INT_TAG, _FLOAT_TAG, _MERGE_TAG = (f"tag:yaml.org,2002:{name}" for name in ("int", "float", "merge"))
 
 
-try:
-    from yaml._yaml import CParser as _EventParser  # libyaml: ~100x faster than PyYAML's pure-Python parser
-except ImportError:  # PyYAML built without libyaml: the same checks, slower
-    class _EventParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
-        def __init__(self, text: str):
-            yaml.reader.Reader.__init__(self, text)
-            yaml.scanner.Scanner.__init__(self)
-            yaml.parser.Parser.__init__(self)
 
 
 class _BoundedLoader(yaml.composer.Composer, _EventParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
@@ -710,6 +836,11 @@ def _resolve_paths(data: dict, folder: Path) -> None:
         for parent, key in _find(data, spec):
             if isinstance(parent.get(key), str) and parent[key].strip():
                 parent[key] = _abspath(parent[key], folder)
+    for spec in _LOCATION_FIELDS:
+        for parent, key in _find(data, spec):
+            text = parent.get(key)
+            if isinstance(text, str) and text.strip() and "://" not in text and not _DIGEST_LIKE.match(text):
+                parent[key] = _abspath(text.strip(), folder)
 
 
 def _find(data: Any, spec: tuple) -> list[tuple[dict, str]]:
@@ -887,9 +1018,12 @@ def _validation_error(exc: ValidationError, doc: _Doc) -> CloudkvmError:
 
 
 def _check_files(profile: Profile, doc: _Doc) -> None:
-    targets: list[tuple[tuple, Path, bool]] = [(("boot", "kernel"), profile.boot.kernel, False)]
-    if profile.boot.initrd is not None:
-        targets.append((("boot", "initrd"), profile.boot.initrd, False))
+    targets: list[tuple[tuple, Path, bool]] = []
+    for key in ("kernel", "initrd"):
+        if getattr(profile.boot, key) is not None:
+            targets.append((("boot", key), getattr(profile.boot, key), False))
+    if profile.cloud_init is not None and profile.cloud_init.user_data_file is not None:
+        targets.append((("cloud_init", "user_data_file"), profile.cloud_init.user_data_file, False))
     for index, disk in enumerate(profile.disks):
         targets.append((("disks", index, "file"), disk.file, not (disk.read_only or disk.overlay)))
     for loc, path, writable in targets:
@@ -991,9 +1125,10 @@ def profile_schema() -> dict:
     schema["title"] = "cloudkvm profile"
     # A profile with base: may leave required fields to its bases; only a profile without one must have them all.
     required = schema.pop("required")
-    boot_required = schema["$defs"]["Boot"].pop("required")
+    # boot names a kernel, or boots the image's own (checked by Boot._consistent)
+    boot_choice = {"anyOf": [{"required": ["kernel"]}, {"required": ["from_image"]}]}
     schema["if"] = {"not": {"required": ["base"]}}
-    schema["then"] = {"required": required, "properties": {"boot": {"required": boot_required}}}
+    schema["then"] = {"required": required, "properties": {"boot": boot_choice}}
     schema["properties"]["base"] = {
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
         "description": "profiles to inherit from (paths relative to this file): maps merge key by key, lists "

@@ -624,6 +624,9 @@ def profile_to_qemu(profile: Profile) -> list[str]:
     """The QEMU command line that runs the same VM (as close as QEMU gets: `-M microvm` for the x86 board,
     virtio-mmio devices). Not expressible, so left out: disk `size` (grow the image first with `qemu-img
     resize`), `host_quirks`; an `overlay` disk becomes snapshot=on (QEMU discards the writes at exit)."""
+    if profile.images:
+        raise CloudkvmError(f"{profile.where('images')}: images: has no QEMU command line equivalent (QEMU does not "
+                            f"fetch, verify or overlay an image, nor read its kernel)", "`cloudkvm up` runs it")
     argv = [f"qemu-system-{profile.arch}", "-name", profile.name]
     if profile.daemonize:
         argv.append("-daemonize")

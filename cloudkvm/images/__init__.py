@@ -1,1 +1,2 @@
-"""Cloud images: digests (digest.py); the image cache, downloads and overlays come next (issue 13)."""
+"""Cloud images: digests, downloads and the cache, unpacking, partitions and ext file systems, the kernel inside an
+image, the cloud-init NoCloud seed and the instance key pair (docs/architecture.md, "Cloud images")."""

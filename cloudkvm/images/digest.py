@@ -28,6 +28,12 @@ class Digest:
         return f"{self.algorithm}:{self.hex}"
 
 
+def is_digest(text: str) -> bool:
+    """Whether a profile's `digest` is written as a digest (`sha256:`/`sha512:` prefix), not as a checksum file's
+    URL or path."""
+    return str(text).strip().lower().startswith(tuple(f"{algorithm}:" for algorithm in ALGORITHMS))
+
+
 def parse_digest(text: str, where: str = "digest") -> Digest:
     """`sha256:HEX` or `sha512:HEX` (hex of the right length, any case) -> Digest; a one-line error otherwise."""
     algorithm, sep, value = str(text).strip().partition(":")

@@ -17,7 +17,7 @@ EXPECT = {
     "05-unknown-top-level-key.yaml": ("05-unknown-top-level-key.yaml:4:", "memroy: unknown key"),
     "06-unknown-nested-key.yaml": ("06-unknown-nested-key.yaml:3:", "boot.kernal: unknown key"),
     "07-missing-name.yaml": ("07-missing-name.yaml:2:", "name: required field is missing"),
-    "08-missing-kernel.yaml": ("08-missing-kernel.yaml:3:", "boot.kernel: required field is missing"),
+    "08-missing-kernel.yaml": ("08-missing-kernel.yaml:3:", "boot.kernel: boot needs a kernel, or from_image: true"),
     "09-missing-kernel-file.yaml": ("09-missing-kernel-file.yaml:3:", "boot.kernel: no such file"),
     "10-bad-memory-unit.yaml": ("10-bad-memory-unit.yaml:2:", "memory: cannot read '4X' as a size"),
     "11-memory-too-small.yaml": ("11-memory-too-small.yaml:4:", "memory: 8M is too little memory"),

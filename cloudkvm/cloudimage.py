@@ -1,0 +1,172 @@
+"""A profile's cloud image made ready for one instance (issue 13): the cached base image (pulled and verified), the
+instance's qcow2 overlay on it grown to `disk:`, the kernel and initrd read out of the image for direct boot, and
+the cloud-init NoCloud seed. Runs in the CLI before the daemon starts, so every problem is a one-line user error."""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .disks import PreparedDisk, overlay_backing
+from .errors import CloudkvmError
+from .fsutil import atomic_write
+from .storage import BackingPolicy
+
+ROOT_DISK = "root.qcow2"  # the instance's overlay on the cached image (found by `image prune` as in use)
+SEED = "cidata.iso"
+KERNEL, INITRD = "boot/vmlinuz", "boot/initrd.img"
+INSTANCE_ID = "instance-id"
+SSH_KEY = "ssh_key"
+DEFAULT_DISK = 10 << 30
+
+
+@dataclass(frozen=True)
+class ImageBoot:
+    """What `boot: {from_image: true}` found: the files written into the instance folder and the command line."""
+
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    kernel_name: str  # the kernel's path inside the image, for messages
+    root_uuid: str
+
+
+def root_disk(instance_dir: Path) -> Path:
+    return Path(instance_dir) / ROOT_DISK
+
+
+def base_policy(base: str) -> BackingPolicy:
+    """An overlay in the instance folder may name its base in the image cache, and nothing else."""
+    return BackingPolicy(trusted=False, allowed=frozenset({os.path.realpath(base)}))
+
+
+def pull(profile, warn: Callable[[str], None]):
+    """The profile's image in the cache (downloaded and verified when it is not there yet); CloudkvmErrors name the
+    profile's `images` entry."""
+    from .images import store
+
+    image = profile.image
+    index = profile.images.index(image)
+    try:
+        return store.pull(image.location, image.digest, warn=warn)
+    except CloudkvmError as exc:
+        raise CloudkvmError(f"{profile.where('images', index, 'location')}: {exc.message}", exc.hint) from None
+
+
+def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None], cached=None) -> PreparedDisk:
+    """The instance's first disk: an overlay on the cached image (`cached`, or pulled now), made on the first `up`
+    and grown to `disk:`. Later starts keep using the base the overlay was made on (no download), even when the
+    profile's image moved on."""
+    from .storage import open_disk, qcow2
+
+    overlay = root_disk(instance_dir)
+    where = profile.where("images")
+    if overlay.exists():
+        base, fmt = overlay_backing(overlay)
+        if base is None or fmt not in ("qcow2", "raw"):
+            raise CloudkvmError(f"{overlay}: the instance's root disk names no usable base image",
+                                f"`cloudkvm rm {profile.name}` starts the instance afresh")
+        if not os.path.isfile(base):
+            raise CloudkvmError(f"{where}: the image instance '{profile.name}' was made from is gone ({base})",
+                                f"`cloudkvm rm {profile.name}` starts it afresh from the profile's image")
+    else:
+        cached = cached or pull(profile, warn)
+        base, fmt = str(cached.path), cached.format
+        with open_disk(base, read_only=True, format=fmt) as image:
+            size = image.size
+        wanted = profile.disk if profile.disk is not None else max(DEFAULT_DISK, size)
+        if wanted < size:
+            raise CloudkvmError(f"{profile.where('disk')}: disk {wanted} bytes is smaller than the image "
+                                f"({size} bytes)", "disks only grow; make disk: at least the image's size")
+        qcow2.create(overlay, wanted, backing=base, backing_format=fmt, policy=base_policy(base))
+        os.chmod(overlay, 0o600)
+    disk = PreparedDisk(str(overlay), "qcow2", False, False, base_policy(base))
+    with disk.open() as image:  # a refused or corrupt chain fails here; `disk:` made larger later grows it
+        if profile.disk is not None and profile.disk > image.size:
+            image.grow(profile.disk)
+        elif profile.disk is not None and profile.disk < image.size:
+            raise CloudkvmError(f"{profile.where('disk')}: the instance's disk is already {image.size} bytes",
+                                "disks only grow; drop disk: or make it larger")
+    return disk
+
+
+def boot_from_image(profile, root: PreparedDisk, instance_dir: Path) -> ImageBoot:
+    """The newest kernel/initrd pair in the image (read through the overlay, so a kernel the guest installed
+    counts), written into the instance folder, and `root=UUID=… ro console=…` plus the profile's cmdline."""
+    from .boards import registry
+    from .images.bootfiles import cmdline_for, find_boot
+
+    with root.open() as disk:
+        found = find_boot(disk, f"{profile.name}'s image ({root.path})")
+    kernel = Path(instance_dir) / KERNEL
+    kernel.parent.mkdir(mode=0o700, exist_ok=True)
+    atomic_write(kernel, found.kernel, mode=0o600)
+    initrd = None
+    if found.initrd is not None:
+        initrd = Path(instance_dir) / INITRD
+        atomic_write(initrd, found.initrd, mode=0o600)
+    console = registry.named(profile.machine).default_console
+    return ImageBoot(kernel, initrd, cmdline_for(found, console, profile.boot.cmdline), found.kernel_name,
+                     found.root_uuid)
+
+
+def instance_id(instance_dir: Path) -> str:
+    """The instance's cloud-init instance-id: made once, kept while the instance folder lives (a new one makes
+    cloud-init run its first-boot modules again)."""
+    path = Path(instance_dir) / INSTANCE_ID
+    try:
+        text = path.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    made = f"iid-cloudkvm-{uuid.uuid4()}"
+    atomic_write(path, made.encode() + b"\n", mode=0o600)
+    return made
+
+
+def _extra_user_data(profile) -> list[tuple[str, dict]]:
+    from .images.cloudinit import read_user_data
+
+    settings, extra = profile.seed, []
+    if settings.user_data:
+        extra.append((profile.where("cloud_init", "user_data"), settings.user_data))
+    if settings.user_data_file is not None:
+        extra.append((str(settings.user_data_file), read_user_data(settings.user_data_file)))
+    return extra
+
+
+def seed_files(profile, instance_dir: Path) -> dict[str, bytes]:
+    """meta-data, user-data and (when given) network-config for the NoCloud seed (cloud-init docs, "NoCloud")."""
+    from .images import cloudinit, sshkeys
+
+    settings = profile.seed
+    _, public = sshkeys.instance_key(Path(instance_dir), f"cloudkvm@{profile.name}")
+    keys = [public] + list(settings.ssh_keys) + (sshkeys.user_public_keys() if settings.dot_ssh_keys else [])
+    hostname = settings.hostname or _hostname(profile.name)
+    files = {
+        "meta-data": cloudinit.meta_data(instance_id(instance_dir), hostname).encode(),
+        "user-data": cloudinit.user_data(user=settings.user, authorized_keys=keys, hostname=hostname,
+                                         packages=list(settings.packages),
+                                         extra=_extra_user_data(profile)).encode(),
+    }
+    if settings.network_config is not None:
+        files["network-config"] = cloudinit.network_config(settings.network_config).encode()
+    return files
+
+
+def _hostname(name: str) -> str:
+    """A VM name as an RFC 1123 host name label ('.' and '_' become '-')."""
+    label = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")[:63].strip("-")
+    return label or "cloudkvm"
+
+
+def prepare_seed(profile, instance_dir: Path) -> PreparedDisk:
+    """The seed ISO in the instance folder, rewritten from the profile on every start, attached read-only."""
+    from .images.seed import write_seed
+
+    path = Path(instance_dir) / SEED
+    write_seed(path, seed_files(profile, instance_dir))
+    return PreparedDisk(str(path), "raw", True, False, BackingPolicy())

@@ -1,0 +1,99 @@
+"""`cloudkvm image ls | pull | rm | prune` through typer's CliRunner (and one real process for the exit status and
+the one-line error), on a local image, with `sha256sum` and `qemu-img` as oracles."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cloudkvm.cli import app
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img (Debian: qemu-utils)")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*argv, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLOUDKVM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CLOUDKVM_STATE_DIR", str(tmp_path / "state"))
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as f:
+        f.write(os.urandom(1 << 20))
+        f.truncate(8 << 20)
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, tmp_path / "cloud.qcow2")
+    return tmp_path
+
+
+def cli(*args: str):
+    result = CliRunner().invoke(app, ["image", *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def test_pull_ls_rm(env):
+    image = env / "cloud.qcow2"
+    digest = run("sha256sum", image).stdout.split()[0]
+    pulled = cli("pull", str(image), "--digest", f"sha256:{digest}")
+    assert pulled.exit_code == 0
+    path = Path(pulled.stdout.strip())
+    assert path.name == f"sha256-{digest}.qcow2" and path.parent == env / "cache" / "images"
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", image, path)
+
+    table = cli("ls")
+    assert table.exit_code == 0
+    header, row = table.stdout.splitlines()
+    assert header.split()[:2] == ["DIGEST", "FORMAT"]
+    assert row.split()[:4] == [f"sha256:{digest[:12]}", "qcow2", "8.0", "MiB"] and row.endswith(str(image))
+
+    listed = json.loads(cli("ls", "--json").stdout)
+    assert [(e["digest"], e["format"], e["size"], e["locations"]) for e in listed] == \
+        [(f"sha256:{digest}", "qcow2", 8 << 20, [str(image)])]
+
+    removed = cli("rm", digest[:10])
+    assert removed.exit_code == 0 and f"removed sha256:{digest[:12]}" in removed.stdout
+    assert not path.exists() and json.loads(cli("ls", "--json").stdout) == []
+
+
+def test_prune_dry_run_then_prune_keeps_a_base_in_use(env):
+    kept = Path(cli("pull", str(env / "cloud.qcow2")).stdout.strip())
+    run("qemu-img", "convert", "-O", "raw", env / "cloud.qcow2", env / "other.img")
+    other = Path(cli("pull", str(env / "other.img")).stdout.strip())
+    instance = env / "state" / "vm1"
+    instance.mkdir(parents=True)
+    (instance / "instance.json").write_text("{}")
+    run("qemu-img", "create", "-f", "qcow2", "-b", kept, "-F", "qcow2", instance / "root.qcow2")
+    assert "vm1" in next(line for line in cli("ls").stdout.splitlines() if line.startswith("sha256:")
+                         and kept.name[7:19] in line)
+
+    dry = cli("prune", "--dry-run")
+    assert dry.exit_code == 0 and other.exists()
+    assert [line.split(": ", 1)[1] for line in dry.stdout.splitlines()] == [str(other), str(other.with_suffix(".json"))]
+    pruned = cli("prune")
+    assert pruned.stdout.replace("removed", "would remove") == dry.stdout
+    assert kept.exists() and not other.exists()
+
+    refused = CliRunner().invoke(app, ["image", "rm", kept.name])
+    assert "base of instance(s) vm1" in str(refused.exception) and kept.exists()
+    assert cli("rm", kept.name, "--force").exit_code == 0 and not kept.exists()
+
+
+def test_errors_are_one_line_and_exit_2(env):
+    child_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "cloudkvm", "image", "pull", str(env / "cloud.qcow2"), "--digest",
+                           "sha256:" + "0" * 64], capture_output=True, text=True, env=child_env)
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"cloudkvm: error: {env / 'cloud.qcow2'}: sha256 digest is ") and "expected 000" in line
+    done = subprocess.run([sys.executable, "-m", "cloudkvm", "image", "pull", str(env / "cloud.qcow2")],
+                          capture_output=True, text=True, env=child_env)
+    assert done.returncode == 0 and done.stderr.startswith("cloudkvm: warning: ") and "no digest" in done.stderr
