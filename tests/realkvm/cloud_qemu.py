@@ -244,8 +244,30 @@ def bench_line(cloudkvm_seconds: float | None, qemu_seconds: float | None) -> st
             f"speedup={qemu_seconds / cloudkvm_seconds:.2f}")
 
 
+def qemu_reference(qcow2: Path, kernel: Path, initrd: Path, cmdline: str, work: Path, out: Path,
+                   timeout: float) -> dict:
+    """The whole QEMU side: stage the image in `work` (a tmpfs), make key, seed and overlay, boot to ssh, and
+    report (SshReady's fields, the check read, the base image's SHA-256 before and after); the guest's console
+    and QEMU's own output go to `out` as console.log and qemu.log."""
+    ensure_loopback()
+    start = time.monotonic()
+    qcow2, kernel, initrd = stage([qcow2, kernel, initrd], work)
+    staged = time.monotonic() - start
+    guest = prepare_guest(qcow2, work / "guest")
+    before = sha256_of(qcow2)
+    port = free_port()
+    console = work / "console.log"
+    cmd = qemu_command(kernel, initrd, cmdline, guest, port, console)
+    ready = boot_to_ssh(cmd, guest.key, port, timeout, log=out / "qemu.log")
+    if console.is_file():
+        shutil.copyfile(console, out / "console.log")
+    return {**asdict(ready), "stage_seconds": round(staged, 1), "command": cmd,
+            "base_sha256_before": before, "base_sha256_after": sha256_of(qcow2),
+            "check": asdict(read_check(ready.check_output)) if ready.check_output else None}
+
+
 def main() -> int:
-    """Inside the test host: stage the image, boot it under QEMU, write result.json and console.log to --out."""
+    """Inside the test host: qemu_reference, its report written to --out as result.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--qcow2", type=Path, required=True)
     parser.add_argument("--kernel", type=Path, required=True)
@@ -255,24 +277,10 @@ def main() -> int:
     parser.add_argument("--stage", type=Path, default=Path("/tmp/cloudimage"))
     parser.add_argument("--timeout", type=float, default=420)
     args = parser.parse_args()
-    ensure_loopback()
-    start = time.monotonic()
-    qcow2, kernel, initrd = stage([args.qcow2, args.kernel, args.initrd], args.stage)
-    staged = time.monotonic() - start
-    guest = prepare_guest(qcow2, args.stage / "guest")
-    before = sha256_of(qcow2)
-    port = free_port()
-    console = args.stage / "console.log"
-    cmd = qemu_command(kernel, initrd, args.cmdline, guest, port, console)
-    ready = boot_to_ssh(cmd, guest.key, port, args.timeout, log=args.out / "qemu.log")
-    if console.is_file():
-        shutil.copyfile(console, args.out / "console.log")
-    report = {**asdict(ready), "stage_seconds": round(staged, 1), "command": cmd,
-              "base_sha256_before": before, "base_sha256_after": sha256_of(qcow2),
-              "check": asdict(read_check(ready.check_output)) if ready.check_output else None}
+    report = qemu_reference(args.qcow2, args.kernel, args.initrd, args.cmdline, args.stage, args.out, args.timeout)
     (args.out / "result.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
-    return 0 if ready.finished_seconds is not None else 1
+    return 0 if report["finished_seconds"] is not None else 1
 
 
 if __name__ == "__main__":

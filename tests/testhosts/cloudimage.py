@@ -35,7 +35,7 @@ from cloudkvm.cache import cache_dir
 from cloudkvm.fsutil import install_dir
 from cloudkvm.guests import debian
 
-RECIPE_VERSION = "1"  # bump when the build below changes, so images made by older code are not rebuilt on
+RECIPE_VERSION = "1"  # bump when the build below changes, so an image made by older code is not reused
 SUITE = "bookworm"
 DISK_BYTES = 2 << 30
 PARTITION_START = 1 << 20  # like Debian's genericcloud: p1 at 1 MiB
@@ -100,7 +100,7 @@ class CloudImage:
         return f"root=UUID={self.root_uuid} ro console={console}"
 
 
-def apt_source_lines(arch: str = "amd64") -> list[str]:
+def apt_source_lines() -> list[str]:
     """`deb URI SUITE COMPONENTS` lines for the Debian bookworm suites this machine's apt uses (its
     sources.list and deb822 .sources files), so the image comes from the same mirror; deb.debian.org if none."""
     lines = []
@@ -147,8 +147,8 @@ def _deb822_entries(text: str) -> list[tuple[str, str, list[str]]]:
 
 def image_key(arch: str, kernel_package: str, sources: list[str]) -> str:
     """The cache key: this recipe, the architecture, the apt sources and the resolved kernel package."""
-    parts = [RECIPE_VERSION, SUITE, repr(ARCHES[arch]), *MMDEBSTRAP_OPTIONS, *PACKAGES, CUSTOMIZE, ROOT_UUID, PARTITION_UUID, DISK_UUID,
-             str(DISK_BYTES), kernel_package, *sources]
+    parts = [RECIPE_VERSION, SUITE, repr(ARCHES[arch]), *MMDEBSTRAP_OPTIONS, *PACKAGES, CUSTOMIZE, ROOT_UUID,
+             PARTITION_UUID, DISK_UUID, str(DISK_BYTES), kernel_package, *sources]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -157,9 +157,12 @@ def build_cloud_image(arch: str = "amd64", cache: Path | None = None) -> CloudIm
     if arch not in ARCHES:
         raise ValueError(f"no test cloud image recipe for {arch!r} (have: {', '.join(ARCHES)}); a foreign "
                          "architecture needs its maintainer scripts run under qemu-user binfmt")
+    if os.geteuid() != 0:
+        raise RuntimeError("building the test cloud image needs root (mmdebstrap --mode=root, chroot, "
+                           "mkfs.ext4 -d keeping the files' owners)")
     recipe = ARCHES[arch]
     kernel_package = debian.resolve_kernel_package(recipe.kernel_metapackage)
-    sources = apt_source_lines(arch)
+    sources = apt_source_lines()
     base = (cache or cache_dir()) / "cloudimages"
     base.mkdir(parents=True, exist_ok=True)
     key = image_key(arch, kernel_package, sources)
@@ -223,6 +226,7 @@ def _sh(cmd: list[str], what: str, **kwargs) -> str:
 
 
 def _build(recipe: ArchRecipe, sources: list[str], debs: Path, out: Path) -> None:
+    """mmdebstrap -> kernel and initrd copied out, the root checked -> GPT disk -> compressed qcow2, in `out`."""
     times = {}
     work = out / "work"
     root = work / "root"
@@ -235,25 +239,31 @@ def _build(recipe: ArchRecipe, sources: list[str], debs: Path, out: Path) -> Non
     version = vmlinuz.name.removeprefix("vmlinuz-")
     shutil.copyfile(vmlinuz, out / "vmlinuz")
     shutil.copyfile(root / "boot" / f"initrd.img-{version}", out / "initrd.img")
+    facts = firmware_less_facts(root, version)
+    start = time.monotonic()
+    raw = work / "disk.raw"
+    make_gpt_disk(root, raw, recipe.root_partition_type)
+    times["disk_s"] = round(time.monotonic() - start, 1)
+    start = time.monotonic()
+    _sh(["qemu-img", "convert", "-c", "-m", "2", "-W", "-f", "raw", "-O", "qcow2", str(raw), str(out / "disk.qcow2")],
+        "qemu-img convert")
+    times["qcow2_s"] = round(time.monotonic() - start, 1)
+    _remove_tree(work)
+    facts.update(times, qcow2_bytes=(out / "disk.qcow2").stat().st_size, disk_bytes=DISK_BYTES)
+    meta = {"kernel_version": version, "root_uuid": ROOT_UUID, "facts": facts}
+    (out / "image.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def firmware_less_facts(root: Path, version: str) -> dict:
+    """What a VMM without firmware relies on in the image (its kernel config, the initramfs' virtio modules, the
+    ACPI alias that loads virtio_mmio); an error when the initramfs lacks a virtio driver."""
     facts = {"kernel_config": kernel_config(root / "boot" / f"config-{version}", NEEDED_CONFIG),
              "initramfs_modules": initramfs_modules(root, version, NEEDED_DRIVERS),
              "acpi_modalias_virtio_mmio": module_has_alias(root, version, "virtio_mmio", "acpi*:LNRO0005:*")}
     missing = [m for m, present in facts["initramfs_modules"].items() if not present]
     if missing:
         raise RuntimeError(f"the image's initramfs lacks {', '.join(missing)}")
-    start = time.monotonic()
-    raw = work / "disk.raw"
-    make_gpt_disk(root, raw, recipe.root_partition_type)
-    times["disk_s"] = round(time.monotonic() - start, 1)
-    _remove_tree(root)
-    start = time.monotonic()
-    _sh(["qemu-img", "convert", "-c", "-m", "2", "-W", "-f", "raw", "-O", "qcow2", str(raw), str(out / "disk.qcow2")],
-        "qemu-img convert")
-    times["qcow2_s"] = round(time.monotonic() - start, 1)
-    shutil.rmtree(work)
-    facts.update(times, qcow2_bytes=(out / "disk.qcow2").stat().st_size, disk_bytes=DISK_BYTES)
-    meta = {"kernel_version": version, "root_uuid": ROOT_UUID, "facts": facts}
-    (out / "image.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return facts
 
 
 def _mmdebstrap(recipe: ArchRecipe, sources: list[str], debs: Path, root: Path) -> None:
