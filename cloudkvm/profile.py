@@ -29,10 +29,11 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 from .boards import registry
 from .errors import CloudkvmError, FieldError, printable
 from .fsutil import file_kind
+from .images.digest import is_digest
 from .net import config as netconfig
 from .net.config import DEFAULT_FORWARD_HOST_IP, DEFAULT_NET, parse_forward
 from .units import parse_size
-from .yamlevents import EventParser as _EventParser
+from .yamlevents import EventParser as _EventParser, yaml_text
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -51,7 +52,6 @@ _PATH_FIELDS = (("boot", "kernel"), ("boot", "initrd"), ("console", "log"), ("di
 # Fields that hold a URL or a path: a path (no `scheme://`, not a `sha256:`/`sha512:` digest) is resolved like the
 # fields above.
 _LOCATION_FIELDS = (("images", int, "location"), ("images", int, "digest"))
-_DIGEST_LIKE = re.compile(r"\s*[A-Za-z0-9-]+:[0-9A-Fa-f]*\s*$")  # `algorithm:hex`, not a path
 _CHECKED_FILES = (("boot", "kernel"), ("boot", "initrd"), ("disks", int, "file"))
 # Bounds on what a profile may make the loader do (profiles are a few hundred bytes, nest 5 deep, hold ~50 values).
 MAX_PROFILE_BYTES = 1 * MiB  # per file
@@ -177,10 +177,10 @@ def _location(value: Any) -> Any:
 
 
 def _image_digest(value: Any) -> Any:
-    from .images.digest import is_digest, parse_digest
+    from .images.digest import parse_digest
 
     value = _location(value)
-    if is_digest(value) or _DIGEST_LIKE.match(value):
+    if is_digest(value):
         try:
             return str(parse_digest(value))
         except CloudkvmError as exc:
@@ -640,18 +640,7 @@ class _BoundedLoader(yaml.composer.Composer, _EventParser, yaml.constructor.Safe
 
 def _parse_yaml(raw: bytes, display: str, budget: _Budget) -> _Doc:
     """Parse one YAML file's bytes into plain data with the position of every value and key."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise CloudkvmError(f"{display}:{line}:{col}: not UTF-8 text", "save the profile as UTF-8") from None
-    bad = yaml.reader.Reader.NON_PRINTABLE.search(text)  # YAML 1.1 §5.1: what a YAML stream may hold
-    if bad:
-        at = bad.start()
-        line, col = text.count("\n", 0, at) + 1, at - (text.rfind("\n", 0, at) + 1) + 1
-        what = "a NUL byte" if bad.group() == "\0" else f"the control character {bad.group()!r}"
-        raise CloudkvmError(f"{display}:{line}:{col}: {what}", "profiles are UTF-8 text without control characters")
+    text = yaml_text(raw, display, "profile")
     doc = _Doc(None, display)
     loader = None
     try:
@@ -839,7 +828,7 @@ def _resolve_paths(data: dict, folder: Path) -> None:
     for spec in _LOCATION_FIELDS:
         for parent, key in _find(data, spec):
             text = parent.get(key)
-            if isinstance(text, str) and text.strip() and "://" not in text and not _DIGEST_LIKE.match(text):
+            if isinstance(text, str) and text.strip() and "://" not in text and not is_digest(text):
                 parent[key] = _abspath(text.strip(), folder)
 
 

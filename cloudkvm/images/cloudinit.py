@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import CloudkvmError, printable
 from ..fsutil import read_bounded
-from ..yamlevents import EventParser as _EventParser
+from ..yamlevents import EventParser as _EventParser, yaml_text
 
 CLOUD_CONFIG_HEADER = "#cloud-config"
 MAX_USER_DATA_BYTES = 1 << 20
@@ -155,11 +155,7 @@ def parse_user_data(text: str, display: str) -> dict:
         found = f"found {printable(first[:40])!r}" if first else "the first line is empty"
         raise CloudkvmError(f"{display}:1:1: user-data must start with the line {CLOUD_CONFIG_HEADER} ({found})",
                             _HINT_HEADER)
-    bad = yaml.reader.Reader.NON_PRINTABLE.search(text)  # YAML 1.1 §5.1: what a YAML stream may hold
-    if bad:
-        line, col = _line_col(text, bad.start())
-        what = "a NUL byte" if bad.group() == "\0" else f"the control character {bad.group()!r}"
-        raise CloudkvmError(f"{display}:{line}:{col}: {what}", "user-data is UTF-8 text without control characters")
+    text = yaml_text(text, display, "user-data file")
     loader = _Loader(text, display)
     try:
         node = loader.get_single_node()
@@ -195,17 +191,7 @@ def read_user_data(path: str | Path, display: str | None = None) -> dict:
     except OSError as exc:
         reason = f"larger than {MAX_USER_DATA_BYTES >> 20} MiB" if exc.errno == errno.EFBIG else (exc.strerror or str(exc))
         raise CloudkvmError(f"{shown}: cannot read the user-data: {reason}", "check the user_data file path") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise CloudkvmError(f"{shown}:{line}:{col}: not UTF-8 text", "save the user-data as UTF-8") from None
-    return parse_user_data(text, shown)
-
-
-def _line_col(text: str, at: int) -> tuple[int, int]:
-    return text.count("\n", 0, at) + 1, at - (text.rfind("\n", 0, at) + 1) + 1
+    return parse_user_data(yaml_text(raw, shown, "user-data file"), shown)
 
 
 def _error(display: str, node: yaml.Node, message: str, hint: str) -> CloudkvmError:

@@ -14,6 +14,7 @@ ALGORITHMS = {"sha256": 64, "sha512": 128}  # algorithm -> hex digits
 _HEX = re.compile(r"[0-9a-f]+")
 _GNU_LINE = re.compile(r"(?P<hex>[0-9a-fA-F]{64}|[0-9a-fA-F]{128}) [ *](?P<name>.+)")
 _BSD_LINE = re.compile(r"(?P<algo>SHA256|SHA512) \((?P<name>.+)\) = (?P<hex>[0-9a-fA-F]+)")
+_DIGEST_SHAPE = re.compile(r"\s*[A-Za-z0-9-]+:[0-9A-Fa-f]*\s*")
 CHUNK = 1 << 20
 
 
@@ -29,9 +30,9 @@ class Digest:
 
 
 def is_digest(text: str) -> bool:
-    """Whether a profile's `digest` is written as a digest (`sha256:`/`sha512:` prefix), not as a checksum file's
-    URL or path."""
-    return str(text).strip().lower().startswith(tuple(f"{algorithm}:" for algorithm in ALGORITHMS))
+    """Whether a profile's `digest` is written as a digest (`algorithm:hex`, checked by parse_digest), not as the
+    URL or path of a checksum file."""
+    return _DIGEST_SHAPE.fullmatch(str(text)) is not None
 
 
 def parse_digest(text: str, where: str = "digest") -> Digest:

@@ -35,7 +35,7 @@ from typing import Callable
 from ..errors import CloudkvmError, printable
 from ..fsutil import atomic_write, read_bounded
 from . import fetch, unpack
-from .digest import ALGORITHMS, Digest, digest_from_sums, parse_digest
+from .digest import ALGORITHMS, Digest, digest_from_sums, is_digest, parse_digest
 
 KEY = re.compile(r"(sha256-[0-9a-f]{64}|sha512-[0-9a-f]{128})")
 FORMATS = ("qcow2", "raw")
@@ -197,11 +197,6 @@ def list_images() -> list[ImageEntry]:
 
 # --- pull -----------------------------------------------------------------------------------------------------------
 
-def _is_digest(text: str) -> bool:
-    """`sha256:...` names a digest; URLs (`scheme://`) and paths (no colon) name a checksum file."""
-    return "://" not in text and ":" in text
-
-
 def _by_digest(expected: Digest) -> ImageEntry | None:
     for key in _keys():
         record = _read_record(key)
@@ -262,7 +257,7 @@ def _expected(source: fetch.Source, digest: str | None, warn) -> tuple[Digest | 
              f"distribution's SHA256SUMS file)")
         return None, None
     digest = str(digest).strip()
-    if _is_digest(digest):
+    if is_digest(digest):
         return parse_digest(digest), None
     sums = fetch.parse_location(digest, "digest")
     try:

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from cloudkvm.errors import CloudkvmError
-from cloudkvm.images.digest import Digest, digest_from_sums, file_digest, parse_digest, verify
+from cloudkvm.images.digest import Digest, digest_from_sums, file_digest, is_digest, parse_digest, verify
 
 SHA256 = "a" * 64
 SHA512 = "b" * 128
@@ -76,3 +76,12 @@ def test_a_file_that_is_not_the_image_is_refused_naming_both_digests(tmp_path):
     with pytest.raises(CloudkvmError) as err:
         verify(image, Digest("sha256", SHA256))
     assert actual in err.value.message and SHA256 in err.value.message and "not used" in err.value.hint
+
+
+@pytest.mark.parametrize("text, shaped", [
+    ("sha256:" + "ab" * 32, True), ("SHA512:ABC", True), ("md5:0123", True), (" sha256:abc ", True),
+    ("https://example.org/SHA256SUMS", False), ("/srv/images:2024/SHA256SUMS", False), ("SHA256SUMS", False),
+    ("file:///srv/SHA256SUMS", False),
+])
+def test_is_digest_tells_a_digest_from_a_checksum_file(text, shaped):
+    assert is_digest(text) is shaped

@@ -52,6 +52,15 @@ def test_image_of_the_vms_arch_is_chosen_and_paths_resolve_against_the_profile(t
     assert p.seed is not None and p.seed.user == "cloudkvm"  # an image gets a seed by default
 
 
+def test_a_checksum_file_path_with_a_colon_is_a_path(tree):
+    p = load(tree, """
+        name: c
+        images: [{location: img.qcow2, digest: "sums:2024/SHA256SUMS"}]
+        boot: {from_image: true}
+        """)
+    assert p.image.digest == str(tree({}) / "sums:2024" / "SHA256SUMS")
+
+
 def test_an_image_without_arch_fits_any_vm(tree):
     p = load(tree, """
         name: c
