@@ -134,6 +134,9 @@ def up(profile: Path = typer.Argument(..., help="profile YAML"),
             raise CloudkvmError("--wait ssh needs a VM in the background", "drop --foreground (or --wait ssh)")
         _run_foreground(loaded if not name else loaded.model_copy(update={"name": name}))
         return
+    if wait_for == "ssh" and (loaded.seed is None or launcher.ssh_forward(loaded) is None):
+        raise CloudkvmError(f"{profile}: --wait ssh needs a cloud-init user and a forward to the guest's port 22",
+                            "add images: (or cloud_init:) and a forward such as tcp:127.0.0.1:2222-:22")
     from .progress import step
 
     _warn(launcher.warnings(loaded))

@@ -4,6 +4,7 @@ the cloud-init NoCloud seed. Runs in the CLI before the daemon starts, so every 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,14 @@ from typing import Callable
 
 from .disks import PreparedDisk, overlay_backing
 from .errors import CloudkvmError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, is_within, read_regular
 from .storage import BackingPolicy
 
 ROOT_DISK = "root.qcow2"  # the instance's overlay on the cached image (found by `image prune` as in use)
 SEED = "cidata.iso"
 KERNEL, INITRD = "boot/vmlinuz", "boot/initrd.img"
 INSTANCE_ID = "instance-id"
+INSTANCE_ID_TEXT = re.compile(r"iid-cloudkvm-[0-9a-f-]{36}")
 SSH_KEY = "ssh_key"
 DEFAULT_DISK = 10 << 30
 
@@ -59,6 +61,7 @@ def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None], cache
     """The instance's first disk: an overlay on the cached image (`cached`, or pulled now), made on the first `up`
     and grown to `disk:`. Later starts keep using the base the overlay was made on (no download), even when the
     profile's image moved on."""
+    from .images import store
     from .storage import open_disk, qcow2
 
     overlay = root_disk(instance_dir)
@@ -68,6 +71,10 @@ def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None], cache
         if base is None or fmt not in ("qcow2", "raw"):
             raise CloudkvmError(f"{overlay}: the instance's root disk names no usable base image",
                                 f"`cloudkvm rm {profile.name}` starts the instance afresh")
+        base = os.path.join(os.path.dirname(overlay), base)
+        if not is_within(base, store.root()):  # the header is a file on disk: its base must be a cached image
+            raise CloudkvmError(f"{overlay}: the instance's root disk is backed by {base}, outside the image cache "
+                                f"({store.root()})", f"`cloudkvm rm {profile.name}` starts the instance afresh")
         if not os.path.isfile(base):
             raise CloudkvmError(f"{where}: the image instance '{profile.name}' was made from is gone ({base})",
                                 f"`cloudkvm rm {profile.name}` starts it afresh from the profile's image")
@@ -117,11 +124,11 @@ def instance_id(instance_dir: Path) -> str:
     cloud-init run its first-boot modules again)."""
     path = Path(instance_dir) / INSTANCE_ID
     try:
-        text = path.read_text().strip()
-        if text:
-            return text
-    except FileNotFoundError:
-        pass
+        text = read_regular(path, 256).decode(errors="replace").strip()  # never a FIFO or a symlink
+    except OSError:
+        text = ""
+    if INSTANCE_ID_TEXT.fullmatch(text):
+        return text
     made = f"iid-cloudkvm-{uuid.uuid4()}"
     atomic_write(path, made.encode() + b"\n", mode=0o600)
     return made

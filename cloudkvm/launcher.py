@@ -137,15 +137,18 @@ def spec_for(profile: Profile, console_fd: int | None, virtio: list | None = Non
                        console_fd=console_fd, virtio=virtio or [])
 
 
-def ssh_info(profile: Profile, instance: Instance) -> dict | None:
-    """How `cloudkvm ssh` reaches the guest: the seed's user, the instance key and the forward to guest port 22."""
-    from . import cloudimage
+def ssh_forward(profile: Profile):
+    """The forward that reaches the guest's sshd (tcp to port 22), or None."""
+    return next((f for f in profile.network.forwards if f.proto == "tcp" and f.guest_port == 22), None)
 
-    settings = profile.seed
+
+def ssh_info(profile: Profile) -> dict | None:
+    """How `cloudkvm ssh` reaches the guest: the seed's user and the forward to the guest's port 22 (the key is
+    always the instance folder's own)."""
+    settings, forward = profile.seed, ssh_forward(profile)
     if settings is None:
         return None
-    forward = next((f for f in profile.network.forwards if f.proto == "tcp" and f.guest_port == 22), None)
-    return {"user": settings.user, "key": str(instance.dir / cloudimage.SSH_KEY),
+    return {"user": settings.user,
             "host": None if forward is None else ("127.0.0.1" if forward.host_ip == "0.0.0.0" else forward.host_ip),
             "port": None if forward is None else forward.host_port}
 
@@ -234,7 +237,7 @@ def claimed(profile: Profile, source: str | None, doing: str, console_file: bool
                     stale.unlink(missing_ok=True)
                 disks, probed, booted = prepare_disks(profile, instance, cached)
                 instance.write_json(instance.info_file, {**instance_info(profile, source), "probed_formats": probed,
-                                                         "ssh": ssh_info(profile, instance)})
+                                                         "ssh": ssh_info(profile)})
                 if console_file:
                     os.close(open_log(instance.console_log))  # a symlink or a FIFO there is refused now
             except BaseException as exc:

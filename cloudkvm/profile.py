@@ -29,6 +29,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 from .boards import registry
 from .errors import CloudkvmError, FieldError, printable
 from .fsutil import file_kind
+from .images.cloudinit import USER_NAME
 from .images.digest import is_digest
 from .net import config as netconfig
 from .net.config import DEFAULT_FORWARD_HOST_IP, DEFAULT_NET, parse_forward
@@ -199,7 +200,6 @@ class Image(_Model):
         None, description="sha256:HEX or sha512:HEX, or the URL of the distribution's SHA256SUMS/SHA512SUMS file")
 
 
-_USER_NAME = r"[a-z_][a-z0-9_-]{0,31}"
 _HOSTNAME = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one RFC 1123 label
 
 
@@ -212,7 +212,7 @@ class CloudInit(_Model):
     with the instance's own ssh key, the host name, packages, and extra user-data merged in."""
 
     enabled: bool = Field(True, description="write and attach the seed (false: none)")
-    user: Annotated[str, Field(pattern=f"^{_USER_NAME}$")] = Field(
+    user: Annotated[str, Field(pattern=f"^{USER_NAME.pattern}$")] = Field(
         "cloudkvm", description="the user cloud-init creates (sudo without a password, ssh keys only)")
     ssh_keys: list[str] = Field(default_factory=list, description="more public keys to authorize (the instance's "
                                                                   "own key always is)")

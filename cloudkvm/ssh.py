@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CloudkvmError, printable
+from .images.cloudinit import USER_NAME
 from .instances import Instance
 from .fsutil import tail_regular
 
@@ -32,17 +33,26 @@ class SshTarget:
 
 
 def target(instance: Instance) -> SshTarget:
-    """The instance's ssh target from what `up` recorded; a one-line error when it has no seed user or no forward
-    to the guest's port 22."""
+    """The instance's ssh target from what `up` recorded (checked: instance.json is a file on disk), with the
+    instance folder's own key and known_hosts; a one-line error when it has no seed user or no forward to the
+    guest's port 22."""
+    from .cloudimage import SSH_KEY
+    from .net.config import ipv4_address
+
     info = instance.info().get("ssh")
-    if not isinstance(info, dict):
+    if not isinstance(info, dict) or not isinstance(info.get("user"), str) or not USER_NAME.fullmatch(info["user"]):
         raise CloudkvmError(f"instance '{instance.name}' has no cloud-init user to log in as",
                             "ssh needs a profile with images: (or cloud_init:), started by this version of cloudkvm")
-    if not info.get("port"):
+    port, host = info.get("port"), info.get("host")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536 or not isinstance(host, str):
         raise CloudkvmError(f"instance '{instance.name}' forwards no host port to the guest's port 22",
                             "add a forward such as tcp:127.0.0.1:2222-:22 under network.forwards")
-    return SshTarget(str(info["user"]), str(info["host"]), int(info["port"]), Path(info["key"]),
-                     instance.dir / KNOWN_HOSTS)
+    try:
+        host = ipv4_address(host)
+    except (ValueError, CloudkvmError):
+        raise CloudkvmError(f"{instance.info_file}: ssh.host is not an IPv4 address",
+                            f"`cloudkvm up` writes it again; or `cloudkvm rm {instance.name}`") from None
+    return SshTarget(info["user"], host, port, instance.dir / SSH_KEY, instance.dir / KNOWN_HOSTS)
 
 
 def ssh_client() -> str:

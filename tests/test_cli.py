@@ -1,4 +1,5 @@
 """The command line as a user meets it: exit codes, one-line errors, the files it writes."""
+import os
 import shutil
 import subprocess
 import sys
@@ -137,3 +138,14 @@ def test_more_vcpus_than_the_board_describes_is_a_one_line_error():
 
     line = one_line_error(cloudkvm("boot", "--kernel", str(fetch_debian_kernel()), "--cpus", "300"))
     assert "at most 255 vCPUs" in line
+
+
+def test_up_wait_ssh_without_a_seed_or_forward_is_refused_before_anything_starts(tmp_path):
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    (tmp_path / "p.yaml").write_text("name: nossh\nboot: {kernel: vmlinuz}\n")
+    env = {**os.environ, "CLOUDKVM_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.run([sys.executable, "-m", "cloudkvm", "up", "--wait", "ssh", str(tmp_path / "p.yaml")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "--wait ssh needs a cloud-init user and a forward to the guest's port 22" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "state").exists()

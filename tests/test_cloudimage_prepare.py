@@ -114,7 +114,7 @@ def test_an_instance_is_made_ready_from_a_served_image(image, places):
         meta = yaml.safe_load(files["meta-data"])
         assert meta["local-hostname"] == "tiny"
         recorded = Instance.named("tiny").info()["ssh"]
-        assert recorded == {"user": "alice", "key": str(instance.dir / "ssh_key"), "host": "127.0.0.1", "port": 2299}
+        assert recorded == {"user": "alice", "host": "127.0.0.1", "port": 2299}
 
         # a second start: no download (the instance keeps its base), the same cloud-init instance
         assert launcher.pull_image(profile) is None
@@ -152,3 +152,20 @@ def test_a_larger_disk_later_grows_the_overlay_and_a_smaller_one_is_refused(imag
         with pytest.raises(CloudkvmError, match="disks only grow"):
             with launcher.claimed(load_profile(path), None, "being started"):
                 pass
+
+
+def test_a_root_disk_backed_outside_the_image_cache_is_refused(image, places):
+    """instance.json and root.qcow2 are files on disk: an overlay header naming another file is not followed."""
+    with HttpServer(image["path"].parent) as server:
+        profile = load_profile(write_profile(places, server.url("tiny-cloud.qcow2"), f"sha256:{image['sha256']}"))
+        with launcher.claimed(profile, None, "being started") as (instance, _disks, _lock, _):
+            pass
+    elsewhere = places / "elsewhere.raw"
+    elsewhere.write_bytes(b"\0" * (1 << 20))
+    root = instance.dir / "root.qcow2"
+    root.unlink()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", elsewhere, "-F", "raw", root], check=True)
+    with pytest.raises(CloudkvmError) as info:
+        with launcher.claimed(profile, None, "being started"):
+            pass
+    assert "outside the image cache" in info.value.message and str(elsewhere) in info.value.message

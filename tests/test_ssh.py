@@ -101,13 +101,25 @@ def test_wait_gives_up_after_its_timeout_when_no_banner_comes(tmp_path, silent_p
 
 def test_target_needs_a_forward_to_port_22(tmp_path):
     instance = _instance(tmp_path, "")
-    instance.write_json(instance.info_file, {"ssh": {"user": "u", "key": "k", "host": None, "port": None}})
+    instance.write_json(instance.info_file, {"ssh": {"user": "u", "host": None, "port": None}})
     with pytest.raises(CloudkvmError, match="forwards no host port to the guest's port 22"):
         ssh.target(instance)
     instance.write_json(instance.info_file, {})
     with pytest.raises(CloudkvmError, match="no cloud-init user"):
         ssh.target(instance)
-    instance.write_json(instance.info_file, {"ssh": {"user": "u", "key": str(tmp_path / "k"), "host": "127.0.0.1",
-                                                     "port": 2222}})
-    assert ssh.target(instance) == ssh.SshTarget("u", "127.0.0.1", 2222, tmp_path / "k",
+    instance.write_json(instance.info_file, {"ssh": {"user": "u", "host": "127.0.0.1", "port": 2222}})
+    assert ssh.target(instance) == ssh.SshTarget("u", "127.0.0.1", 2222, Path(instance.dir) / "ssh_key",
                                                  Path(instance.dir) / "known_hosts")
+
+
+@pytest.mark.parametrize("recorded, words", [
+    ({"user": "-oProxyCommand=x", "host": "127.0.0.1", "port": 22}, "no cloud-init user"),
+    ({"user": "u", "host": "127.0.0.1", "port": True}, "forwards no host port"),
+    ({"user": "u", "host": "127.0.0.1", "port": 70000}, "forwards no host port"),
+    ({"user": "u", "host": "-oProxyCommand=x", "port": 22}, "ssh.host is not an IPv4 address"),
+])
+def test_what_instance_json_says_is_checked_before_ssh_sees_it(tmp_path, recorded, words):
+    instance = _instance(tmp_path, "")
+    instance.write_json(instance.info_file, {"ssh": recorded})
+    with pytest.raises(CloudkvmError, match=words):
+        ssh.target(instance)

@@ -27,7 +27,7 @@ MAX_VALUES = 200_000  # values produced, each use of an alias counted again
 MAX_NUMBER_CHARS = 100
 OWN_SOURCE = "cloudkvm's cloud_init settings"
 SUDO_ALL = "ALL=(ALL) NOPASSWD:ALL"
-_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # useradd's portable names (Debian: adduser NAME_REGEX)
+USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # useradd's portable names (Debian: adduser NAME_REGEX)
 _MAP_TAG, _SEQ_TAG, _MERGE_TAG = (f"tag:yaml.org,2002:{name}" for name in ("map", "seq", "merge"))
 _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 _HINT_HEADER = ("only #cloud-config user-data can be merged with cloudkvm's (not scripts, #include, "
@@ -52,7 +52,7 @@ def user_data(*, user: str, authorized_keys: list[str], hostname: str | None, pa
     """The seed's `user-data`: `#cloud-config` (cloud-init docs, "User data formats") with a passwordless-sudo
     `user` who logs in with `authorized_keys`, `hostname`, `packages`, `ssh_genkeytypes` (None: cloud-init's
     default, all four host key types), then each `(source, mapping)` of `extra` merged on top (module docstring)."""
-    if not _USER_NAME.fullmatch(user):
+    if not USER_NAME.fullmatch(user):
         raise CloudkvmError(f"cloud_init.user: {printable(user)!r} is not a user name",
                             "lower-case letters, digits, '_' and '-', starting with a letter or '_', "
                             "at most 32 characters")
