@@ -34,7 +34,7 @@ from .images.digest import is_digest
 from .net import config as netconfig
 from .net.config import DEFAULT_FORWARD_HOST_IP, DEFAULT_NET, parse_forward
 from .units import parse_size
-from .yamlevents import EventParser as _EventParser, yaml_text
+from .yamlevents import BoundedLoader, yaml_text
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -610,32 +610,11 @@ _INT_TAG, _FLOAT_TAG, _MERGE_TAG = (f"tag:yaml.org,2002:{name}" for name in ("in
 
 
 
-class _BoundedLoader(yaml.composer.Composer, _EventParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
-    """PyYAML's safe loader on libyaml's parser, with a composer that refuses a document nested deeper than
-    MAX_DEPTH (composing recurses once per level: RecursionError) or with more than MAX_NODES keys and values."""
+class _BoundedLoader(BoundedLoader):
+    """The profile loader: BoundedLoader with the profile's limits."""
 
     def __init__(self, text: str, display: str):
-        _EventParser.__init__(self, text)
-        yaml.composer.Composer.__init__(self)
-        yaml.constructor.SafeConstructor.__init__(self)
-        yaml.resolver.Resolver.__init__(self)
-        self.display = display
-        self.depth = 0
-        self.nodes = 0
-
-    def compose_node(self, parent, index):
-        self.depth += 1
-        self.nodes += 1
-        try:
-            if self.depth > MAX_DEPTH or self.nodes > MAX_NODES:
-                mark = self.peek_event().start_mark
-                message, hint = (f"the profile is nested more than {MAX_DEPTH} levels deep",
-                                 "a profile's maps and lists nest a few levels") if self.depth > MAX_DEPTH else \
-                    (f"the profile has more than {MAX_NODES} keys and values", "profiles are small")
-                raise CloudkvmError(f"{self.display}:{mark.line + 1}:{mark.column + 1}: {message}", hint)
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
+        super().__init__(text, display, "profile", MAX_DEPTH, MAX_NODES)
 
 
 def _parse_yaml(raw: bytes, display: str, budget: _Budget) -> _Doc:

@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import CloudkvmError, printable
 from ..fsutil import read_bounded
-from ..yamlevents import EventParser as _EventParser, yaml_text
+from ..yamlevents import BoundedLoader, yaml_text
 
 CLOUD_CONFIG_HEADER = "#cloud-config"
 MAX_USER_DATA_BYTES = 1 << 20
@@ -199,30 +199,11 @@ def _error(display: str, node: yaml.Node, message: str, hint: str) -> CloudkvmEr
     return CloudkvmError(f"{display}:{mark.line + 1}:{mark.column + 1}: {message}", hint)
 
 
-class _Loader(yaml.composer.Composer, _EventParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
-    """PyYAML's safe loader on libyaml's parser with a composer that refuses more than MAX_DEPTH levels (composing
-    recurses once per level) or MAX_NODES nodes; values are built by `_Builder`, not by the constructor."""
+class _Loader(BoundedLoader):
+    """The user-data loader: BoundedLoader with the user-data's limits."""
 
     def __init__(self, text: str, display: str):
-        _EventParser.__init__(self, text)
-        yaml.composer.Composer.__init__(self)
-        yaml.constructor.SafeConstructor.__init__(self)
-        yaml.resolver.Resolver.__init__(self)
-        self.display, self.depth, self.nodes = display, 0, 0
-
-    def compose_node(self, parent, index):
-        self.depth += 1
-        self.nodes += 1
-        try:
-            if self.depth > MAX_DEPTH or self.nodes > MAX_NODES:
-                mark = self.peek_event().start_mark
-                message = (f"user-data is nested more than {MAX_DEPTH} levels deep" if self.depth > MAX_DEPTH
-                           else f"user-data has more than {MAX_NODES} keys and values")
-                raise CloudkvmError(f"{self.display}:{mark.line + 1}:{mark.column + 1}: {message}",
-                                    "cloud-config is a few levels of keys and lists")
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
+        super().__init__(text, display, "user-data", MAX_DEPTH, MAX_NODES)
 
 
 class _Builder:
