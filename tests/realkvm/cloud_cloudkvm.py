@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the HTTP server
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cloud_qemu import SSH_WAIT_THEN_CHECK, USER, ensure_loopback, free_port  # noqa: E402
+from cloud_qemu import BOOT_ANALYSIS, SSH_WAIT_THEN_CHECK, USER, ensure_loopback, free_port  # noqa: E402
 from images.httpserver import HttpServer  # noqa: E402
 
 NAME = "cloudimg"
@@ -100,6 +100,7 @@ def main() -> int:
         result["requests"] = len(server.requests)
     if result["up"]["status"] == 0:
         result["ssh"] = cloudkvm("ssh", NAME, "--", SSH_WAIT_THEN_CHECK, timeout=600)
+        result["analysis"] = cloudkvm("ssh", NAME, "--", BOOT_ANALYSIS, timeout=120)
         result["status_before_down"] = cloudkvm("status", "--json", NAME, timeout=60)
         result["down"] = cloudkvm("down", NAME, "--timeout", "180", timeout=300)
         result["status"] = cloudkvm("status", "--json", NAME, timeout=60)

@@ -32,6 +32,8 @@ OVERLAY_SIZE = "4G"
 SSH_CHECK = "id -un; df -h /; cat /run/cloud-init/result.json"
 # cloud-init writes result.json when its last stage ends; waiting for it inside the guest costs one login
 SSH_WAIT_THEN_CHECK = "until [ -e /run/cloud-init/result.json ]; do sleep 1; done; " + SSH_CHECK
+# where the guest's boot time went (kernel, initrd, user space; the slowest units), read after the check
+BOOT_ANALYSIS = "systemd-analyze; systemd-analyze blame --no-pager | head -n 15"
 SSH_ERROR = 255  # ssh(1): the status of a failed connection or login, as opposed to the remote command's
 BANNER_PREFIX = b"SSH-"  # RFC 4253 §4.2: the server's identification string comes first
 QEMU_MEMORY_MIB, QEMU_CPUS = 1024, 1
@@ -51,6 +53,7 @@ class SshReady:
     ssh_seconds: float | None = None       # the first login that ran `true` in the guest
     finished_seconds: float | None = None  # the check found cloud-init's result.json (cloud-init finished)
     check_output: str = ""                 # the last output of SSH_CHECK
+    analysis: str = ""                     # BOOT_ANALYSIS's output, once the check is done
     vmm_exit: int | None = None            # the VMM's exit status when it ended before that
     notes: list[str] = field(default_factory=list)
 
@@ -179,6 +182,7 @@ def boot_to_ssh(vmm: list[str], key: Path, port: int, timeout: float, *, log: Pa
                     result.check_output = output
                     if status == 0:
                         result.finished_seconds = time.monotonic() - start
+                        result.analysis = _run_ssh(key, port, BOOT_ANALYSIS, timeout=120)[1]
                     else:
                         result.notes.append(f"the check exited with status {status}")
                     break
