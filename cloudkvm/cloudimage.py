@@ -57,15 +57,18 @@ def pull(profile, warn: Callable[[str], None]):
         raise CloudkvmError(f"{profile.where('images', index, 'location')}: {exc.message}", exc.hint) from None
 
 
-def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None], cached=None) -> PreparedDisk:
+def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None],
+                 cached=None) -> tuple[PreparedDisk, str | None]:
     """The instance's first disk: an overlay on the cached image (`cached`, or pulled now), made on the first `up`
     and grown to `disk:`. Later starts keep using the base the overlay was made on (no download), even when the
-    profile's image moved on."""
+    profile's image moved on. Also returns the base's cache key when the overlay was made now (so it still reads
+    as the image does), else None."""
     from .images import store
     from .storage import open_disk, qcow2
 
     overlay = root_disk(instance_dir)
     where = profile.where("images")
+    made_from = None
     if overlay.exists():
         base, fmt = overlay_backing(overlay)
         if base is None or fmt not in ("qcow2", "raw"):
@@ -89,6 +92,7 @@ def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None], cache
                                 f"({size} bytes)", "disks only grow; make disk: at least the image's size")
         qcow2.create(overlay, wanted, backing=base, backing_format=fmt, policy=base_policy(base))
         os.chmod(overlay, 0o600)
+        made_from = cached.path.name.rpartition(".")[0]
     disk = PreparedDisk(str(overlay), "qcow2", False, False, base_policy(base))
     with disk.open() as image:  # a refused or corrupt chain fails here; `disk:` made larger later grows it
         if profile.disk is not None and profile.disk > image.size:
@@ -96,17 +100,24 @@ def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None], cache
         elif profile.disk is not None and profile.disk < image.size:
             raise CloudkvmError(f"{profile.where('disk')}: the instance's disk is already {image.size} bytes",
                                 "disks only grow; drop disk: or make it larger")
-    return disk
+    return disk, made_from
 
 
-def boot_from_image(profile, root: PreparedDisk, instance_dir: Path) -> ImageBoot:
+def boot_from_image(profile, root: PreparedDisk, instance_dir: Path, base_key: str | None = None) -> ImageBoot:
     """The newest kernel/initrd pair in the image (read through the overlay, so a kernel the guest installed
-    counts), written into the instance folder, and `root=UUID=… ro console=…` plus the profile's cmdline."""
+    counts), written into the instance folder, and `root=UUID=… ro console=…` plus the profile's cmdline.
+    `base_key`: the overlay is new on the cached image `base_key`, so what the image cache read out of that image
+    (images/bootcache.py) stands for it, and what is read here is kept there."""
     from .boards import registry
+    from .images import bootcache
     from .images.bootfiles import cmdline_for, find_boot
 
-    with root.open() as disk:
-        found = find_boot(disk, f"{profile.name}'s image ({root.path})")
+    found = bootcache.load(base_key) if base_key else None
+    if found is None:
+        with root.open() as disk:
+            found = find_boot(disk, f"{profile.name}'s image ({root.path})")
+        if base_key:
+            bootcache.save(base_key, found)
     kernel = Path(instance_dir) / KERNEL
     kernel.parent.mkdir(mode=0o700, exist_ok=True)
     atomic_write(kernel, found.kernel, mode=0o600)

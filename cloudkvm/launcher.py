@@ -45,10 +45,10 @@ def prepare_disks(profile: Profile, instance: Instance, cached=None, warn=None) 
     recorded = recorded if isinstance(recorded, dict) else {}
     prepared, probed = prepare(profile, instance.dir, recorded)
     if profile.images:
-        root = cloudimage.prepare_root(profile, instance.dir, warn or log.warning, cached)
+        root, made_from = cloudimage.prepare_root(profile, instance.dir, warn or log.warning, cached)
         prepared.insert(0, root)
         if profile.boot.from_image:
-            found = cloudimage.boot_from_image(profile, root, instance.dir)
+            found = cloudimage.boot_from_image(profile, root, instance.dir, made_from)
             boot = profile.boot.model_copy(update={"from_image": False, "kernel": found.kernel,
                                                    "initrd": found.initrd, "cmdline": found.cmdline})
             profile = profile.model_copy(update={"boot": boot})

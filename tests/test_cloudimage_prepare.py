@@ -5,6 +5,7 @@ the cloud-init seed. The oracles are the tools that made the image and read it b
 `isoinfo`, `sha256sum`, `ssh-keygen`."""
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,54 @@ def test_a_root_disk_backed_outside_the_image_cache_is_refused(image, places):
         with launcher.claimed(profile, None, "being started"):
             pass
     assert "outside the image cache" in info.value.message and str(elsewhere) in info.value.message
+
+
+def boot_entry(places: Path, digest: str) -> Path:
+    return places / "cache" / "images" / "boot" / f"sha256-{digest}"
+
+
+def test_image_pull_reads_the_kernel_out_once_and_new_instances_boot_from_that(image, places):
+    with HttpServer(image["path"].parent) as server:
+        url = server.url("tiny-cloud.qcow2")
+        pulled = subprocess.run([sys.executable, "-m", "cloudkvm", "image", "pull", url, "--digest",
+                                 f"sha256:{image['sha256']}"], capture_output=True, text=True)
+        assert pulled.returncode == 0, pulled.stderr
+        entry = boot_entry(places, image["sha256"])
+        assert (entry / "vmlinuz").read_bytes() == image["kernel"]
+        assert (entry / "initrd.img").read_bytes() == image["initrd"]
+        # What a new instance boots is what the cache holds (the same size, its last bytes changed: it cannot come
+        # from the image); a start of an instance whose overlay exists reads the image through the overlay again.
+        stand_in = image["kernel"][:-16] + bytes(b ^ 0xA5 for b in image["kernel"][-16:])
+        (entry / "vmlinuz").write_bytes(stand_in)
+        profile = load_profile(write_profile(places, url, f"sha256:{image['sha256']}"))
+        with launcher.claimed(profile, None, "being started", cached=launcher.pull_image(profile)) as \
+                (_, _, _, booted):
+            assert booted.boot.kernel.read_bytes() == stand_in
+            assert booted.boot.initrd.read_bytes() == image["initrd"]
+            assert booted.boot.cmdline == f"root=UUID={image['uuid']} ro console=ttyS0 quiet"
+        with launcher.claimed(profile, None, "being started") as (_, _, _, booted):
+            assert booted.boot.kernel.read_bytes() == image["kernel"]
+        # an entry that is not whole is a miss: the image is read, and the entry written again
+        (entry / "vmlinuz").write_bytes(image["kernel"][:4096])
+        other = profile.model_copy(update={"name": "tiny2"})
+        with launcher.claimed(other, None, "being started") as (_, _, _, booted):
+            assert booted.boot.kernel.read_bytes() == image["kernel"]
+        assert (entry / "vmlinuz").read_bytes()[:4096] == image["kernel"][:4096]
+
+
+def test_image_rm_and_prune_remove_the_kernel_read_out_with_the_image(image, places):
+    from cloudkvm.images import bootcache, store
+
+    with HttpServer(image["path"].parent) as server:
+        cached = store.pull(server.url("tiny-cloud.qcow2"), f"sha256:{image['sha256']}")
+    bootcache.ensure(cached)
+    entry = boot_entry(places, image["sha256"])
+    assert (entry / "boot.json").is_file()
+    store.remove(image["sha256"][:12])
+    assert not entry.exists()
+    orphan = boot_entry(places, "0" * 64)
+    orphan.mkdir(parents=True)
+    (orphan / "vmlinuz").write_bytes(b"k" * 100)
+    planned = store.prune(dry_run=True)
+    assert [item.path for item in planned] == [orphan] and orphan.exists()
+    assert [item.path for item in store.prune()] == [orphan] and not orphan.exists()

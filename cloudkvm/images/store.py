@@ -6,6 +6,7 @@ Layout, under `cloudkvm.cache.cache_dir() / "images"` ($CLOUDKVM_CACHE, $XDG_CAC
                             <algo>-<hex> is the digest of the download as fetched (the file a digest names)
     <algo>-<hex>.json       its record: digest(s), format, virtual and file size, compression, the locations it was
                             pulled from, fetched_at, last_used, whether a digest verified it
+    boot/<algo>-<hex>/      the kernel and initrd read out of the image for `from_image` boots (bootcache.py)
     partial/                downloads under way or interrupted (`<url key>.part`, resumed by the next pull), and
                             unpacked or copied files before they are installed; <url key> hashes the location
     locks/                  flock(2) files: `fetch-<url key>.lock` while a location is fetched, `<algo>-<hex>.lock`
@@ -25,6 +26,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -34,7 +36,7 @@ from typing import Callable
 
 from ..errors import CloudkvmError, printable
 from ..fsutil import atomic_write, read_bounded
-from . import fetch, unpack
+from . import bootcache, fetch, unpack
 from .digest import ALGORITHMS, Digest, digest_from_sums, is_digest, parse_digest
 
 KEY = re.compile(r"(sha256-[0-9a-f]{64}|sha512-[0-9a-f]{128})")
@@ -477,6 +479,7 @@ def remove(ref: str, force: bool = False) -> ImageEntry:
     with _locked(entry.key):
         entry.path.unlink(missing_ok=True)
         _record_path(entry.key).unlink(missing_ok=True)
+        bootcache.remove(entry.key)
     return entry
 
 
@@ -523,12 +526,32 @@ def prune(*, dry_run: bool = False) -> list[Removed]:
             what = "a partial download" if ".part" in path.name else "an unfinished unpack"
             doomed.append((f"fetch-{path.name.split('.', 1)[0]}", Removed(path, what, _size(path))))
     if dry_run:
-        return [item for _, item in doomed]
+        going = {item.path for _, item in doomed}
+        return [item for _, item in doomed] + _boot_orphans(_image_keys(top) - {p.stem for p in going})
     removed = []
     for lock, item in doomed:
         if _remove_unless_busy(lock, item.path):
             removed.append(item)
+    for item in _boot_orphans(_image_keys(top)):
+        shutil.rmtree(item.path, ignore_errors=True)
+        removed.append(item)
     return removed
+
+
+def _image_keys(top: Path) -> set[str]:
+    """The keys of the image files in the cache folder now."""
+    return {name.rpartition(".")[0] for name in os.listdir(top)
+            if name.rpartition(".")[2] in FORMATS and KEY.fullmatch(name.rpartition(".")[0])}
+
+
+def _boot_orphans(keys: set[str]) -> list[Removed]:
+    """Kernels read out of images that are gone (bootcache.py), and temporary folders a crash left there."""
+    return [Removed(path, "a kernel and initrd read out of an image no longer cached" if not path.name.startswith(".")
+                    else "a temporary folder left by a crash", _tree_size(path)) for path in bootcache.orphans(keys)]
+
+
+def _tree_size(path: Path) -> int:
+    return sum(_size(path / name) for name in os.listdir(path)) if path.is_dir() else 0
 
 
 def _remove_unless_busy(lock: str | None, path: Path) -> bool:
