@@ -147,16 +147,19 @@ def ram_regions(profile: Profile, memory: int | None = None) -> list[tuple[int, 
 
 def ram_problem(regions: list[tuple[int, int]], host: HostFacts) -> str | None:
     """Why guest RAM laid out as `regions` cannot be mapped on `host` the way kvm/memory.py maps it, or None."""
-    total = sum(size for _, size in regions)
-    biggest = max(size for _, size in regions)
+    from .kvm.memory import HUGE_ALIGN  # each region's mapping is padded by this much for alignment
+
     top = max(gpa + size for gpa, size in regions)
+    total = sum(size + HUGE_ALIGN for _, size in regions)
+    biggest = max(size for _, size in regions)
     if host.phys_bits is not None and top > 1 << host.phys_bits:
         return (f"guest RAM would end at {size_text(top)}, above what this CPU's {host.phys_bits}-bit physical "
                 f"addresses reach")
     if biggest > KVM_MEM_MAX_NR_PAGES * mmap.PAGESIZE:
         return f"its {size_text(biggest)} region is larger than one KVM memory slot takes (2^31 - 1 pages)"
     accounted = not RAM_NORESERVE or host.overcommit == OVERCOMMIT_NEVER
-    if accounted and host.overcommit == OVERCOMMIT_HEURISTIC and 0 < host.mem_total + host.swap_total < biggest:
+    if accounted and host.overcommit == OVERCOMMIT_HEURISTIC and \
+            0 < host.mem_total + host.swap_total < biggest + HUGE_ALIGN:
         return (f"its {size_text(biggest)} region is more than this host's RAM and swap together "
                 f"({size_text(_mib_floor(host.mem_total + host.swap_total))}), which vm.overcommit_memory = 0 "
                 f"refuses in one allocation")

@@ -60,12 +60,13 @@ def refused(loaded, host=ROOMY) -> CloudkvmError:
 
 @pytest.mark.skipif(not CHARGED, reason="Python maps guest RAM with MAP_NORESERVE here: overcommit 0 charges none")
 def test_heuristic_overcommit_refuses_a_region_larger_than_ram_and_swap(profile):
-    """x86: RAM is [0, 3G) and [4G, ...); overcommit 0 refuses one mmap larger than RAM + swap (8G + 2G here)."""
+    """x86: RAM is [0, 3G) and [4G, ...); overcommit 0 refuses one mmap larger than RAM + swap (8G + 2G here);
+    each region's mapping is 2 MiB larger than the region (kvm/memory.py aligns it for huge pages)."""
     host = replace(ROOMY, mem_total=8 * GiB, swap_total=2 * GiB, overcommit=0)
-    check_profile(profile("memory: 13G\n"), host)  # 3G + 10G
-    err = refused(profile("memory: 13313M\n"), host)  # 3G + 10G + 1M
-    assert "p.yaml:4:9: memory: 13313M of guest RAM cannot be mapped" in err.message, err.message
-    assert "vm.overcommit_memory = 0" in err.message and err.hint == "give the VM at most 13G here"
+    check_profile(profile("memory: 13310M\n"), host)  # 3G + (10G - 2M), mapped as 10G
+    err = refused(profile("memory: 13311M\n"), host)  # 3G + (10G - 1M), mapped as 10G + 1M
+    assert "p.yaml:4:9: memory: 13311M of guest RAM cannot be mapped" in err.message, err.message
+    assert "vm.overcommit_memory = 0" in err.message and err.hint == "give the VM at most 12G here"
 
 
 def test_always_overcommit_maps_up_to_one_kvm_memory_slot(profile):
@@ -83,17 +84,18 @@ def test_guest_ram_must_end_below_the_physical_address_width(profile):
 
 
 def test_strict_overcommit_refuses_more_than_the_commit_left(profile):
+    """Strict accounting charges every region's whole mapping: RAM [0, 3G) and [4G, ...), 2 MiB more each."""
     host = replace(ROOMY, overcommit=2, commit_limit=10 * GiB, committed=2 * GiB)
-    check_profile(profile("memory: 8G\n"), host)
-    err = refused(profile("memory: 8193M\n"), host)
+    check_profile(profile("memory: 8188M\n"), host)  # two regions: 8188M + 2 x 2M = 8G
+    err = refused(profile("memory: 8189M\n"), host)
     assert "CommitLimit - Committed_AS" in err.message and "only 8G can still be committed" in err.message
 
 
 def test_the_address_space_limit_counts_what_the_vmm_already_maps(profile):
     host = replace(ROOMY, address_space_limit=4 * GiB, address_space_used=GiB)
-    check_profile(profile("memory: 3G\n"), host)
-    err = refused(profile("memory: 3073M\n"), host)
-    assert "ulimit -v: 4G" in err.message and err.hint == "give the VM at most 3G here"
+    check_profile(profile("memory: 3070M\n"), host)  # one region, mapped with 2M more: 3G with the VMM's 1G
+    err = refused(profile("memory: 3071M\n"), host)
+    assert "ulimit -v: 4G" in err.message and err.hint == "give the VM at most 2G here"
 
 
 def _ram_plus_swap() -> int:

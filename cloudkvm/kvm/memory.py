@@ -10,6 +10,12 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
+# KVM maps guest RAM with 2 MiB pages (x86 NPT/EPT, arm64 stage 2 with 4 KiB granules) only where the host address
+# and the guest address agree modulo 2 MiB and the host has a huge page there (THP); kernels before 6.7 place
+# anonymous mappings at any page, which kept every guest access on 4 KiB pages (Linux virt/kvm/kvm_main.c,
+# arch/x86/kvm/mmu: the large-page check on `userspace_addr ^ base_gfn`).
+HUGE_ALIGN = 2 << 20
+
 
 @dataclass
 class MemoryRegion:
@@ -17,13 +23,27 @@ class MemoryRegion:
 
     gpa: int
     size: int
-    map: mmap.mmap = field(repr=False)
+    map: mmap.mmap = field(repr=False)   # the whole mapping, padded for alignment; `view` is the region in it
     view: memoryview = field(repr=False)
-    host_addr: int
+    host_addr: int                       # the address of `view`'s first byte: congruent to `gpa` modulo HUGE_ALIGN
 
     @property
     def end(self) -> int:
         return self.gpa + self.size
+
+
+def _aligned_region(gpa: int, size: int) -> MemoryRegion:
+    """An anonymous private mapping for [gpa, gpa+size) placed so that host and guest addresses agree modulo
+    HUGE_ALIGN (over-allocated by HUGE_ALIGN, never touched outside the region), asking for transparent huge
+    pages."""
+    m = mmap.mmap(-1, size + HUGE_ALIGN,
+                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+    start = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+    pad = (gpa - start) % HUGE_ALIGN
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        m.madvise(mmap.MADV_HUGEPAGE)
+    view = memoryview(m)[pad:pad + size]
+    return MemoryRegion(gpa, size, m, view, start + pad)
 
 
 class GuestMemory:
@@ -36,11 +56,7 @@ class GuestMemory:
                 raise ValueError(f"memory region 0x{gpa:x}+0x{size:x} is not page aligned")
             if self.regions and gpa < self.regions[-1].end:
                 raise ValueError(f"memory region 0x{gpa:x} overlaps the previous one")
-            m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                m.madvise(mmap.MADV_HUGEPAGE)
-            host = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
-            self.regions.append(MemoryRegion(gpa, size, m, memoryview(m), host))
+            self.regions.append(_aligned_region(gpa, size))
 
     @property
     def size(self) -> int:
@@ -81,31 +97,31 @@ class GuestMemory:
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         r, off = self._locate(gpa, length)
-        r.map[off:off + length] = bytes([byte]) * length
+        r.view[off:off + length] = bytes([byte]) * length
 
     def read_u16(self, gpa: int) -> int:
         r, off = self._locate(gpa, 2)
-        return _U16.unpack_from(r.map, off)[0]
+        return _U16.unpack_from(r.view, off)[0]
 
     def read_u32(self, gpa: int) -> int:
         r, off = self._locate(gpa, 4)
-        return _U32.unpack_from(r.map, off)[0]
+        return _U32.unpack_from(r.view, off)[0]
 
     def read_u64(self, gpa: int) -> int:
         r, off = self._locate(gpa, 8)
-        return _U64.unpack_from(r.map, off)[0]
+        return _U64.unpack_from(r.view, off)[0]
 
     def write_u16(self, gpa: int, value: int) -> None:
         r, off = self._locate(gpa, 2)
-        _U16.pack_into(r.map, off, value)
+        _U16.pack_into(r.view, off, value)
 
     def write_u32(self, gpa: int, value: int) -> None:
         r, off = self._locate(gpa, 4)
-        _U32.pack_into(r.map, off, value)
+        _U32.pack_into(r.view, off, value)
 
     def write_u64(self, gpa: int, value: int) -> None:
         r, off = self._locate(gpa, 8)
-        _U64.pack_into(r.map, off, value)
+        _U64.pack_into(r.view, off, value)
 
     def close(self) -> None:
         for r in self.regions:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from cloudkvm.errors import GuestMemoryError
 from cloudkvm.kvm.memory import GuestMemory
+from cloudkvm.kvm.native import ffi
 
 MiB, GiB = 1 << 20, 1 << 30
 LOW = (0, 1 * MiB)
@@ -327,3 +328,21 @@ def test_access_is_all_or_nothing(shared, gpa, length, op):
     assert after[idx][:head] == before[idx][:head]
     assert after[idx][head + length:] == before[idx][head + length:]
     shared.fill(gpa, length, 0)  # restore for the next example
+
+
+@pytest.mark.parametrize("size", [(2 << 20) + 4096, (6 << 20) + 8192, 64 << 20])
+def test_host_addresses_agree_with_guest_addresses_modulo_2mib(size):
+    """KVM maps 2 MiB pages only where host and guest addresses agree modulo 2 MiB (kernels before 6.7 place
+    mappings at any page; lengths not a multiple of 2 MiB are placed at any page by later ones too)."""
+    mem = GuestMemory([(0, size), ((1 << 32) + 0x3000, size)])
+    try:
+        for region in mem.regions:
+            assert (region.host_addr - region.gpa) % (2 << 20) == 0
+            # the region's bytes are the ones at host_addr (what KVM is given), and the whole size is usable
+            mem.write(region.gpa + size - 4, b"\x11\x22\x33\x44")
+            at_host = ffi.buffer(ffi.cast("char *", region.host_addr + size - 4), 4)[:]
+            assert at_host == b"\x11\x22\x33\x44"
+        with pytest.raises(GuestMemoryError):
+            mem.read(size, 1)   # the padding beyond the region is not guest RAM
+    finally:
+        mem.close()
