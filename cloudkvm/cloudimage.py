@@ -64,7 +64,6 @@ def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None],
     profile's image moved on. Also returns the base's cache key when the overlay was made now (so it still reads
     as the image does), else None."""
     from .images import store
-    from .storage import open_disk, qcow2
 
     overlay = root_disk(instance_dir)
     where = profile.where("images")
@@ -82,17 +81,16 @@ def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None],
             raise CloudkvmError(f"{where}: the image instance '{profile.name}' was made from is gone ({base})",
                                 f"`cloudkvm rm {profile.name}` starts it afresh from the profile's image")
     else:
-        cached = cached or pull(profile, warn)
-        base, fmt = str(cached.path), cached.format
-        with open_disk(base, read_only=True, format=fmt) as image:
-            size = image.size
-        wanted = profile.disk if profile.disk is not None else max(DEFAULT_DISK, size)
-        if wanted < size:
-            raise CloudkvmError(f"{profile.where('disk')}: disk {wanted} bytes is smaller than the image "
-                                f"({size} bytes)", "disks only grow; make disk: at least the image's size")
-        qcow2.create(overlay, wanted, backing=base, backing_format=fmt, policy=base_policy(base))
-        os.chmod(overlay, 0o600)
-        made_from = cached.path.name.rpartition(".")[0]
+        for _ in range(2):  # an image pruned between the pull and the overlay is pulled again, once
+            cached = cached or pull(profile, warn)
+            with store.holding(cached) as present:  # no prune or `image rm` until the overlay names it
+                if present:
+                    made_from, base = _make_overlay(profile, overlay, cached), str(cached.path)
+                    break
+            cached = None
+        else:
+            raise CloudkvmError(f"{where}: the cached image keeps disappearing",
+                                "is another cloudkvm pruning the cache?")
     disk = PreparedDisk(str(overlay), "qcow2", False, False, base_policy(base))
     with disk.open() as image:  # a refused or corrupt chain fails here; `disk:` made larger later grows it
         if profile.disk is not None and profile.disk > image.size:
@@ -101,6 +99,22 @@ def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None],
             raise CloudkvmError(f"{profile.where('disk')}: the instance's disk is already {image.size} bytes",
                                 "disks only grow; drop disk: or make it larger")
     return disk, made_from
+
+
+def _make_overlay(profile, overlay: Path, cached) -> str:
+    """The instance's overlay on the cached image, grown to `disk:`; returns the image's cache key."""
+    from .storage import open_disk, qcow2
+
+    base, fmt = str(cached.path), cached.format
+    with open_disk(base, read_only=True, format=fmt) as image:
+        size = image.size
+    wanted = profile.disk if profile.disk is not None else max(DEFAULT_DISK, size)
+    if wanted < size:
+        raise CloudkvmError(f"{profile.where('disk')}: disk {wanted} bytes is smaller than the image "
+                            f"({size} bytes)", "disks only grow; make disk: at least the image's size")
+    qcow2.create(overlay, wanted, backing=base, backing_format=fmt, policy=base_policy(base))
+    os.chmod(overlay, 0o600)
+    return cached.path.name.rpartition(".")[0]
 
 
 def boot_from_image(profile, root: PreparedDisk, instance_dir: Path, base_key: str | None = None) -> ImageBoot:

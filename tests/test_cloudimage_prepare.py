@@ -221,3 +221,16 @@ def test_image_rm_and_prune_remove_the_kernel_read_out_with_the_image(image, pla
     planned = store.prune(dry_run=True)
     assert [item.path for item in planned] == [orphan] and orphan.exists()
     assert [item.path for item in store.prune()] == [orphan] and not orphan.exists()
+
+
+def test_an_image_pruned_between_the_pull_and_the_overlay_is_pulled_again(image, places):
+    from cloudkvm.images import store
+
+    with HttpServer(image["path"].parent) as server:
+        profile = load_profile(write_profile(places, server.url("tiny-cloud.qcow2"), f"sha256:{image['sha256']}"))
+        cached = launcher.pull_image(profile)
+        downloads = len(server.requests)
+        assert [item.path for item in store.prune() if item.path == cached.path] == [cached.path]
+        with launcher.claimed(profile, None, "being started", cached=cached) as (_, disks, _lock, booted):
+            assert booted.boot.kernel.read_bytes() == image["kernel"]
+        assert len(server.requests) > downloads and sha256(cached.path) == image["sha256"]

@@ -18,8 +18,10 @@ pulling the same location wait for each other on its fetch lock; the second find
 The record's paths are never trusted: an image's file name comes from the validated key and format.
 
 An image is *in use* while a qcow2 overlay in an instance folder names it as its backing file (`bases_in_use`);
-`remove` refuses such an image unless forced and `prune` never removes one. (An instance that is being created
-between its pull and the creation of its overlay is not seen: prune while no `up` runs.)"""
+`remove` refuses such an image unless forced and `prune` never removes one. An `up` holds the image's lock shared
+(`holding`) while it makes the overlay, and `remove` and `prune` look again under the lock held exclusively, so an
+image is never removed under an overlay being made; one removed between `up`'s pull and its overlay is pulled
+again."""
 from __future__ import annotations
 
 import fcntl
@@ -114,14 +116,14 @@ def _folder(path: Path) -> Path:
 
 
 @contextmanager
-def _locked(name: str, blocking: bool = True):
-    """An exclusive flock on locks/<name>.lock; yields False instead of waiting when `blocking` is False and it is
-    held elsewhere."""
+def _locked(name: str, blocking: bool = True, shared: bool = False):
+    """An exclusive (or `shared`) flock on locks/<name>.lock; yields False instead of waiting when `blocking` is
+    False and it is held elsewhere."""
     path = _folder(root() / "locks") / f"{name}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
@@ -447,6 +449,15 @@ def bases_in_use() -> dict[str, list[str]]:
     return used
 
 
+@contextmanager
+def holding(image: CachedImage):
+    """Keep the cached `image` from removal while the caller makes an overlay on it: a shared lock on its key, which
+    `remove` and `prune` take exclusively before they look again at what instances need. Yields whether the image is
+    still there (False: it was removed between its pull and now; pull it again)."""
+    with _locked(image.path.name.rpartition(".")[0], shared=True):
+        yield image.path.is_file()
+
+
 def find(ref: str) -> ImageEntry:
     """The one cached image `ref` names: a location, the last component of a location, the cache file name, or a
     digest or its prefix of at least 4 hex digits (`sha256:0123ab`, `0123ab`)."""
@@ -477,6 +488,10 @@ def remove(ref: str, force: bool = False) -> ImageEntry:
                             "remove those instances first (`cloudkvm rm NAME`), or --force (their disks will no "
                             "longer open)")
     with _locked(entry.key):
+        users = bases_in_use().get(os.path.realpath(entry.path), [])
+        if users and not force:  # an `up` made its overlay while we waited for the lock
+            raise CloudkvmError(f"image {entry.short} is the base of instance(s) {', '.join(users)}",
+                                "remove those instances first (`cloudkvm rm NAME`), or --force")
         entry.path.unlink(missing_ok=True)
         _record_path(entry.key).unlink(missing_ok=True)
         bootcache.remove(entry.key)
@@ -563,8 +578,10 @@ def _remove_unless_busy(lock: str | None, path: Path) -> bool:
     with _locked(lock, blocking=not lock.startswith("fetch-")) as free:
         if not free:
             return False
-        if path.suffix in (".qcow2", ".raw") and os.path.realpath(path) in bases_in_use():
-            return False
+        if path.suffix in (".qcow2", ".raw", ".json"):  # an image, or the record of one, an overlay now needs
+            in_use = bases_in_use()
+            if any(os.path.realpath(path.with_suffix(f".{fmt}")) in in_use for fmt in FORMATS):
+                return False
         try:
             path.unlink()
         except FileNotFoundError:

@@ -344,3 +344,39 @@ def test_damaged_records_and_orphans_are_ignored_then_pruned(www):
     server.reset_counters()
     again = store.pull(server.url(NAME), None, progress=False, warn=Warnings())
     assert again.path.exists() and len(server.requests) == 1
+
+
+def test_prune_and_remove_wait_for_an_overlay_being_made_and_keep_its_base(www):
+    server, folder = www
+    image = store.pull(server.url(NAME), None, progress=False, warn=Warnings())
+    results = {}
+
+    def prune():
+        results["prune"] = store.prune()
+
+    def remove():
+        try:
+            store.remove(NAME)
+        except CloudkvmError as err:
+            results["remove"] = err.message
+
+    with store.holding(image) as present:  # what `up` does between its pull and the overlay
+        assert present
+        threads = [threading.Thread(target=prune), threading.Thread(target=remove)]
+        for thread in threads:
+            thread.start()
+        threads[0].join(0.5)
+        assert threads[0].is_alive() and threads[1].is_alive()  # both wait for the lock
+        fake_instance("web", image.path)
+    for thread in threads:
+        thread.join(10)
+    assert results["prune"] == [] and "base of instance(s) web" in results["remove"]
+    assert image.path.is_file()
+
+
+def test_holding_says_when_the_image_was_removed_before_the_lock(www):
+    server, folder = www
+    image = store.pull(server.url(NAME), None, progress=False, warn=Warnings())
+    store.prune()  # nothing uses it yet: gone
+    with store.holding(image) as present:
+        assert not present
