@@ -30,8 +30,9 @@ from .recipes import RECIPES, HostRecipe
 
 KERNEL_ARGS = "panic=-1 loglevel=4 mitigations=off rdinit=/init"
 # x86_64: L1 never halts. In the hangs (docs/testing.md) QEMU's emulated CPU sat halted waiting for an interrupt
-# that never woke it (its vCPU thread asleep in qemu_wait_io_event, no CPU time used); a polling idle loop takes a
-# pending interrupt without that wake-up. Not part of the recipe, so the cached host images stay valid.
+# that never woke it (its vCPU thread asleep in qemu_wait_io_event, no CPU time used). Polling is no cure (a later
+# hang spun in the idle loop: the timer interrupt is not delivered at all), but no CI run has stopped with it yet.
+# Not part of the recipe, so the cached host images stay valid.
 HOST_KERNEL_ARGS = {"x86_64": "idle=poll"}
 # QEMU TCG's nested SVM now and then leaves the emulated CPU in the L2 guest for good (docs/testing.md): the init's
 # heartbeat stops, and the run is booted once more. A command that fails is never retried.
