@@ -85,7 +85,8 @@ def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None],
             cached = cached or pull(profile, warn)
             with store.holding(cached) as present:  # no prune or `image rm` until the overlay names it
                 if present:
-                    made_from, base = _make_overlay(profile, overlay, cached), str(cached.path)
+                    _make_overlay(profile, overlay, cached)
+                    made_from, base = cached.key, str(cached.path)
                     break
             cached = None
         else:
@@ -101,8 +102,8 @@ def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None],
     return disk, made_from
 
 
-def _make_overlay(profile, overlay: Path, cached) -> str:
-    """The instance's overlay on the cached image, grown to `disk:`; returns the image's cache key."""
+def _make_overlay(profile, overlay: Path, cached) -> None:
+    """The instance's overlay on the cached image, grown to `disk:`."""
     from .storage import open_disk, qcow2
 
     base, fmt = str(cached.path), cached.format
@@ -114,7 +115,6 @@ def _make_overlay(profile, overlay: Path, cached) -> str:
                             f"({size} bytes)", "disks only grow; make disk: at least the image's size")
     qcow2.create(overlay, wanted, backing=base, backing_format=fmt, policy=base_policy(base))
     os.chmod(overlay, 0o600)
-    return cached.path.name.rpartition(".")[0]
 
 
 def boot_from_image(profile, root: PreparedDisk, instance_dir: Path, base_key: str | None = None) -> ImageBoot:

@@ -96,7 +96,7 @@ def ensure(image) -> None:
     from ..storage import open_disk
     from .bootfiles import find_boot
 
-    key = image.path.name.rpartition(".")[0]
+    key = image.key
     if (folder(key) / META).is_file():
         return
     try:

@@ -60,6 +60,17 @@ class CachedImage:
     size: int           # the virtual disk size (bytes the guest sees)
     file_size: int = 0  # bytes of the image file on the host (holes not counted as data)
 
+    @property
+    def key(self) -> str:
+        """The image's cache key (`<algo>-<hex>`), which names its file, record, lock and boot-file entry."""
+        return image_key(self.path.name) or ""
+
+
+def image_key(name: str) -> str | None:
+    """The cache key of an image file name (`<algo>-<hex>.<fmt>`), or None for any other name."""
+    stem, _, suffix = name.rpartition(".")
+    return stem if suffix in FORMATS and KEY.fullmatch(stem) else None
+
 
 @dataclass(frozen=True)
 class ImageEntry:
@@ -454,7 +465,7 @@ def holding(image: CachedImage):
     """Keep the cached `image` from removal while the caller makes an overlay on it: a shared lock on its key, which
     `remove` and `prune` take exclusively before they look again at what instances need. Yields whether the image is
     still there (False: it was removed between its pull and now; pull it again)."""
-    with _locked(image.path.name.rpartition(".")[0], shared=True):
+    with _locked(image.key, shared=True):
         yield image.path.is_file()
 
 
@@ -480,18 +491,16 @@ def find(ref: str) -> ImageEntry:
 
 
 def remove(ref: str, force: bool = False) -> ImageEntry:
-    """Remove the cached image `ref` names (see `find`); refused while an instance's overlay needs it unless forced."""
+    """Remove the cached image `ref` names (see `find`); refused while an instance's overlay needs it unless forced.
+    What instances need is read under the image's lock, which `up` holds while it makes an overlay (`holding`)."""
     entry = find(ref)
-    if entry.used_by and not force:
-        raise CloudkvmError(f"image {entry.short} ({printable(entry.locations[0] if entry.locations else entry.key)})"
-                            f" is the base of instance(s) {', '.join(entry.used_by)}",
-                            "remove those instances first (`cloudkvm rm NAME`), or --force (their disks will no "
-                            "longer open)")
     with _locked(entry.key):
         users = bases_in_use().get(os.path.realpath(entry.path), [])
-        if users and not force:  # an `up` made its overlay while we waited for the lock
-            raise CloudkvmError(f"image {entry.short} is the base of instance(s) {', '.join(users)}",
-                                "remove those instances first (`cloudkvm rm NAME`), or --force")
+        if users and not force:
+            where = printable(entry.locations[0] if entry.locations else entry.key)
+            raise CloudkvmError(f"image {entry.short} ({where}) is the base of instance(s) {', '.join(users)}",
+                                "remove those instances first (`cloudkvm rm NAME`), or --force (their disks will no "
+                                "longer open)")
         entry.path.unlink(missing_ok=True)
         _record_path(entry.key).unlink(missing_ok=True)
         bootcache.remove(entry.key)
@@ -528,7 +537,7 @@ def prune(*, dry_run: bool = False) -> list[Removed]:
             continue
         if KEY.fullmatch(stem) and suffix == "json":
             doomed.append((stem, Removed(path, "a record without its image", _size(path))))
-        elif KEY.fullmatch(stem) and suffix in FORMATS and os.path.realpath(path) not in in_use:
+        elif image_key(name) and os.path.realpath(path) not in in_use:
             doomed.append((stem, Removed(path, "an image without its record", _size(path))))
         elif name.startswith(".") and now - path.lstat().st_mtime > STALE_TEMP_SECONDS:
             doomed.append((None, Removed(path, "a temporary file left by a crash", _size(path))))
@@ -555,8 +564,7 @@ def prune(*, dry_run: bool = False) -> list[Removed]:
 
 def _image_keys(top: Path) -> set[str]:
     """The keys of the image files in the cache folder now."""
-    return {name.rpartition(".")[0] for name in os.listdir(top)
-            if name.rpartition(".")[2] in FORMATS and KEY.fullmatch(name.rpartition(".")[0])}
+    return {key for name in os.listdir(top) if (key := image_key(name))}
 
 
 def _boot_orphans(keys: set[str]) -> list[Removed]:
@@ -578,7 +586,7 @@ def _remove_unless_busy(lock: str | None, path: Path) -> bool:
     with _locked(lock, blocking=not lock.startswith("fetch-")) as free:
         if not free:
             return False
-        if path.suffix in (".qcow2", ".raw", ".json"):  # an image, or the record of one, an overlay now needs
+        if path.suffix[1:] in (*FORMATS, "json"):  # an image, or the record of one, an overlay now needs
             in_use = bases_in_use()
             if any(os.path.realpath(path.with_suffix(f".{fmt}")) in in_use for fmt in FORMATS):
                 return False
