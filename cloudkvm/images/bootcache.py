@@ -6,19 +6,21 @@ contents), `vmlinuz` and, when there is one, `initrd.img`. An entry describes th
 guest has written may hold another kernel, so `cloudimage.boot_from_image` uses it only for an overlay made in the
 same `up`. `image pull` fills it (reading the image once, as part of getting it ready); `image rm` and `prune`
 remove it with the image. An entry is written in a temporary folder and renamed into place whole, and checked when
-read (fields, sizes); anything wrong is a miss, and the image is read again.
+read (fields, sizes; the UUIDs that go on the kernel command line must look like UUIDs); anything wrong is a miss:
+the entry is put aside and the image is read again, and the entry written anew.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CloudkvmError
+from ..errors import CloudkvmError, printable
 from ..fsutil import read_bounded
 
 if TYPE_CHECKING:
@@ -28,8 +30,9 @@ FOLDER = "boot"
 META, KERNEL, INITRD = "boot.json", "vmlinuz", "initrd.img"
 META_LIMIT = 64 << 10
 STALE_TEMP_SECONDS = 3600  # a temporary folder this old was left by a crash
-_TEXT = ("kernel_name", "root_uuid", "root_partuuid")
+_UUIDS = ("root_uuid", "root_partuuid")  # put on the kernel command line: hex digits and dashes only
 _NUMBERS = ("root_partition", "boot_partition", "kernel_size")
+UUID_TEXT = re.compile(r"[0-9A-Fa-f-]{0,64}")
 
 
 def top() -> Path:
@@ -42,28 +45,65 @@ def folder(key: str) -> Path:
     return top() / key
 
 
-def load(key: str) -> BootFiles | None:
-    """The boot files kept for the image `key`, or None when there are none or they are not whole."""
-    from .bootfiles import INITRD_LIMIT, KERNEL_LIMIT, BootFiles
+def _well_formed(meta) -> bool:
+    """Whether a boot.json holds every field `load` passes on, each of the shape `find_boot` gives it."""
+    if not isinstance(meta, dict):
+        return False
+    initrd, notes = meta.get("initrd_name"), meta.get("notes", [])
+    names = [meta.get("kernel_name")] + ([] if initrd is None else [initrd])
+    return (all(isinstance(meta.get(k), int) for k in _NUMBERS)
+            and all(isinstance(meta.get(k), str) and UUID_TEXT.fullmatch(meta[k]) for k in _UUIDS)
+            and bool(meta["root_uuid"])
+            and all(isinstance(n, str) and printable(n) == n for n in names)
+            and (initrd is None or isinstance(meta.get("initrd_size"), int))
+            and isinstance(notes, list) and all(isinstance(n, str) for n in notes))
 
+
+def _meta(key: str) -> dict | None:
+    """The entry's boot.json when it is well formed and the files beside it have the sizes it records, else None."""
     where = folder(key)
     try:
         meta = json.loads(read_bounded(where / META, META_LIMIT))
-        if not isinstance(meta, dict) or not all(isinstance(meta.get(k), str) for k in _TEXT) \
-                or not all(isinstance(meta.get(k), int) for k in _NUMBERS):
+        if not _well_formed(meta):
             return None
-        initrd_name, notes = meta.get("initrd_name"), meta.get("notes", [])
-        if not (initrd_name is None or isinstance(initrd_name, str) and isinstance(meta.get("initrd_size"), int)) \
-                or not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        sizes = {KERNEL: meta["kernel_size"]} | ({} if meta.get("initrd_name") is None
+                                                  else {INITRD: meta["initrd_size"]})
+        if any(os.stat(where / name, follow_symlinks=False).st_size != size for name, size in sizes.items()):
             return None
-        kernel = read_bounded(where / KERNEL, KERNEL_LIMIT)
-        initrd = None if initrd_name is None else read_bounded(where / INITRD, INITRD_LIMIT)
     except (OSError, ValueError):
         return None
-    if len(kernel) != meta["kernel_size"] or (initrd is not None and len(initrd) != meta["initrd_size"]):
+    return meta
+
+
+def load(key: str) -> BootFiles | None:
+    """The boot files kept for the image `key`, or None when there are none or they are not whole (a broken entry
+    is put aside, so that `save` can write it anew)."""
+    from .bootfiles import INITRD_LIMIT, KERNEL_LIMIT, BootFiles
+
+    meta, where = _meta(key), folder(key)
+    try:
+        if meta is None:
+            raise ValueError("not whole")
+        kernel = read_bounded(where / KERNEL, KERNEL_LIMIT)
+        initrd = None if meta.get("initrd_name") is None else read_bounded(where / INITRD, INITRD_LIMIT)
+        if len(kernel) != meta["kernel_size"] or (initrd is not None and len(initrd) != meta["initrd_size"]):
+            raise ValueError("changed while read")
+    except (OSError, ValueError):
+        _discard(key)
         return None
-    return BootFiles(kernel, initrd, meta["kernel_name"], initrd_name, meta["root_uuid"], meta["root_partition"],
-                     meta["boot_partition"], meta["root_partuuid"], tuple(notes))
+    return BootFiles(kernel, initrd, meta["kernel_name"], meta.get("initrd_name"), meta["root_uuid"],
+                     meta["root_partition"], meta["boot_partition"], meta["root_partuuid"],
+                     tuple(meta.get("notes", [])))
+
+
+def _discard(key: str) -> None:
+    """Put a broken entry aside (renamed first, so no reader sees it half removed) and remove it."""
+    aside = top() / f".{key}.broken.{os.getpid()}"
+    try:
+        os.rename(folder(key), aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save(key: str, found: BootFiles) -> None:
@@ -97,12 +137,13 @@ def ensure(image) -> None:
     from .bootfiles import find_boot
 
     key = image.key
-    if (folder(key) / META).is_file():
+    if _meta(key) is not None:
         return
+    _discard(key)
     try:
         with open_disk(image.path, read_only=True, format=image.format) as disk:
             found = find_boot(disk, str(image.path))
-    except CloudkvmError:
+    except (CloudkvmError, OSError):
         return
     save(key, found)
 
