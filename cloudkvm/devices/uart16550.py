@@ -245,15 +245,12 @@ class Uart16550:
         self._publish()
 
     def _publish(self) -> None:
-        """Tell the fast path whether LSR reads and THR writes change nothing now, and what LSR reads: no divisor
-        latch, no loopback, no latched error for a read to clear, and no THRE interrupt for a write to raise (none
-        enabled, or one already pending: Linux's interrupt-driven transmit writes up to 16 bytes per THRE
-        interrupt, and every byte after the first leaves the state as it was)."""
+        """Tell the fast path whether LSR reads and THR writes are plain now: no divisor latch, no loopback, no
+        THRE interrupt to raise, no latched error for a read to clear; and what LSR reads."""
         fast = self._fast
         if fast is None:
             return
-        raises_thre = self._ier & IER_ETBEI and not self._thre_pending
-        if self._lcr & LCR_DLAB or self._mcr & MCR_LOOP or raises_thre or self._lsr_err:
+        if self._lcr & LCR_DLAB or self._mcr & MCR_LOOP or self._ier & IER_ETBEI or self._lsr_err:
             fast.enabled = 0
         else:
             fast.lsr = self._lsr()

@@ -296,9 +296,8 @@ int ckvm_run(int vcpu_fd)
 enum { CKVM_PYTHON = 0, CKVM_SINK = 1, CKVM_UART_THR = 2, CKVM_UART_LSR = 3 };
 
 /* A polled console UART's two busy registers, completed here while the Python model says they are plain:
- * - a 16550 on ports (codes UART_THR/UART_LSR; `mmio_base` 0): no loopback, no divisor latch, no latched line
- *   error, and no THRE interrupt for a THR write to raise (polled transmit, or THRE already pending as in an
- *   interrupt-driven batch); LSR reads get `lsr`, THR writes go to the vCPU's `ckvm_tx` buffer (PC16550D Table II);
+ * - a 16550 on ports (codes UART_THR/UART_LSR; `mmio_base` 0): polled transmit, no loopback, no divisor latch, no
+ *   latched line error; LSR reads get `lsr`, THR writes go to the vCPU's `ckvm_tx` buffer (PC16550D Table II);
  * - a PL011 at `mmio_base` (MMIO exits): no loopback, no transmit interrupt enabled; FR (offset 0x18) reads get
  *   `fr`, DR (offset 0) writes go to `ckvm_tx` (ARM DDI 0183 §3.3).
  * Linux's serial consoles write every byte as a status read and a data write, so a boot's log otherwise costs two

@@ -486,24 +486,14 @@ def test_polled_mode_is_published_as_plain_with_the_lsr_a_read_would_see():
 
 
 def test_every_state_a_plain_access_would_get_wrong_turns_the_fast_path_off():
-    for register, value in ((LCR, 0x80), (MCR, MCR_LOOP)):
+    # IER_THRI too, even with THRE already pending: the C loop buffers a vCPU's bytes until that vCPU ends a line,
+    # and interrupt-driven transmit moves between vCPUs mid-line, so their buffers would come out of order
+    for register, value in ((LCR, 0x80), (MCR, MCR_LOOP), (IER, IER_THRI)):
         u, state, _ = fast_uart()
         wr(u, register, value)
         assert state.enabled == 0, register
         wr(u, register, 0)
         assert state.enabled == 1, register
-
-
-def test_thr_writes_are_plain_only_while_a_thre_interrupt_is_already_pending():
-    u, state, out = fast_uart()
-    wr(u, IER, IER_THRI)  # enabling raises THRE: a write now leaves it raised, as it was
-    assert state.enabled == 1
-    assert rd(u, IIR) & 0x0F == IIR_THRI  # the read clears it: the next write raises it again, not plain
-    assert state.enabled == 0
-    wr(u, THR, ord("a"))
-    assert state.enabled == 1 and rd(u, IIR) & 0x0F == IIR_THRI
-    wr(u, IER, 0)
-    assert state.enabled == 1 and b"".join(out) == b"a"
 
 
 def test_a_latched_overrun_keeps_lsr_reads_in_the_model_until_one_clears_it():
