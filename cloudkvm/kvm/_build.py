@@ -4,8 +4,13 @@ Compiled at install time (setup.py `cffi_modules`); `cloudkvm.kvm.native` compil
 package runs from a source tree that was never installed.
 """
 import platform
+from pathlib import Path
 
 from cffi import FFI
+
+# C kept in its own file, compiled into the same module: the virtqueue chain walk (devices/virtio/queue.py)
+VIRTQ_C_FILE = Path(__file__).with_name("virtq.c")
+SOURCE_FILES = (Path(__file__), VIRTQ_C_FILE)  # what the compiled core is made from (a cache key for cross builds)
 
 COMMON_CDEF = r"""
 typedef unsigned char __u8; typedef unsigned short __u16; typedef unsigned int __u32;
@@ -152,6 +157,28 @@ int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_codes, ui
                   const struct ckvm_uart_fast *uart, struct ckvm_tx *tx);
 int ckvm_install_kick_handler(int signo);
 int ckvm_errno(void);
+
+/* virtq.c */
+#define CKVM_WALK_OK ...
+#define CKVM_WALK_NEXT_OUT_OF_RANGE ...
+#define CKVM_WALK_LOOP ...
+#define CKVM_WALK_INDIRECT_NOT_NEGOTIATED ...
+#define CKVM_WALK_NESTED_INDIRECT ...
+#define CKVM_WALK_INDIRECT_NEXT ...
+#define CKVM_WALK_INDIRECT_LEN ...
+#define CKVM_WALK_INDIRECT_OUTSIDE_RAM ...
+#define CKVM_WALK_TOO_LONG ...
+#define CKVM_WALK_TABLE_OUTSIDE_RAM ...
+#define CKVM_WALK_ORDER ...
+#define CKVM_WALK_TOO_LARGE ...
+#define CKVM_WALK_BUFFER_OUTSIDE_RAM ...
+struct ckvm_region { uint64_t gpa; uint64_t size; uint8_t *host; };
+struct ckvm_mem { uint32_t count; struct ckvm_region regions[8]; };
+struct ckvm_seg { uint64_t gpa; uint32_t len; uint8_t write; uint8_t region; uint16_t pad; };
+struct ckvm_walk { uint64_t desc_table; uint32_t size; uint32_t indirect; int32_t error; int32_t problem;
+    uint32_t nsegs; uint32_t in_indirect; uint32_t idx; uint32_t entries; uint64_t addr; uint64_t len;
+    struct ckvm_seg *segs; uint32_t *visited; };
+void ckvm_walk_chain(const struct ckvm_mem *mem, struct ckvm_walk *w, uint32_t head);
 """
 
 X86_CDEF = r"""
@@ -405,7 +432,7 @@ def make_ffibuilder(machine: str) -> FFI:
     """The cffi builder for one architecture (a cross build emits its C code and compiles it elsewhere)."""
     builder = FFI()
     builder.cdef(build_cdef(machine))
-    builder.set_source("cloudkvm.kvm._native", C_SOURCE, extra_compile_args=["-O2"])
+    builder.set_source("cloudkvm.kvm._native", C_SOURCE + VIRTQ_C_FILE.read_text(), extra_compile_args=["-O2"])
     return builder
 
 

@@ -1,4 +1,5 @@
 """Guest RAM: mmap'd regions and the one bounds-checked accessor every guest-supplied address goes through."""
+import gc
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ _U64 = struct.Struct("<Q")
 # anonymous mappings at any page, which kept every guest access on 4 KiB pages (Linux virt/kvm/kvm_main.c,
 # arch/x86/kvm/mmu: the large-page check on `userspace_addr ^ base_gfn`).
 HUGE_ALIGN = 2 << 20
+MAX_NATIVE_REGIONS = 8  # struct ckvm_mem (kvm/virtq.c); boards use one or two
 
 
 @dataclass
@@ -57,6 +59,14 @@ class GuestMemory:
             if self.regions and gpa < self.regions[-1].end:
                 raise ValueError(f"memory region 0x{gpa:x} overlaps the previous one")
             self.regions.append(_aligned_region(gpa, size))
+        if len(self.regions) > MAX_NATIVE_REGIONS:
+            raise ValueError(f"{len(self.regions)} memory regions; the C helpers take {MAX_NATIVE_REGIONS}")
+        # The region table the C helpers (virtq.c) read guest RAM through; emptied by close()
+        self.native = ffi.new("struct ckvm_mem *")
+        self.native.count = len(self.regions)
+        for i, r in enumerate(self.regions):
+            self.native.regions[i].gpa, self.native.regions[i].size = r.gpa, r.size
+            self.native.regions[i].host = ffi.cast("uint8_t *", r.host_addr)
 
     @property
     def size(self) -> int:
@@ -84,6 +94,18 @@ class GuestMemory:
         """A zero-copy window on guest RAM [gpa, gpa+length); raises GuestMemoryError when not all inside RAM."""
         r, off = self._locate(gpa, length)
         return r.view[off:off + length]
+
+    def views(self, pieces) -> list[memoryview]:
+        """`view` of each (gpa, length) of `pieces`, in order (one region lookup per change of region)."""
+        out = []
+        region = self.regions[0]
+        start, end = region.gpa, region.end
+        for gpa, length in pieces:
+            if not (start <= gpa and gpa + length <= end) or length < 0:
+                region, off = self._locate(gpa, length)
+                start, end = region.gpa, region.end
+            out.append(region.view[gpa - start:gpa - start + length])
+        return out
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
@@ -124,7 +146,18 @@ class GuestMemory:
         _U64.pack_into(r.view, off, value)
 
     def close(self) -> None:
+        """Unmap guest RAM. A view of it still alive (one an exception's traceback keeps, in a reference cycle
+        until the collector runs) keeps its mapping: collected first, else left mapped until the process ends
+        rather than unmapped under it."""
+        self.native.count = 0  # the C helpers find nothing from now on
         for r in self.regions:
             r.view.release()
-            r.map.close()
+            try:
+                r.map.close()
+            except BufferError:
+                gc.collect()
+                try:
+                    r.map.close()
+                except BufferError:
+                    pass
         self.regions = []

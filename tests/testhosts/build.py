@@ -189,7 +189,7 @@ def cross_compiled_core(recipe: HostRecipe, base: Path) -> Path:
     Python headers; cached by the builder's source, so a changed core is rebuilt."""
     from cloudkvm.kvm import _build
 
-    source = Path(_build.__file__).read_bytes()
+    source = b"".join(path.read_bytes() for path in _build.SOURCE_FILES)
     out = base / f"native-{recipe.name}-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if out.is_file():
         return out

@@ -346,3 +346,37 @@ def test_host_addresses_agree_with_guest_addresses_modulo_2mib(size):
             mem.read(size, 1)   # the padding beyond the region is not guest RAM
     finally:
         mem.close()
+
+
+def test_views_span_regions_and_refuse_what_is_outside():
+    mem = GuestMemory([(0, 1 << 20), (4 << 20, 1 << 20)])
+    try:
+        mem.write(0x10, b"low")
+        mem.write((4 << 20) + 0x20, b"high")
+        low, high, again = mem.views([(0x10, 3), ((4 << 20) + 0x20, 4), (0x11, 2)])
+        assert (bytes(low), bytes(high), bytes(again)) == (b"low", b"high", b"ow")
+        for outside in ([(1 << 20, 1)], [((1 << 20) - 1, 2)], [(0, 1), ((5 << 20) - 1, 2)], [(0x10, -1)]):
+            with pytest.raises(GuestMemoryError):
+                mem.views(outside)
+    finally:
+        mem.close()
+
+
+def test_close_unmaps_once_views_in_reference_cycles_are_collected_and_never_under_a_live_view():
+    import gc
+
+    mem = GuestMemory([(0, 1 << 20)])
+    cycle = [mem.view(0, 16)]
+    cycle.append(cycle)  # only the cycle collector frees this view
+    del cycle
+    gc.disable()
+    try:
+        mem.close()  # collects the cycle itself, then unmaps: no BufferError
+    finally:
+        gc.enable()
+    assert mem.regions == [] and mem.native.count == 0
+    kept = GuestMemory([(0, 1 << 20)])
+    view = kept.view(0, 4)
+    kept.close()  # a live view: the mapping stays under it, nothing raises
+    view[:] = b"safe"
+    assert bytes(view) == b"safe" and kept.native.count == 0

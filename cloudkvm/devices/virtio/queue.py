@@ -8,6 +8,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ...kvm.memory import GuestMemory
+from ...kvm.native import ffi as _ffi, lib as _lib
 
 # virtio 1.2 §2.7.5 struct virtq_desc flags.
 VIRTQ_DESC_F_NEXT = 1
@@ -32,6 +33,7 @@ MAX_CHAIN_BYTES = 1 << 32
 
 _DESC = struct.Struct("<QIHH")      # addr, len, flags, next
 _USED_ELEM = struct.Struct("<II")   # id, len
+_SEG = struct.Struct("<QI?3x")      # struct ckvm_seg (kvm/virtq.c): gpa, len, write (region and padding skipped)
 
 
 def desc_table_size(size: int) -> int:
@@ -117,6 +119,11 @@ class Virtqueue:
         self.index = index
         self.event_idx = False      # VIRTIO_F_EVENT_IDX negotiated
         self.indirect = False       # VIRTIO_F_INDIRECT_DESC negotiated
+        # the C walk's arguments and scratch, for the largest size the driver may choose
+        self._native_segs = _ffi.new("struct ckvm_seg[]", max_size)
+        self._native_visited = _ffi.new("uint32_t[]", max_size + 1)
+        self._native_walk = _ffi.new("struct ckvm_walk *", {"segs": self._native_segs,
+                                                            "visited": self._native_visited})
         self.reset()
 
     def reset(self) -> None:
@@ -187,67 +194,51 @@ class Virtqueue:
         return pending != 0
 
     def _walk(self, head: int) -> Chain:
-        mem = self.memory
-        table, entries = self.desc_table, self.size
-        in_indirect = False
-        idx = head
-        seen: set[int] = set()
-        segments: list[tuple[int, int, bool]] = []
-        count = total = 0
-        writing = False
-        problem: tuple[str, str] | None = None    # a buffer-level fault: the chain is still walked to its end
+        """The chain from `head`, walked and checked in C (kvm/virtq.c, the rules below); BadChain when wrong.
 
-        def bad(reason: str, kind: str) -> BadChain:
-            return BadChain(f"queue {self.index} chain {head}: {reason}", kind, head)
-
-        while True:
-            if idx >= entries:
-                where = "indirect table" if in_indirect else "descriptor table"
-                raise bad(f"next index {idx} is outside the {where} ({entries} entries)", "next-out-of-range")
-            if idx in seen:
-                raise bad(f"descriptor {idx} is visited twice (a loop)", "loop")
-            seen.add(idx)
-            addr, length, flags, nxt = _DESC.unpack(mem.read(table + DESC_SIZE * idx, DESC_SIZE))
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                # virtio 1.2 §2.7.5.3.1: only with the feature, never inside an indirect table, never with NEXT.
-                if not self.indirect:
-                    raise bad("INDIRECT flag without VIRTIO_F_INDIRECT_DESC negotiated", "indirect-not-negotiated")
-                if in_indirect:
-                    raise bad("indirect descriptor inside an indirect table", "nested-indirect")
-                if flags & VIRTQ_DESC_F_NEXT:
-                    raise bad("indirect descriptor with the NEXT flag", "indirect-next")
-                if length == 0 or length % DESC_SIZE:
-                    raise bad(f"indirect table length {length} is not a non-zero multiple of 16", "indirect-len")
-                if not mem.contains(addr, length):
-                    raise bad(f"indirect table 0x{addr:x}+0x{length:x} is outside guest RAM", "outside-ram")
-                table, entries = addr, length // DESC_SIZE
-                in_indirect = True
-                idx = 0
-                seen = set()
-                continue     # the WRITE flag of the descriptor naming the table is ignored (§2.7.5.3.2)
-            count += 1
-            if count > self.size:   # §2.7.5.3.1: no chain longer than the queue size (indirect ones included)
-                raise bad(f"more than {self.size} descriptors (the queue size)", "too-long")
-            is_write = bool(flags & VIRTQ_DESC_F_WRITE)
-            if is_write:
-                writing = True
-            elif writing and problem is None:   # §2.7.4.2: device-writable elements come last
-                problem = ("a device-readable descriptor follows a device-writable one", "order")
-            total += length
-            if total > MAX_CHAIN_BYTES and problem is None:
-                problem = ("more than 2^32 bytes in total", "too-large")
-            if length:
-                if problem is None and not mem.contains(addr, length):
-                    problem = (f"buffer 0x{addr:x}+0x{length:x} is outside guest RAM", "outside-ram")
-                segments.append((addr, length, is_write))
-            if not flags & VIRTQ_DESC_F_NEXT:
-                break
-            idx = nxt
-        if problem is not None:
-            exc = bad(*problem)
+        Structure (fatal for the chain, no segments known): a next index outside its table; a descriptor visited
+        twice (a loop); more descriptors than the queue size (§2.7.5.3.1, indirect ones included); an INDIRECT
+        descriptor without VIRTIO_F_INDIRECT_DESC, inside an indirect table, with NEXT, or whose table is not a
+        non-zero multiple of 16 bytes inside RAM (§2.7.5.3.1). Buffers (the chain is walked to its end and
+        `segments` kept, so a device can still write a status): one outside RAM, a device-readable one after a
+        device-writable one (§2.7.4.2), more than 2^32 bytes in all (§2.7.5). The WRITE flag of a descriptor naming
+        an indirect table is ignored (§2.7.5.3.2)."""
+        walk = self._native_walk
+        walk.desc_table, walk.size, walk.indirect = self.desc_table, self.size, self.indirect
+        _lib.ckvm_walk_chain(self.memory.native, walk, head)
+        segments = list(_SEG.iter_unpack(_ffi.buffer(walk.segs, _SEG.size * walk.nsegs)))
+        if walk.error:
+            raise self._walk_error(head, walk)
+        if walk.problem:
+            exc = self._walk_error(head, walk)
             exc.segments = segments
             raise exc
         return Chain(head, segments)
+
+    def _walk_error(self, head: int, walk) -> BadChain:
+        code = walk.error or walk.problem
+        where = "indirect table" if walk.in_indirect else "descriptor table"
+        reason, kind = {
+            _lib.CKVM_WALK_NEXT_OUT_OF_RANGE: (f"next index {walk.idx} is outside the {where} ({walk.entries} "
+                                               "entries)", "next-out-of-range"),
+            _lib.CKVM_WALK_LOOP: (f"descriptor {walk.idx} is visited twice (a loop)", "loop"),
+            _lib.CKVM_WALK_INDIRECT_NOT_NEGOTIATED: ("INDIRECT flag without VIRTIO_F_INDIRECT_DESC negotiated",
+                                                     "indirect-not-negotiated"),
+            _lib.CKVM_WALK_NESTED_INDIRECT: ("indirect descriptor inside an indirect table", "nested-indirect"),
+            _lib.CKVM_WALK_INDIRECT_NEXT: ("indirect descriptor with the NEXT flag", "indirect-next"),
+            _lib.CKVM_WALK_INDIRECT_LEN: (f"indirect table length {walk.len} is not a non-zero multiple of 16",
+                                          "indirect-len"),
+            _lib.CKVM_WALK_INDIRECT_OUTSIDE_RAM: (f"indirect table 0x{walk.addr:x}+0x{walk.len:x} is outside "
+                                                  "guest RAM", "outside-ram"),
+            _lib.CKVM_WALK_TOO_LONG: (f"more than {self.size} descriptors (the queue size)", "too-long"),
+            _lib.CKVM_WALK_TABLE_OUTSIDE_RAM: (f"descriptor table 0x{walk.addr:x}+0x{walk.len:x} is outside guest "
+                                               "RAM", "outside-ram"),
+            _lib.CKVM_WALK_ORDER: ("a device-readable descriptor follows a device-writable one", "order"),
+            _lib.CKVM_WALK_TOO_LARGE: ("more than 2^32 bytes in total", "too-large"),
+            _lib.CKVM_WALK_BUFFER_OUTSIDE_RAM: (f"buffer 0x{walk.addr:x}+0x{walk.len:x} is outside guest RAM",
+                                                "outside-ram"),
+        }[code]
+        return BadChain(f"queue {self.index} chain {head}: {reason}", kind, head)
 
     def push(self, head: int, written_len: int) -> None:
         """Return chain `head` to the driver: the used element first, then used->idx (§2.7.8.2)."""

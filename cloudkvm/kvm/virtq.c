@@ -1,0 +1,172 @@
+/* The split virtqueue's descriptor chain walk (virtio 1.2 §2.7.5, §2.7.5.3), for devices/virtio/queue.py.
+ *
+ * A driver's descriptors are read from guest RAM only through `ckvm_mem`, the region table of kvm/memory.py: every
+ * read is of a whole descriptor inside one region, copied once before it is looked at (the driver may change it
+ * meanwhile), so nothing a driver writes can make this read outside guest RAM. The walk only reads.
+ *
+ * Outcome, in `struct ckvm_walk`:
+ * - `error` != 0: the chain's structure is broken (CKVM_WALK_* below; `idx`, `entries`, `addr`, `len`,
+ *   `in_indirect` say where), nothing else is known;
+ * - else `problem` != 0: the structure is whole and `segs` holds the whole chain, but a buffer is wrong
+ *   (outside RAM, readable after writable, over 2^32 bytes in all: the first problem met);
+ * - else `segs` is the validated chain. Segments are (gpa, len, write, region): zero-length descriptors dropped.
+ * The checks, their order and their kinds are those queue.py documents and its tests (tests/virtio) pin. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CKVM_VIRTQ_DESC_F_NEXT 1
+#define CKVM_VIRTQ_DESC_F_WRITE 2
+#define CKVM_VIRTQ_DESC_F_INDIRECT 4
+#define CKVM_MAX_CHAIN_BYTES (1ULL << 32)
+
+enum {
+    CKVM_WALK_OK = 0,
+    /* structural errors */
+    CKVM_WALK_NEXT_OUT_OF_RANGE = 1, CKVM_WALK_LOOP = 2, CKVM_WALK_INDIRECT_NOT_NEGOTIATED = 3,
+    CKVM_WALK_NESTED_INDIRECT = 4, CKVM_WALK_INDIRECT_NEXT = 5, CKVM_WALK_INDIRECT_LEN = 6,
+    CKVM_WALK_INDIRECT_OUTSIDE_RAM = 7, CKVM_WALK_TOO_LONG = 8, CKVM_WALK_TABLE_OUTSIDE_RAM = 9,
+    /* buffer problems */
+    CKVM_WALK_ORDER = 20, CKVM_WALK_TOO_LARGE = 21, CKVM_WALK_BUFFER_OUTSIDE_RAM = 22,
+};
+
+struct ckvm_region { uint64_t gpa; uint64_t size; uint8_t *host; };
+struct ckvm_mem { uint32_t count; struct ckvm_region regions[8]; };
+struct ckvm_seg { uint64_t gpa; uint32_t len; uint8_t write; uint8_t region; uint16_t pad; };
+struct ckvm_walk {
+    /* in: the queue */
+    uint64_t desc_table; uint32_t size; uint32_t indirect;
+    /* out */
+    int32_t error; int32_t problem; uint32_t nsegs; uint32_t in_indirect;
+    uint32_t idx; uint32_t entries; uint64_t addr; uint64_t len;      /* where the error or problem is */
+    /* scratch, `size` entries each, owned by the caller */
+    struct ckvm_seg *segs; uint32_t *visited;
+};
+
+/* The region holding [gpa, gpa+len) whole, or -1. */
+static int ckvm_region_of(const struct ckvm_mem *mem, uint64_t gpa, uint64_t len)
+{
+    for (uint32_t i = 0; i < mem->count && i < 8; i++) {
+        const struct ckvm_region *r = &mem->regions[i];
+        if (gpa >= r->gpa && gpa - r->gpa < r->size)
+            return len <= r->size - (gpa - r->gpa) ? (int)i : -1;
+    }
+    return -1;
+}
+
+static int ckvm_cmp_pos(const void *a, const void *b)
+{
+    const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The first index visited twice among `visited[0..n)`, or -1: (index << 32 | position) pairs sorted. */
+static int64_t ckvm_first_revisit(const uint32_t *visited, uint32_t n)
+{
+    uint64_t *pairs = malloc((size_t)n * sizeof(*pairs));
+    if (pairs == NULL)
+        return -2;
+    for (uint32_t i = 0; i < n; i++)
+        pairs[i] = (uint64_t)visited[i] << 32 | i;
+    qsort(pairs, n, sizeof(*pairs), ckvm_cmp_pos);
+    int64_t best = -1;
+    uint32_t best_pos = UINT32_MAX;
+    for (uint32_t i = 1; i < n; i++)
+        if (pairs[i] >> 32 == pairs[i - 1] >> 32 && (uint32_t)pairs[i] < best_pos) {
+            best_pos = (uint32_t)pairs[i];
+            best = (int64_t)(pairs[i] >> 32);
+        }
+    free(pairs);
+    return best;
+}
+
+/* Walk the chain starting at descriptor `head` (< w->size). A loop is found without a visited set: every walk
+ * ends by the queue-size bound on descriptors, and then the indices visited in the current table say whether one
+ * came twice (reported as the loop queue.py's visited set would have found first) or the chain is just long. */
+void ckvm_walk_chain(const struct ckvm_mem *mem, struct ckvm_walk *w, uint32_t head)
+{
+    uint64_t table = w->desc_table, entries = w->size, total = 0;
+    uint32_t idx = head, count = 0, nvisited = 0;
+    int writing = 0;
+    w->error = w->problem = 0;
+    w->nsegs = w->in_indirect = 0;
+    int tr = ckvm_region_of(mem, table, 16 * entries);
+    if (tr < 0) {
+        w->error = CKVM_WALK_TABLE_OUTSIDE_RAM;
+        w->addr = table;
+        w->len = 16 * entries;
+        return;
+    }
+    const uint8_t *thost = mem->regions[tr].host + (table - mem->regions[tr].gpa);
+    for (;;) {
+        if (idx >= entries) {
+            w->error = CKVM_WALK_NEXT_OUT_OF_RANGE;
+            w->idx = idx;
+            w->entries = (uint32_t)entries;
+            return;
+        }
+        w->visited[nvisited++] = idx;
+        uint64_t addr;
+        uint32_t len;
+        uint16_t flags, next;
+        uint8_t raw[16];
+        memcpy(raw, thost + 16 * (uint64_t)idx, 16);  /* once: the driver may rewrite it meanwhile */
+        memcpy(&addr, raw, 8);
+        memcpy(&len, raw + 8, 4);
+        memcpy(&flags, raw + 12, 2);
+        memcpy(&next, raw + 14, 2);
+        if (flags & CKVM_VIRTQ_DESC_F_INDIRECT) {
+            int err = !w->indirect ? CKVM_WALK_INDIRECT_NOT_NEGOTIATED
+                      : w->in_indirect ? CKVM_WALK_NESTED_INDIRECT
+                      : flags & CKVM_VIRTQ_DESC_F_NEXT ? CKVM_WALK_INDIRECT_NEXT
+                      : len == 0 || len % 16 ? CKVM_WALK_INDIRECT_LEN : 0;
+            int ir = err ? -1 : ckvm_region_of(mem, addr, len);
+            if (!err && ir < 0)
+                err = CKVM_WALK_INDIRECT_OUTSIDE_RAM;
+            if (err) {
+                w->error = err;
+                w->addr = addr;
+                w->len = len;
+                return;
+            }
+            table = addr;
+            entries = len / 16;
+            thost = mem->regions[ir].host + (addr - mem->regions[ir].gpa);
+            w->in_indirect = 1;
+            idx = 0;
+            nvisited = 0;
+            continue;
+        }
+        if (++count > w->size) {
+            int64_t again = ckvm_first_revisit(w->visited, nvisited);
+            w->error = again >= 0 ? CKVM_WALK_LOOP : CKVM_WALK_TOO_LONG;
+            w->idx = again >= 0 ? (uint32_t)again : 0;
+            return;
+        }
+        int is_write = (flags & CKVM_VIRTQ_DESC_F_WRITE) != 0;
+        if (is_write)
+            writing = 1;
+        else if (writing && !w->problem)
+            w->problem = CKVM_WALK_ORDER;
+        total += len;
+        if (total > CKVM_MAX_CHAIN_BYTES && !w->problem)
+            w->problem = CKVM_WALK_TOO_LARGE;
+        if (len) {
+            int r = ckvm_region_of(mem, addr, len);
+            if (r < 0 && !w->problem) {
+                w->problem = CKVM_WALK_BUFFER_OUTSIDE_RAM;
+                w->addr = addr;
+                w->len = len;
+            }
+            struct ckvm_seg *s = &w->segs[w->nsegs++];
+            s->gpa = addr;
+            s->len = len;
+            s->write = (uint8_t)is_write;
+            s->region = r < 0 ? 0xff : (uint8_t)r;
+            s->pad = 0;
+        }
+        if (!(flags & CKVM_VIRTQ_DESC_F_NEXT))
+            return;
+        idx = next;
+    }
+}
