@@ -63,6 +63,7 @@ from collections import OrderedDict
 
 from ..errors import CloudkvmError
 from . import qcow2_header as hdr
+from . import vectored
 from ._refblock import new_block
 from .backing import BackingPolicy, open_image
 from ._util import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, check_range, fallocate, lock_image, pread_full,
@@ -81,6 +82,8 @@ RT_RESERVED = 0x1FF                    # refcount table entry bits 0-8
 OFLAG_COPIED = 1 << 63                 # L1/L2 entry bit 63: refcount is exactly one
 OFLAG_COMPRESSED = 1 << 62             # L2 entry bit 62
 OFLAG_ZERO = 1                         # standard cluster descriptor bit 0: reads as zeros
+# what `_extents` yields: where a piece of a read comes from
+_HOST, _ZERO, _DATA, _BACKING = "host", "zero", "data", "backing"
 SUBCLUSTERS = 32                       # spec: extended L2 entries divide a cluster into 32 subclusters
 SECTOR = 512                           # spec: compressed sizes count 512-byte sectors
 
@@ -282,6 +285,19 @@ class Qcow2Disk:
         with self._lock:
             return self._read(offset, length)
 
+    def preadv(self, buffers: list, offset: int) -> None:
+        """`pread` into `buffers` (storage/vectored.py): allocated runs by preadv, straight into them."""
+        cursor = vectored.Cursor(buffers)
+        length = cursor.remaining
+        if offset < 0 or offset + length > self.size:
+            check_range(self, length, offset)
+        with self._lock:
+            self._read_into(offset, cursor)
+
+    def pwritev(self, buffers: list, offset: int) -> None:
+        """`pwrite` of the buffers' bytes in order (joined first: allocation and copy-on-write see one range)."""
+        self.pwrite(buffers[0] if len(buffers) == 1 else b"".join(buffers), offset)
+
     def pwrite(self, data, offset: int) -> None:
         if self.read_only:
             raise ReadOnlyDisk(f"{self.path}: disk opened read-only")
@@ -454,6 +470,34 @@ class Qcow2Disk:
     # ---------------------------------------------------------------------------------------------- reading
     def _read(self, off: int, n: int) -> bytes:
         chunks = []
+        for kind, a, b in self._extents(off, n):
+            if kind is _HOST:
+                chunks.append(pread_full(self._fd, b, a))
+            elif kind is _ZERO:
+                chunks.append(bytes(a))
+            elif kind is _DATA:
+                chunks.append(a)
+            else:
+                chunks.append(self._read_unallocated(a, b))
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _read_into(self, off: int, cursor: vectored.Cursor) -> None:
+        """`_read` straight into the caller's buffers: preadv for allocated runs."""
+        n = cursor.remaining
+        for kind, a, b in self._extents(off, n):
+            if kind is _HOST:
+                vectored.preadv_full(self._fd, cursor.take(b), a)
+            elif kind is _ZERO:
+                vectored.zero_fill(cursor.take(a))
+            elif kind is _DATA:
+                vectored.scatter(a, cursor.take(len(a)))
+            else:
+                self._read_unallocated_into(a, cursor.take(b))
+
+    def _extents(self, off: int, n: int):
+        """Where the guest bytes [off, off+n) are, in order: (_HOST, host offset, length) in this file, (_ZERO,
+        length, None), (_DATA, bytes, None) for decompressed data, (_BACKING, offset, length) for the backing chain
+        (or zeros past it)."""
         end = off + n
         cb, cs, cmask, l1_shift, l2_mask = self._cb, self._cs, self._cmask, self._l1_shift, self._l2_mask
         while off < end:
@@ -461,11 +505,11 @@ class Qcow2Disk:
             tend = min(end, (l1i + 1) << l1_shift)
             tbl = self._l2(l1i)
             if tbl is None:
-                chunks.append(self._read_unallocated(off, tend - off))
+                yield _BACKING, off, tend - off
                 off = tend
                 continue
             if self._ext:
-                self._read_extended(tbl, off, tend, chunks)
+                yield from self._extents_extended(tbl, off, tend)
                 off = tend
                 continue
             i = (off >> cb) & l2_mask
@@ -475,7 +519,7 @@ class Qcow2Disk:
                 if cend > tend:
                     cend = tend
                 if e & OFLAG_COMPRESSED:
-                    chunks.append(self._read_compressed(e, off, cend - off))
+                    yield _DATA, self._read_compressed(e, off, cend - off), None
                     off = cend
                     i += 1
                     continue
@@ -486,21 +530,20 @@ class Qcow2Disk:
                     while run_end < tend and (tbl[i] & (OFLAG_ZERO | OFLAG_COMPRESSED)) == OFLAG_ZERO:
                         run_end = min(tend, run_end + cs)
                         i += 1
-                    chunks.append(bytes(run_end - off))
+                    yield _ZERO, run_end - off, None
                 elif host:
                     nxt = host + cs
                     while run_end < tend and (tbl[i] & (L2E_OFFSET_MASK | OFLAG_COMPRESSED | OFLAG_ZERO)) == nxt:
                         run_end = min(tend, run_end + cs)
                         i += 1
                         nxt += cs
-                    chunks.append(pread_full(self._fd, run_end - off, host + (off & cmask)))
+                    yield _HOST, host + (off & cmask), run_end - off
                 else:
                     while run_end < tend and not tbl[i] & ~OFLAG_COPIED:
                         run_end = min(tend, run_end + cs)
                         i += 1
-                    chunks.append(self._read_unallocated(off, run_end - off))
+                    yield _BACKING, off, run_end - off
                 off = run_end
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _read_unallocated(self, off: int, n: int) -> bytes:
         if self.backing is None or off >= self._backing_size:
@@ -508,6 +551,19 @@ class Qcow2Disk:
         k = min(n, self._backing_size - off)
         data = self.backing.pread(k, off)
         return data if k == n else data + bytes(n - k)
+
+    def _read_unallocated_into(self, off: int, buffers: list) -> None:
+        n = vectored.total(buffers)
+        if self.backing is None or off >= self._backing_size:
+            vectored.zero_fill(buffers)
+            return
+        k = min(n, self._backing_size - off)
+        if k == n:
+            vectored.read_into(self.backing, buffers, off)
+            return
+        cursor = vectored.Cursor(buffers)
+        vectored.read_into(self.backing, cursor.take(k), off)
+        vectored.zero_fill(cursor.take(n - k))
 
     def _read_compressed(self, e: int, off: int, n: int) -> bytes:
         coff = e & self._coff_mask
@@ -544,7 +600,8 @@ class Qcow2Disk:
                                f"not a cluster ({cs})")
         return out
 
-    def _read_extended(self, tbl: array, off: int, tend: int, chunks: list) -> None:
+    def _extents_extended(self, tbl: array, off: int, tend: int):
+        """`_extents` within one L2 table of an image with extended L2 entries (subclusters)."""
         cb, cmask, sc_bits = self._cb, self._cmask, self._sc_bits
         while off < tend:
             k = ((off >> cb) & self._l2_mask) * 2
@@ -552,7 +609,7 @@ class Qcow2Disk:
             base = off & ~cmask
             cend = min(tend, base + self._cs)
             if e & OFLAG_COMPRESSED:
-                chunks.append(self._read_compressed(e, off, cend - off))
+                yield _DATA, self._read_compressed(e, off, cend - off), None
                 off = cend
                 continue
             host = e & L2E_OFFSET_MASK
@@ -566,11 +623,11 @@ class Qcow2Disk:
                     sc2 += 1
                 seg_end = min(cend, base + (sc2 << sc_bits))
                 if state == 1:
-                    chunks.append(pread_full(self._fd, seg_end - off, host + (off & cmask)))
+                    yield _HOST, host + (off & cmask), seg_end - off
                 elif state == 2:
-                    chunks.append(bytes(seg_end - off))
+                    yield _ZERO, seg_end - off, None
                 else:
-                    chunks.append(self._read_unallocated(off, seg_end - off))
+                    yield _BACKING, off, seg_end - off
                 off = seg_end
 
     # ---------------------------------------------------------------------------------------------- writing

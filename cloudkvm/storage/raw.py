@@ -14,6 +14,7 @@ from contextlib import contextmanager, nullcontext
 from ..errors import CloudkvmError
 from .backing import open_image
 from .probe import PROBE_BYTES, write_keeps_raw
+from . import vectored
 from ._util import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, check_range, fallocate,
                     lock_image, pread_full, pwrite_full)
 from .errors import FormatChangeRefused, ReadOnlyDisk
@@ -73,6 +74,19 @@ class RawDisk:
         check_range(self, memoryview(data).nbytes, offset)
         with self._first_sector(data, offset):
             pwrite_full(self._fd, data, offset)
+
+    def preadv(self, buffers: list, offset: int) -> None:
+        check_range(self, vectored.total(buffers), offset)
+        vectored.preadv_full(self._fd, buffers, offset)
+
+    def pwritev(self, buffers: list, offset: int) -> None:
+        if self.read_only:
+            raise ReadOnlyDisk(f"{self.path}: disk opened read-only")
+        check_range(self, vectored.total(buffers), offset)
+        if self.keep_raw and offset < PROBE_BYTES:  # the first-sector guard looks at the bytes: one buffer
+            self.pwrite(b"".join(buffers), offset)
+            return
+        vectored.pwritev_full(self._fd, buffers, offset)
 
     def flush(self) -> None:
         if not self.read_only:

@@ -11,16 +11,31 @@ MiB = 1 << 20
 
 
 def assert_reads_like(path, ref: bytes, seed=0, n=150, **kw):
-    """Whole-disk read plus random (unaligned, cross-cluster) sub-range reads equal the oracle's bytes."""
+    """Whole-disk read plus random (unaligned, cross-cluster) sub-range reads equal the oracle's bytes, by pread
+    and by preadv into buffers split at random places (storage/vectored.py)."""
     rng = random.Random(seed)
     with open_disk(path, read_only=True, **kw) as d:
         assert d.size == len(ref)
         whole = d.pread(d.size, 0)
         assert whole == ref, f"{path}: whole-disk read differs at byte {first_diff(whole, ref)}"
+        assert preadv_split(d, d.size, 0, rng) == ref, f"{path}: whole-disk preadv differs"
         for _ in range(n):
             off = rng.randrange(d.size)
             ln = rng.randrange(min(d.size - off, 300_000) + 1)
             assert d.pread(ln, off) == ref[off:off + ln], (off, ln)
+            assert preadv_split(d, ln, off, rng) == ref[off:off + ln], ("preadv", off, ln)
+
+
+def split_sizes(length: int, rng) -> list[int]:
+    """`length` as up to 40 pieces at random places (empty ones too), as a driver's scattered pages are."""
+    cuts = sorted(rng.randrange(length + 1) for _ in range(rng.randrange(40)))
+    return [b - a for a, b in zip([0, *cuts], [*cuts, length])]
+
+
+def preadv_split(disk, length: int, offset: int, rng) -> bytes:
+    buffers = [bytearray(b"\xee" * n) for n in split_sizes(length, rng)]
+    disk.preadv([memoryview(b) for b in buffers], offset)
+    return b"".join(buffers)
 
 
 def first_diff(a: bytes, b: bytes) -> int:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from cloudkvm.errors import CloudkvmError
 from cloudkvm.storage import OutOfRange, ReadOnlyDisk, open_disk
 from cloudkvm.storage import qcow2
+from test_qcow2_read import split_sizes
 
 MiB = 1 << 20
 
@@ -27,7 +28,16 @@ class Model:
         self.disk = open_disk(img)
 
     def write(self, off, data):
-        self.disk.pwrite(data, off)
+        """Every other write by pwritev of the bytes split at random places (storage/vectored.py)."""
+        rng = random.Random(off * 31 + len(data))
+        if rng.random() < 0.5:
+            self.disk.pwrite(data, off)
+        else:
+            pieces, pos = [], 0
+            for n in split_sizes(len(data), rng):
+                pieces.append(memoryview(data)[pos:pos + n])
+                pos += n
+            self.disk.pwritev(pieces, off)
         self.data[off:off + len(data)] = data
 
     def zero(self, off, n, unmap=False):

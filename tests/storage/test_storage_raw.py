@@ -38,6 +38,40 @@ def test_read_write_flush(raw_file):
     assert raw_file.read_bytes() == ref
 
 
+def test_vectored_reads_and_writes_go_to_the_right_places(raw_file):
+    """preadv/pwritev (storage/vectored.py) with buffers split at random places, more of them than IOV_MAX too,
+    against the file's own bytes; a probed raw image's first sector keeps its guard."""
+    from cloudkvm.storage import vectored
+    from cloudkvm.storage.errors import FormatChangeRefused
+    from test_qcow2_read import split_sizes
+
+    ref = bytearray(raw_file.read_bytes())
+    rng = random.Random(3)
+    with open_disk(raw_file, format="raw") as d:
+        for _ in range(120):
+            off = rng.randrange(d.size)
+            n = rng.randrange(min(100_000, d.size - off) + 1)
+            data = rng.randbytes(n)
+            pieces, pos = [], 0
+            for k in split_sizes(n, rng):
+                pieces.append(memoryview(data)[pos:pos + k])
+                pos += k
+            d.pwritev(pieces, off)
+            ref[off:off + n] = data
+            buffers = [bytearray(k) for k in split_sizes(n, rng)]
+            d.preadv([memoryview(b) for b in buffers], off)
+            assert b"".join(buffers) == ref[off:off + n]
+        many = [bytearray(3) for _ in range(vectored.IOV_MAX + 5)]
+        d.preadv([memoryview(b) for b in many], 1000)
+        assert b"".join(many) == ref[1000:1000 + 3 * len(many)]
+        with pytest.raises(OutOfRange):
+            d.preadv([memoryview(bytearray(10))], d.size - 5)
+    assert raw_file.read_bytes() == ref
+    with open_disk(raw_file) as probed:  # probed as raw: a write making it look like qcow2 is refused
+        with pytest.raises(FormatChangeRefused, match="first sector"):
+            probed.pwritev([memoryview(b"QFI"), memoryview(b"\xfb")], 0)
+
+
 def test_discard_and_write_zeroes(raw_file):
     with open_disk(raw_file) as d:
         d.write_zeroes(100_000, 12345)

@@ -13,6 +13,7 @@ the device then needs a reset.
 import struct
 
 from ...errors import CloudkvmError, GuestMemoryError
+from ...storage import vectored
 from .device import VirtioDevice
 from .queue import BadChain, Chain, Virtqueue
 
@@ -51,7 +52,7 @@ ID_BYTES = 20            # §5.2.6: GET_ID answers a NUL-padded string of up to 
 # Our limits (offered in the config space).
 QUEUE_SIZE = 256
 SEG_MAX = 126            # data segments per request; + header + status stays within the queue size
-SIZE_MAX = 1 << 20       # bytes per segment; also the chunk we hand to the backend at once
+SIZE_MAX = 1 << 20       # bytes per segment; also the most we hand to the backend at once
 BLK_SIZE = 512
 MAX_DISCARD_SECTORS = 1 << 22          # 2 GiB per segment
 MAX_DISCARD_SEG = 32
@@ -82,6 +83,14 @@ def _skip(pieces: list[tuple[int, int]], skip: int) -> list[tuple[int, int]]:
         out.append((gpa + skip, length - skip))
         skip = 0
     return out
+
+
+class BackendFailure(Exception):
+    """A disk backend's error during a read or write, as text (module docstring: the guest sees IOERR)."""
+
+    def __init__(self, kind: str, why: str):
+        super().__init__(f"{kind}: {why}")
+        self.kind = kind
 
 
 class _RequestError(Exception):
@@ -195,7 +204,8 @@ class VirtioBlk(VirtioDevice):
             self.fail(f"request {chain.head}: {e}")
             return None
         except Exception as e:          # the backend failed: the guest sees an I/O error, the VMM goes on
-            self.warn_once(f"backend-{type(e).__name__}", "%s: disk backend error: %r", self.name, e)
+            kind = e.kind if isinstance(e, BackendFailure) else type(e).__name__
+            self.warn_once(f"backend-{kind}", "%s: disk backend error: %s", self.name, e)
             status, written = VIRTIO_BLK_S_IOERR, 0
         mem.write(status_gpa, bytes([status]))
         # The used len counts bytes written from the first writable byte on (§2.7.8.2): data then status when the
@@ -207,30 +217,13 @@ class VirtioBlk(VirtioDevice):
         """Run one request; returns the data bytes written to the guest. Raises _RequestError for a bad request."""
         if rtype == VIRTIO_BLK_T_IN:
             length = sum(n for _, n in writable)
-            offset = self._range(sector, length)
-            for gpa, n in writable:
-                pos = 0
-                while pos < n:
-                    chunk = min(SIZE_MAX, n - pos)
-                    data = self.disk.pread(chunk, offset)
-                    if len(data) != chunk:
-                        raise OSError(f"short read: {len(data)} of {chunk} bytes at {offset}")
-                    mem.write(gpa + pos, data)
-                    pos += chunk
-                    offset += chunk
+            self._transfer(mem, writable, self._range(sector, length), length, vectored.read_into)
             return length
         if rtype == VIRTIO_BLK_T_OUT:
             if self.read_only:
                 raise _RequestError(VIRTIO_BLK_S_IOERR, "read-only", "write to a read-only disk")
-            offset = self._range(sector, sum(n for _, n in payload))
-            for gpa, n in payload:
-                pos = 0
-                while pos < n:
-                    chunk = min(SIZE_MAX, n - pos)
-                    with mem.view(gpa + pos, chunk) as view:
-                        self.disk.pwrite(view, offset)
-                    pos += chunk
-                    offset += chunk
+            length = sum(n for _, n in payload)
+            self._transfer(mem, payload, self._range(sector, length), length, vectored.write_from)
             return 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             if not self.read_only:
@@ -249,6 +242,25 @@ class VirtioBlk(VirtioDevice):
             self._discard_or_zero(mem, rtype, payload)
             return 0
         raise _RequestError(VIRTIO_BLK_S_UNSUPP, "type", f"request type {rtype}")
+
+    def _transfer(self, mem, pieces: list[tuple[int, int]], offset: int, length: int, move) -> None:
+        """Move the data of a read or write between the disk and the guest's buffers in place (views of guest RAM,
+        storage/vectored.py), SIZE_MAX bytes at a time: a backend that copies holds no more than that at once.
+        A backend's exception is raised again as a BackendFailure without its traceback, whose frames would keep
+        views of guest RAM alive (and its mapping from being closed) for as long as anything keeps the exception."""
+        cursor = vectored.Cursor(mem.views(pieces))
+        failure = None
+        try:
+            while length:
+                chunk = min(SIZE_MAX, length)
+                move(self.disk, cursor.take(chunk), offset)
+                offset += chunk
+                length -= chunk
+        except Exception as e:  # the backend failed: the request's status says so (see _request)
+            failure = BackendFailure(type(e).__name__, str(e))
+        cursor = None
+        if failure is not None:
+            raise failure
 
     def _discard_or_zero(self, mem, rtype: int, payload: list[tuple[int, int]]) -> None:
         zero = rtype == VIRTIO_BLK_T_WRITE_ZEROES
