@@ -120,6 +120,18 @@ def test_custom_init_script_gets_its_own_image(initramfs, cache, no_apt):
         debian.build_busybox_initramfs(cache, init_script="echo no shebang\n")
 
 
+def test_programs_go_into_bin_and_into_the_cache_key(initramfs, cache, no_apt):
+    one = debian.build_busybox_initramfs(cache, programs={"gio": b"\x7fELF one"})
+    two = debian.build_busybox_initramfs(cache, programs={"gio": b"\x7fELF two"})
+    assert len({one, two, initramfs}) == 3
+    entries = {e.name: e for e in read_newc(gzip.decompress(two.read_bytes()))}
+    assert entries["bin/gio"].data == b"\x7fELF two" and entries["bin/gio"].mode & 0o777 == 0o755
+    for path in (one, two):
+        path.unlink()
+    with pytest.raises(CloudkvmError, match="plain file name"):
+        debian.build_busybox_initramfs(cache, programs={"../init": b"x"})
+
+
 # --- apt failure handling, with subprocess faked (no network) -------------------------------------------------
 
 

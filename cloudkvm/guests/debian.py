@@ -199,6 +199,35 @@ def fetch_debian_kernel(cache: Path | None = None, arch: str = "amd64", generic:
     return debian / release / "vmlinuz"
 
 
+def ensure_kernel_modules(kernel: Path) -> Path:
+    """The `modules/` folder beside a fetched kernel: arm64's come with it; amd64's (Debian's cloud kernel has
+    virtio_mmio, virtio_blk and virtio_net as modules) are extracted from the same versioned package on first use.
+    The package is named by the kernel's folder (its release) and the arch the folder's place in the cache says."""
+    folder = kernel.parent / MODULES_DIR
+    if folder.is_dir():
+        return folder
+    release = kernel.parent.name
+    package = f"linux-image-{release}"
+    if kernel.parent.parent.name == "generic" or kernel.parent.parent.name == "arm64":
+        package += ":arm64"
+    with tempfile.TemporaryDirectory(prefix="cloudkvm-apt-") as tmp:
+        root, _version = download_and_extract(package, Path(tmp))
+        modules = root / "lib" / "modules" / release
+        if not modules.is_dir():
+            raise CloudkvmError(f"{package} has no lib/modules/{release}", "Debian changed the package layout")
+        staging = Path(tempfile.mkdtemp(prefix=".tmp-modules-", dir=kernel.parent))
+        try:
+            shutil.copytree(modules, staging / MODULES_DIR, symlinks=True)
+            try:
+                os.rename(staging / MODULES_DIR, folder)
+            except OSError:
+                if not folder.is_dir():  # another process won the race: theirs is the same package's
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def _module_name(path: Path) -> str:
     """The name the kernel knows a module by: file stem with dashes as underscores (kvm-amd.ko -> kvm_amd)."""
     return path.name.split(".ko")[0].replace("-", "_")
@@ -218,8 +247,9 @@ def _module_depends(ko: Path) -> list[str]:
 
 def kernel_modules(kernel: Path, names: list[str] | tuple[str, ...]) -> list[Path]:
     """The `.ko` files of `names` and of everything they depend on, dependencies first, from the `modules/`
-    folder beside a fetched kernel (arm64). Compressed modules are not handled: Debian's are plain `.ko`."""
-    folder = kernel.parent / MODULES_DIR
+    folder beside a fetched kernel (`ensure_kernel_modules`). Compressed modules are not handled: Debian's are plain
+    `.ko`."""
+    folder = ensure_kernel_modules(kernel)
     index = {_module_name(p): p for p in sorted(folder.rglob("*.ko"))}
     order: list[Path] = []
 
@@ -293,9 +323,9 @@ def busybox_applets(busybox: Path) -> list[str]:
 
 
 def render_initramfs(busybox: bytes, applets: list[str], init_script: str,
-                     modules: list[Path] | tuple[Path, ...] = ()) -> bytes:
+                     modules: list[Path] | tuple[Path, ...] = (), programs: dict[str, bytes] | None = None) -> bytes:
     """The uncompressed newc archive: dirs, /dev nodes, /bin/busybox, applet symlinks, /init, and when given, the
-    kernel modules as /modules/NN-name.ko in load order (LOAD_MODULES loads them)."""
+    kernel modules as /modules/NN-name.ko in load order (LOAD_MODULES loads them) and `programs` as /bin/NAME."""
     w = NewcWriter()
     for d in ("bin", "dev", "etc", "proc", "sys", "usr", "root"):
         w.add_dir(d, 0o700 if d == "root" else 0o755)
@@ -311,23 +341,25 @@ def render_initramfs(busybox: bytes, applets: list[str], init_script: str,
         w.add_dir(MODULES_DIR)
         for i, ko in enumerate(modules):  # numbered so a shell glob loads them in dependency order
             w.add_file(f"{MODULES_DIR}/{i:02d}-{ko.name}", ko.read_bytes(), 0o644)
+    for name, data in sorted((programs or {}).items()):
+        if not name or "/" in name or name in (".", ".."):
+            raise CloudkvmError(f"initramfs program name {name!r} is not a plain file name", "name it like an applet")
+        w.add_file(f"bin/{name}", data, 0o755)
     w.add_file("init", init_script.encode(), 0o755)
     return w.to_bytes()
 
 
 def build_busybox_initramfs(cache: Path | None = None, init_script: str | None = None, arch: str = "amd64",
-                            modules: list[str] | tuple[str, ...] = (), generic: bool = False) -> Path:
+                            modules: list[str] | tuple[str, ...] = (), generic: bool = False,
+                            programs: dict[str, bytes] | None = None) -> Path:
     """A gzip'd newc initramfs at <cache>/debian/initramfs-<hash>.cpio.gz, keyed by busybox version + /init
-    (arm64: under <cache>/debian/arm64/; `modules` names modules of the fetched arm64 kernel to include, with
-    their dependencies, which the init loads with LOAD_MODULES; the key then has the kernel release too;
-    `generic`: modules of arm64's generic kernel)."""
+    (arm64: under <cache>/debian/arm64/; `modules` names modules of the fetched kernel to include, with their
+    dependencies, which the init loads with LOAD_MODULES; the key then has the kernel release too;
+    `generic`: modules of arm64's generic kernel; `programs`: more executables as /bin/NAME, in the key by hash)."""
     script = DEFAULT_INIT_SCRIPT if init_script is None else init_script
     if not script.startswith("#!"):
         raise CloudkvmError("the initramfs init script must start with a #! line", "begin it with #!/bin/sh")
     foreign = _debian_arch(arch) != "amd64"
-    if modules and not foreign:
-        raise CloudkvmError("kernel modules go into arm64 initramfs images only",
-                            "Debian's amd64 cloud kernel has its virtio drivers built in")
     busybox = fetch_busybox(cache, arch)
     key = f"{_LAYOUT_VERSION}\0{busybox.parent.name}\0{script}"
     kos: list[Path] = []
@@ -335,13 +367,15 @@ def build_busybox_initramfs(cache: Path | None = None, init_script: str | None =
         kernel = fetch_debian_kernel(cache, arch, generic)
         kos = kernel_modules(kernel, modules)
         key += f"\0{kernel.parent.name}\0{','.join(modules)}"
+    for name, data in sorted((programs or {}).items()):
+        key += f"\0{name}\0{hashlib.sha256(data).hexdigest()}"
     target = _debian_dir(cache, arch) / f"initramfs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.cpio.gz"
     if target.is_file():
         return target
     applets = busybox_applets(busybox)  # a foreign busybox cannot list them here: FOREIGN_APPLETS then
     if foreign:
         applets = sorted({*applets, *FOREIGN_APPLETS})
-    archive = render_initramfs(busybox.read_bytes(), applets, script, kos)
+    archive = render_initramfs(busybox.read_bytes(), applets, script, kos, programs)
     atomic_write(target, gzip.compress(archive, compresslevel=9, mtime=0))
     return target
 

@@ -151,8 +151,28 @@ def test_ensure_architecture(monkeypatch):
     assert calls == []
 
 
-def test_unknown_architectures_and_amd64_modules_are_refused(tmp_path, no_apt):
+def test_unknown_architectures_are_refused(tmp_path, no_apt):
     with pytest.raises(CloudkvmError, match="riscv64"):
         debian.fetch_debian_kernel(tmp_path, arch="riscv64")
-    with pytest.raises(CloudkvmError, match="arm64 initramfs images only"):
-        debian.build_busybox_initramfs(tmp_path, modules=("virtio_blk",))
+
+
+def test_amd64_modules_come_from_the_kernels_own_package_once(tmp_path, monkeypatch):
+    """Debian's amd64 cloud kernel has its virtio drivers as modules: they are extracted beside the cached kernel
+    from the versioned package its folder names, on first use only."""
+    kernel = tmp_path / "debian" / "6.1.0-99-cloud-amd64" / "vmlinuz"
+    kernel.parent.mkdir(parents=True)
+    kernel.write_bytes(b"kernel")
+    asked = []
+
+    def fake_download(package, workdir):
+        asked.append(package)
+        ko = workdir / "root" / "lib" / "modules" / "6.1.0-99-cloud-amd64" / "kernel" / "virtio_blk.ko"
+        ko.parent.mkdir(parents=True)
+        ko.write_bytes(b"\x7fELF")
+        return workdir / "root", "6.1.99-1"
+
+    monkeypatch.setattr(debian, "download_and_extract", fake_download)
+    folder = debian.ensure_kernel_modules(kernel)
+    assert (folder / "kernel" / "virtio_blk.ko").read_bytes() == b"\x7fELF"
+    assert debian.ensure_kernel_modules(kernel) == folder and asked == ["linux-image-6.1.0-99-cloud-amd64"]
+    assert sorted(p.name for p in kernel.parent.iterdir()) == ["modules", "vmlinuz"]  # no staging left behind
