@@ -25,6 +25,22 @@ plain = st.sampled_from([1, 1, 3, 3, 0, 2])  # NEXT and WRITE mostly, so chains 
 flags = plain | plain | plain | st.sampled_from([4, 5, 6, 7]) | st.integers(0, 0xFFFF)
 
 
+def assert_walks_agree(memory, size: int, indirect_ok: bool, head: int) -> None:
+    """The C walk of the chain at `head` (a queue of `size` at DESC) has the reference walk's outcome."""
+    queue = Virtqueue(memory, 64)
+    queue.size, queue.desc_table, queue.avail_ring, queue.used_ring = size, DESC, AVAIL, USED
+    queue.indirect = indirect_ok
+    queue.activate()
+    expected = reference_walk(memory, DESC, size, indirect_ok, head)
+    try:
+        chain = queue._walk(head)
+        got = ("ok", [tuple(s) for s in chain.segments])
+    except BadChain as e:
+        got = ("problem", e.kind, [tuple(s) for s in e.segments]) if e.segments is not None else ("error", e.kind)
+    event(str(expected[:2]) if expected[0] != "ok" else "ok")
+    assert got == expected
+
+
 def descriptor(entries: int):
     return st.tuples(addresses, lengths, flags, st.integers(0, entries - 1) | st.integers(0, entries - 1)
                      | st.integers(0, 0xFFFF))
@@ -40,19 +56,7 @@ def test_the_c_walk_agrees_with_the_reference_walk(data, size, indirect_ok):
         for table in INDIRECT_TABLES[:2]:
             for i, d in enumerate(data.draw(st.lists(descriptor(8), min_size=8, max_size=8))):
                 memory.write(table + 16 * i, struct.pack("<QIHH", *d))
-        queue = Virtqueue(memory, 64)
-        queue.size, queue.desc_table, queue.avail_ring, queue.used_ring = size, DESC, AVAIL, USED
-        queue.indirect = indirect_ok
-        queue.activate()
-        head = data.draw(st.integers(0, size - 1))
-        expected = reference_walk(memory, DESC, size, indirect_ok, head)
-        try:
-            chain = queue._walk(head)
-            got = ("ok", [tuple(s) for s in chain.segments])
-        except BadChain as e:
-            got = ("problem", e.kind, [tuple(s) for s in e.segments]) if e.segments is not None else ("error", e.kind)
-        event(str(expected[:2]) if expected[0] != "ok" else "ok")
-        assert got == expected
+        assert_walks_agree(memory, size, indirect_ok, data.draw(st.integers(0, size - 1)))
     finally:
         memory.close()
 
@@ -104,19 +108,7 @@ def test_the_c_walk_agrees_with_the_reference_on_planned_chains(data, size, indi
             main[-1] = (idx, (table, length, naming, 0))
         for idx, d in main:
             memory.write(DESC + 16 * idx, struct.pack("<QIHH", *d))
-        queue = Virtqueue(memory, 64)
-        queue.size, queue.desc_table, queue.avail_ring, queue.used_ring = size, DESC, AVAIL, USED
-        queue.indirect = indirect_ok
-        queue.activate()
-        head = main[0][0]
-        expected = reference_walk(memory, DESC, size, indirect_ok, head)
-        try:
-            chain = queue._walk(head)
-            got = ("ok", [tuple(s) for s in chain.segments])
-        except BadChain as e:
-            got = ("problem", e.kind, [tuple(s) for s in e.segments]) if e.segments is not None else ("error", e.kind)
-        event(str(expected[:2]) if expected[0] != "ok" else "ok")
-        assert got == expected
+        assert_walks_agree(memory, size, indirect_ok, main[0][0])
     finally:
         memory.close()
 
