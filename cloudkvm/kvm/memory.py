@@ -95,6 +95,13 @@ class GuestMemory:
         r, off = self._locate(gpa, length)
         return r.view[off:off + length]
 
+    def region_view(self, gpa: int, length: int) -> tuple[memoryview, int]:
+        """The whole view of the region holding [gpa, gpa+length) and gpa's offset in it, for a caller that
+        accesses one fixed structure often (a virtqueue's rings). No new view is made: after close() the region's
+        view is released and any access raises instead of touching unmapped memory."""
+        r, off = self._locate(gpa, length)
+        return r.view, off
+
     def views(self, pieces) -> list[memoryview]:
         """`view` of each (gpa, length) of `pieces`, in order (one region lookup per change of region)."""
         out = []

@@ -85,14 +85,6 @@ def _skip(pieces: list[tuple[int, int]], skip: int) -> list[tuple[int, int]]:
     return out
 
 
-class BackendFailure(Exception):
-    """A disk backend's error during a read or write, as text (module docstring: the guest sees IOERR)."""
-
-    def __init__(self, kind: str, why: str):
-        super().__init__(f"{kind}: {why}")
-        self.kind = kind
-
-
 class _RequestError(Exception):
     """A request the device answers with an error status; `kind` names the problem for log-once."""
 
@@ -204,8 +196,7 @@ class VirtioBlk(VirtioDevice):
             self.fail(f"request {chain.head}: {e}")
             return None
         except Exception as e:          # the backend failed: the guest sees an I/O error, the VMM goes on
-            kind = e.kind if isinstance(e, BackendFailure) else type(e).__name__
-            self.warn_once(f"backend-{kind}", "%s: disk backend error: %s", self.name, e)
+            self.warn_once(f"backend-{type(e).__name__}", "%s: disk backend error: %r", self.name, e)
             status, written = VIRTIO_BLK_S_IOERR, 0
         mem.write(status_gpa, bytes([status]))
         # The used len counts bytes written from the first writable byte on (§2.7.8.2): data then status when the
@@ -246,8 +237,8 @@ class VirtioBlk(VirtioDevice):
     def _transfer(self, mem, pieces: list[tuple[int, int]], offset: int, length: int, move) -> None:
         """Move the data of a read or write between the disk and the guest's buffers in place (views of guest RAM,
         storage/vectored.py), SIZE_MAX bytes at a time: a backend that copies holds no more than that at once.
-        A backend's exception is raised again as a BackendFailure without its traceback, whose frames would keep
-        views of guest RAM alive (and its mapping from being closed) for as long as anything keeps the exception."""
+        A backend's exception is raised again from here without its traceback or chained exceptions, whose frames
+        would keep views of guest RAM alive (and its mapping from being closed) for as long as anything keeps it."""
         cursor = vectored.Cursor(mem.views(pieces))
         failure = None
         try:
@@ -257,9 +248,10 @@ class VirtioBlk(VirtioDevice):
                 offset += chunk
                 length -= chunk
         except Exception as e:  # the backend failed: the request's status says so (see _request)
-            failure = BackendFailure(type(e).__name__, str(e))
+            failure = e
         cursor = None
         if failure is not None:
+            failure.__traceback__ = failure.__context__ = failure.__cause__ = None
             raise failure
 
     def _discard_or_zero(self, mem, rtype: int, payload: list[tuple[int, int]]) -> None:

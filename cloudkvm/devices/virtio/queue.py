@@ -33,6 +33,7 @@ MAX_CHAIN_BYTES = 1 << 32
 
 _DESC = struct.Struct("<QIHH")      # addr, len, flags, next
 _USED_ELEM = struct.Struct("<II")   # id, len
+_U16 = struct.Struct("<H")
 _SEG = struct.Struct("<QI?3x")      # struct ckvm_seg (kvm/virtq.c): gpa, len, write (region and padding skipped)
 
 
@@ -136,6 +137,8 @@ class Virtqueue:
         self.used_idx = 0           # our copy of used->idx (free-running u16)
         self._avail_idx = 0         # avail->idx as read at the start of the current batch
         self._signalled_used = 0    # used_idx when needs_interrupt last decided
+        self._avail = self._used = None  # the rings' region views and their offsets in them (activate)
+        self._avail_at = self._used_at = 0
 
     # ---- set-up (transport) ------------------------------------------------------------------------------------
 
@@ -157,7 +160,11 @@ class Virtqueue:
         self.check_layout()
         self.last_avail = self._avail_idx = 0
         self.used_idx = self._signalled_used = 0
-        self.memory.write_u16(self.used_ring + 2, 0)
+        # the rings' regions, found once (check_layout put each whole inside one): every later access is a
+        # struct at a known offset, checked by the memoryview itself
+        self._avail, self._avail_at = self.memory.region_view(self.avail_ring, avail_ring_size(self.size))
+        self._used, self._used_at = self.memory.region_view(self.used_ring, used_ring_size(self.size))
+        _U16.pack_into(self._used, self._used_at + 2, 0)
         self.ready = True
 
     # ---- the device side ---------------------------------------------------------------------------------------
@@ -171,7 +178,7 @@ class Virtqueue:
             if not self._refill():
                 return None
         slot = self.last_avail % self.size
-        head = self.memory.read_u16(self.avail_ring + 4 + 2 * slot)
+        head = _U16.unpack_from(self._avail, self._avail_at + 4 + 2 * slot)[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if head >= self.size:
             raise BadChain(f"queue {self.index}: avail ring head {head} is out of range (size {self.size})",
@@ -180,12 +187,11 @@ class Virtqueue:
 
     def _refill(self) -> bool:
         """Read avail->idx once for a new batch; False when nothing new is available."""
-        mem = self.memory
         if self.event_idx:
             # virtio 1.2 §2.7.10: avail_event asks the driver to notify once it adds entry `last_avail`. Written
             # before re-reading idx, so a buffer added meanwhile is either seen now or notified.
-            mem.write_u16(self.used_ring + 4 + 8 * self.size, self.last_avail)
-        idx = mem.read_u16(self.avail_ring + 2)
+            _U16.pack_into(self._used, self._used_at + 4 + 8 * self.size, self.last_avail)
+        idx = _U16.unpack_from(self._avail, self._avail_at + 2)[0]
         pending = (idx - self.last_avail) & 0xFFFF
         if pending > self.size:
             raise BadQueue(f"queue {self.index}: avail idx moved from {self.last_avail} to {idx}, more than the "
@@ -245,10 +251,10 @@ class Virtqueue:
         if not 0 <= head < self.size:
             raise ValueError(f"queue {self.index}: head {head} is not a descriptor index")
         slot = self.used_idx % self.size
-        self.memory.write(self.used_ring + 4 + 8 * slot, _USED_ELEM.pack(head, min(max(written_len, 0), 0xFFFFFFFF)))
+        _USED_ELEM.pack_into(self._used, self._used_at + 4 + 8 * slot, head, min(max(written_len, 0), 0xFFFFFFFF))
         # On x86 stores are not reordered with other stores; Python issues them in program order.
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.memory.write_u16(self.used_ring + 2, self.used_idx)
+        _U16.pack_into(self._used, self._used_at + 2, self.used_idx)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants a used buffer notification for what was pushed since the last call."""
@@ -259,9 +265,9 @@ class Virtqueue:
         if self.event_idx:
             # virtio 1.2 §2.7.7.2: notify when used idx passes used_event; the wrap-safe test of whether
             # used_event lies in [old, new) (the same comparison the spec's virtio_ring.h helper makes).
-            used_event = self.memory.read_u16(self.avail_ring + 4 + 2 * self.size)
+            used_event = _U16.unpack_from(self._avail, self._avail_at + 4 + 2 * self.size)[0]
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not self.memory.read_u16(self.avail_ring) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        return not _U16.unpack_from(self._avail, self._avail_at)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def __repr__(self) -> str:
         return (f"Virtqueue(index={self.index}, size={self.size}, ready={self.ready}, desc=0x{self.desc_table:x}, "
