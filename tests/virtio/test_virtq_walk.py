@@ -137,3 +137,21 @@ def test_a_loop_and_a_chain_longer_than_the_queue_are_told_apart():
                 raise AssertionError("no error")
     finally:
         memory.close()
+
+
+def test_a_size_beyond_the_scratch_is_refused_before_the_c_walk():
+    from cloudkvm.devices.virtio.queue import BadQueue
+    memory = GuestMemory([(0, LOW_END)])
+    try:
+        queue = Virtqueue(memory, 4)
+        queue.size, queue.desc_table, queue.avail_ring, queue.used_ring = 4, DESC, AVAIL, USED
+        queue.activate()
+        queue.size = 8  # changed behind the transport's back: the walk's arrays hold 4 segments
+        try:
+            queue._walk(0)
+        except BadQueue as e:
+            assert e.kind == "size"
+        else:
+            raise AssertionError("no error")
+    finally:
+        memory.close()

@@ -209,6 +209,8 @@ class Virtqueue:
         `segments` kept, so a device can still write a status): one outside RAM, a device-readable one after a
         device-writable one (§2.7.4.2), more than 2^32 bytes in all (§2.7.5). The WRITE flag of a descriptor naming
         an indirect table is ignored (§2.7.5.3.2)."""
+        if not 1 <= self.size <= self.max_size:  # the C walk's scratch holds max_size segments
+            raise BadQueue(f"queue {self.index}: size {self.size} is not in 1..{self.max_size}", "size")
         walk = self._native_walk
         walk.desc_table, walk.size, walk.indirect = self.desc_table, self.size, self.indirect
         _lib.ckvm_walk_chain(self.memory.native, walk, head)
