@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import itertools
+import math
 import logging
 import os
 import select
@@ -274,6 +275,11 @@ class SlirpBackend:
         self._poll_pairs: list[tuple[int, int]] = []
         self._revents: dict[int, int] = {}
         self._timeout = ffi.new("uint32_t *")
+        # The last fill's answer stays true until libslirp is called again or its time-out passes: loop turns that
+        # only served other fds (a disk notification) skip the two calls and their per-fd callbacks
+        self._changed = True
+        self._deadline = 0.0
+        self.slirp_polls = 0           # fill and poll calls into libslirp made (for the tests)
         self._timers: dict[int, _Timer] = {}
         self._timer_keys = itertools.count(1)
         self._guest_errors: set[str] = set()
@@ -414,6 +420,7 @@ class SlirpBackend:
 
     def _enter(self, fn, *args):
         """Call into libslirp; frames the guest sent meanwhile (from our callbacks) go in afterwards."""
+        self._changed = True
         if self._busy:
             return fn(*args)
         self._busy = True
@@ -425,6 +432,7 @@ class SlirpBackend:
                 self._drain_inbox()
 
     def _drain_inbox(self) -> None:
+        self._changed = True
         self._busy = True
         try:
             inbox, slirp_input = self._inbox, self._lib.slirp_input
@@ -462,17 +470,28 @@ class SlirpBackend:
     def _fill(self):
         if self._slirp == ffi.NULL:
             return (), None
+        now = time.monotonic()
+        if not self._changed and now < self._deadline:  # nothing happened to libslirp since it last said
+            return self._poll_pairs, None if self._deadline == math.inf else self._deadline - now
         self._poll_fds = []
         self._poll_pairs = []
         self._timeout[0] = _UINT32_MAX
+        self.slirp_polls += 1
         self._enter(self._lib.slirp_pollfds_fill, self._slirp, self._timeout, _cb_add_poll, self._opaque)
+        self._changed = False
         timeout = self._timeout[0]
+        self._deadline = math.inf if timeout == _UINT32_MAX else now + timeout / 1000.0
         return self._poll_pairs, None if timeout == _UINT32_MAX else timeout / 1000.0
 
     def _dispatch(self, revents: dict[int, int]) -> None:
+        """After a wait: libslirp's poll when one of its fds fired, something called into it, or its time-out
+        (its TCP timers run from this poll) has passed; otherwise nothing can have changed for it."""
         if self._slirp == ffi.NULL:
             return
+        if not revents and not self._changed and time.monotonic() < self._deadline:
+            return
         self._revents = revents
+        self.slirp_polls += 1
         self._enter(self._lib.slirp_pollfds_poll, self._slirp, 0, _cb_get_revents, self._opaque)
 
     # timers (libslirp's clock is time.monotonic_ns; expiry times are in its milliseconds)

@@ -2,6 +2,7 @@
 side, everything on a running IoThread. Host traffic stays on 127.0.0.1, except the DNS test's, which goes where
 the host's resolver is (the point of the DNS proxy)."""
 import dataclasses
+import select
 import ipaddress
 import socket
 import struct
@@ -454,3 +455,31 @@ def test_an_older_config_version_uses_timer_new(make_net, io, monkeypatch):
     io.run_sync(lambda: backend._fire(timer))
     pkt = guest.other.get(timeout=WAIT)
     assert pkt.ethertype == ETH_IPV6 and pkt.raw[14 + 40] == 134
+
+
+def test_loop_turns_that_concern_nothing_of_libslirp_skip_its_fill_and_poll():
+    """The fill's answer stands until libslirp is called again, one of its fds fires, or its time-out passes;
+    another fd's wake-up (a disk notification) costs libslirp nothing."""
+    port = free_port()
+    backend = SlirpBackend(forwards=[f"tcp:127.0.0.1:{port}-:22"])
+    try:
+        pairs, _ = backend._fill()
+        calls = backend.slirp_polls
+        listener = next(fd for fd, _ in pairs)
+        assert backend._fill()[0] is pairs  # the same answer, libslirp not asked
+        backend._dispatch({})
+        assert backend.slirp_polls == calls  # nothing for libslirp: neither call was made
+        with socket.create_connection(("127.0.0.1", port)):  # a real connection: its accept() does not block
+            backend._dispatch({listener: select.POLLIN})
+        assert backend.slirp_polls == calls + 1  # its fd fired: polled
+        backend._fill()
+        calls = backend.slirp_polls
+        backend.send(bytes(60))  # a frame from the guest went in: the next fill asks again
+        backend._fill()
+        assert backend.slirp_polls == calls + 1
+        backend._deadline = time.monotonic() - 1  # its time-out passed: polled for its timers
+        calls = backend.slirp_polls
+        backend._dispatch({})
+        assert backend.slirp_polls == calls + 1
+    finally:
+        backend.close()
