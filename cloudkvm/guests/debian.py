@@ -218,11 +218,7 @@ def ensure_kernel_modules(kernel: Path) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=".tmp-modules-", dir=kernel.parent))
         try:
             shutil.copytree(modules, staging / MODULES_DIR, symlinks=True)
-            try:
-                os.rename(staging / MODULES_DIR, folder)
-            except OSError:
-                if not folder.is_dir():  # another process won the race: theirs is the same package's
-                    raise
+            install_dir(staging / MODULES_DIR, folder)  # a concurrent winner's copy is the same package's
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return folder

@@ -2,10 +2,11 @@
 import gc
 import mmap
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from ..errors import GuestMemoryError
-from .native import ffi
+from .native import ffi, lib
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -16,7 +17,7 @@ _U64 = struct.Struct("<Q")
 # anonymous mappings at any page, which kept every guest access on 4 KiB pages (Linux virt/kvm/kvm_main.c,
 # arch/x86/kvm/mmu: the large-page check on `userspace_addr ^ base_gfn`).
 HUGE_ALIGN = 2 << 20
-MAX_NATIVE_REGIONS = 8  # struct ckvm_mem (kvm/virtq.c); boards use one or two
+MAX_NATIVE_REGIONS = lib.CKVM_MAX_REGIONS  # struct ckvm_mem (kvm/virtq.c); boards use one or two
 
 
 @dataclass
@@ -61,7 +62,8 @@ class GuestMemory:
             self.regions.append(_aligned_region(gpa, size))
         if len(self.regions) > MAX_NATIVE_REGIONS:
             raise ValueError(f"{len(self.regions)} memory regions; the C helpers take {MAX_NATIVE_REGIONS}")
-        # The region table the C helpers (virtq.c) read guest RAM through; emptied by close()
+        # The region table the C chain walk (virtq.c) reads guest RAM through (`walk_chain`); emptied by close()
+        self._native_lock = threading.Lock()
         self.native = ffi.new("struct ckvm_mem *")
         self.native.count = len(self.regions)
         for i, r in enumerate(self.regions):
@@ -95,6 +97,12 @@ class GuestMemory:
         r, off = self._locate(gpa, length)
         return r.view[off:off + length]
 
+    def walk_chain(self, walk, head: int) -> None:
+        """kvm/virtq.c's descriptor chain walk over this RAM: the one way C reads it, never while close() unmaps
+        (C holds no view that would keep a mapping in place)."""
+        with self._native_lock:
+            lib.ckvm_walk_chain(self.native, walk, head)
+
     def region_view(self, gpa: int, length: int) -> tuple[memoryview, int]:
         """The whole view of the region holding [gpa, gpa+length) and gpa's offset in it, for a caller that
         accesses one fixed structure often (a virtqueue's rings). No new view is made: after close() the region's
@@ -105,13 +113,12 @@ class GuestMemory:
     def views(self, pieces) -> list[memoryview]:
         """`view` of each (gpa, length) of `pieces`, in order (one region lookup per change of region)."""
         out = []
-        region = self.regions[0]
-        start, end = region.gpa, region.end
+        view, start, end = None, 0, 0
         for gpa, length in pieces:
-            if not (start <= gpa and gpa + length <= end) or length < 0:
-                region, off = self._locate(gpa, length)
-                start, end = region.gpa, region.end
-            out.append(region.view[gpa - start:gpa - start + length])
+            if view is None or length < 0 or not (start <= gpa and gpa + length <= end):
+                region, _ = self._locate(gpa, length)
+                view, start, end = region.view, region.gpa, region.end
+            out.append(view[gpa - start:gpa - start + length])
         return out
 
     def read(self, gpa: int, length: int) -> bytes:
@@ -156,7 +163,8 @@ class GuestMemory:
         """Unmap guest RAM. A view of it still alive (one an exception's traceback keeps, in a reference cycle
         until the collector runs) keeps its mapping: collected first, else left mapped until the process ends
         rather than unmapped under it."""
-        self.native.count = 0  # the C helpers find nothing from now on
+        with self._native_lock:
+            self.native.count = 0  # a chain walk finds nothing from now on, and none is running
         for r in self.regions:
             r.view.release()
             try:

@@ -19,6 +19,7 @@
 #define CKVM_VIRTQ_DESC_F_WRITE 2
 #define CKVM_VIRTQ_DESC_F_INDIRECT 4
 #define CKVM_MAX_CHAIN_BYTES (1ULL << 32)
+#define CKVM_MAX_REGIONS 8
 
 enum {
     CKVM_WALK_OK = 0,
@@ -31,7 +32,7 @@ enum {
 };
 
 struct ckvm_region { uint64_t gpa; uint64_t size; uint8_t *host; };
-struct ckvm_mem { uint32_t count; struct ckvm_region regions[8]; };
+struct ckvm_mem { uint32_t count; struct ckvm_region regions[CKVM_MAX_REGIONS]; };
 struct ckvm_seg { uint64_t gpa; uint32_t len; uint8_t write; uint8_t region; uint16_t pad; };
 struct ckvm_walk {
     /* in: the queue */
@@ -39,14 +40,14 @@ struct ckvm_walk {
     /* out */
     int32_t error; int32_t problem; uint32_t nsegs; uint32_t in_indirect;
     uint32_t idx; uint32_t entries; uint64_t addr; uint64_t len;      /* where the error or problem is */
-    /* scratch, `size` entries each, owned by the caller */
+    /* scratch owned by the caller: `size` segments, `size` + 1 visited indices */
     struct ckvm_seg *segs; uint32_t *visited;
 };
 
 /* The region holding [gpa, gpa+len) whole, or -1. */
 static int ckvm_region_of(const struct ckvm_mem *mem, uint64_t gpa, uint64_t len)
 {
-    for (uint32_t i = 0; i < mem->count && i < 8; i++) {
+    for (uint32_t i = 0; i < mem->count && i < CKVM_MAX_REGIONS; i++) {
         const struct ckvm_region *r = &mem->regions[i];
         if (gpa >= r->gpa && gpa - r->gpa < r->size)
             return len <= r->size - (gpa - r->gpa) ? (int)i : -1;

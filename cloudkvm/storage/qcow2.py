@@ -283,7 +283,7 @@ class Qcow2Disk:
         if offset < 0 or length < 0 or offset + length > self.size:
             check_range(self, length, offset)
         with self._lock:
-            return self._read(offset, length)
+            return bytes(self._read(offset, length))
 
     def preadv(self, buffers: list, offset: int) -> None:
         """`pread` into `buffers` (storage/vectored.py): allocated runs by preadv, straight into them."""
@@ -468,21 +468,13 @@ class Qcow2Disk:
                 raise CorruptImage(f"{self.path}: {where}: marked in use but has no host offset")
 
     # ---------------------------------------------------------------------------------------------- reading
-    def _read(self, off: int, n: int) -> bytes:
-        chunks = []
-        for kind, a, b in self._extents(off, n):
-            if kind is _HOST:
-                chunks.append(pread_full(self._fd, b, a))
-            elif kind is _ZERO:
-                chunks.append(bytes(a))
-            elif kind is _DATA:
-                chunks.append(a)
-            else:
-                chunks.append(self._read_unallocated(a, b))
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    def _read(self, off: int, n: int) -> bytearray:
+        buf = bytearray(n)
+        self._read_into(off, vectored.Cursor([memoryview(buf)]))
+        return buf
 
     def _read_into(self, off: int, cursor: vectored.Cursor) -> None:
-        """`_read` straight into the caller's buffers: preadv for allocated runs."""
+        """Guest bytes [off, off + cursor.remaining) into the cursor's buffers: preadv for allocated runs."""
         n = cursor.remaining
         for kind, a, b in self._extents(off, n):
             if kind is _HOST:
@@ -544,13 +536,6 @@ class Qcow2Disk:
                         i += 1
                     yield _BACKING, off, run_end - off
                 off = run_end
-
-    def _read_unallocated(self, off: int, n: int) -> bytes:
-        if self.backing is None or off >= self._backing_size:
-            return bytes(n)
-        k = min(n, self._backing_size - off)
-        data = self.backing.pread(k, off)
-        return data if k == n else data + bytes(n - k)
 
     def _read_unallocated_into(self, off: int, buffers: list) -> None:
         n = vectored.total(buffers)

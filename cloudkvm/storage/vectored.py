@@ -59,8 +59,7 @@ def preadv_full(fd: int, buffers: list[memoryview], offset: int) -> None:
             offset += got
             continue
         if got == 0:  # end of file: the rest is zeros
-            for b in pending:
-                b[:] = bytes(len(b))
+            zero_fill(pending)
             return
         rest = Cursor(pending)
         rest.take(got)

@@ -155,3 +155,19 @@ def test_a_size_beyond_the_scratch_is_refused_before_the_c_walk():
             raise AssertionError("no error")
     finally:
         memory.close()
+
+
+def test_after_close_the_c_walk_reads_nothing():
+    memory = GuestMemory([(0, LOW_END)])
+    queue = Virtqueue(memory, 4)
+    queue.size, queue.desc_table, queue.avail_ring, queue.used_ring = 4, DESC, AVAIL, USED
+    queue.activate()
+    memory.write(DESC, struct.pack("<QIHH", 0x40000, 16, 0, 0))
+    assert queue._walk(0).segments == [(0x40000, 16, False)]
+    memory.close()
+    try:
+        queue._walk(0)
+    except BadChain as e:
+        assert e.kind == "outside-ram" and "descriptor table" in e.reason
+    else:
+        raise AssertionError("the walk read unmapped memory")

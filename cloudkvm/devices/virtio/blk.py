@@ -208,13 +208,13 @@ class VirtioBlk(VirtioDevice):
         """Run one request; returns the data bytes written to the guest. Raises _RequestError for a bad request."""
         if rtype == VIRTIO_BLK_T_IN:
             length = sum(n for _, n in writable)
-            self._transfer(mem, writable, self._range(sector, length), length, vectored.read_into)
+            self._transfer(mem, writable, self._range(sector, length), vectored.read_into)
             return length
         if rtype == VIRTIO_BLK_T_OUT:
             if self.read_only:
                 raise _RequestError(VIRTIO_BLK_S_IOERR, "read-only", "write to a read-only disk")
             length = sum(n for _, n in payload)
-            self._transfer(mem, payload, self._range(sector, length), length, vectored.write_from)
+            self._transfer(mem, payload, self._range(sector, length), vectored.write_from)
             return 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             if not self.read_only:
@@ -234,7 +234,7 @@ class VirtioBlk(VirtioDevice):
             return 0
         raise _RequestError(VIRTIO_BLK_S_UNSUPP, "type", f"request type {rtype}")
 
-    def _transfer(self, mem, pieces: list[tuple[int, int]], offset: int, length: int, move) -> None:
+    def _transfer(self, mem, pieces: list[tuple[int, int]], offset: int, move) -> None:
         """Move the data of a read or write between the disk and the guest's buffers in place (views of guest RAM,
         storage/vectored.py), SIZE_MAX bytes at a time: a backend that copies holds no more than that at once.
         A backend's exception is raised again from here without its traceback or chained exceptions, whose frames
@@ -242,11 +242,10 @@ class VirtioBlk(VirtioDevice):
         cursor = vectored.Cursor(mem.views(pieces))
         failure = None
         try:
-            while length:
-                chunk = min(SIZE_MAX, length)
+            while cursor.remaining:
+                chunk = min(SIZE_MAX, cursor.remaining)
                 move(self.disk, cursor.take(chunk), offset)
                 offset += chunk
-                length -= chunk
         except Exception as e:  # the backend failed: the request's status says so (see _request)
             failure = e
         cursor = None

@@ -213,10 +213,10 @@ class Virtqueue:
             raise BadQueue(f"queue {self.index}: size {self.size} is not in 1..{self.max_size}", "size")
         walk = self._native_walk
         walk.desc_table, walk.size, walk.indirect = self.desc_table, self.size, self.indirect
-        _lib.ckvm_walk_chain(self.memory.native, walk, head)
-        segments = list(_SEG.iter_unpack(_ffi.buffer(walk.segs, _SEG.size * walk.nsegs)))
+        self.memory.walk_chain(walk, head)
         if walk.error:
             raise self._walk_error(head, walk)
+        segments = list(_SEG.iter_unpack(_ffi.buffer(walk.segs, _SEG.size * walk.nsegs)))
         if walk.problem:
             exc = self._walk_error(head, walk)
             exc.segments = segments
