@@ -8,9 +8,12 @@ from pathlib import Path
 
 from cffi import FFI
 
-# C kept in its own file, compiled into the same module: the virtqueue chain walk (devices/virtio/queue.py)
+# C kept in its own files, compiled into the same module, in this order: the virtqueue chain walk
+# (devices/virtio/queue.py) and virtio-blk's data path over it (devices/virtio/blk.py)
 VIRTQ_C_FILE = Path(__file__).with_name("virtq.c")
-SOURCE_FILES = (Path(__file__), VIRTQ_C_FILE)  # what the compiled core is made from (a cache key for cross builds)
+VIRTIO_BLK_C_FILE = Path(__file__).with_name("virtio_blk.c")
+C_FILES = (VIRTQ_C_FILE, VIRTIO_BLK_C_FILE)
+SOURCE_FILES = (Path(__file__), *C_FILES)  # what the compiled core is made from (a cache key for cross builds)
 
 COMMON_CDEF = r"""
 typedef unsigned char __u8; typedef unsigned short __u16; typedef unsigned int __u32;
@@ -180,6 +183,24 @@ struct ckvm_walk { uint64_t desc_table; uint32_t size; uint32_t indirect; int32_
     uint32_t nsegs; uint32_t in_indirect; uint32_t idx; uint32_t entries; uint64_t addr; uint64_t len;
     struct ckvm_seg *segs; uint32_t *visited; };
 void ckvm_walk_chain(const struct ckvm_mem *mem, struct ckvm_walk *w, uint32_t head);
+
+/* virtio_blk.c */
+#define CKVM_BLK_IDLE ...
+#define CKVM_BLK_SLOW ...
+#define CKVM_BLK_MISS ...
+#define CKVM_BLK_BADQUEUE ...
+#define CKVM_BLK_MAX_FILES ...
+#define CKVM_MAP_KNOWN ...
+#define CKVM_MAP_ZERO ...
+#define CKVM_MAP_SLOW ...
+#define CKVM_MAP_WRITABLE ...
+#define CKVM_MAP_FILE_SHIFT ...
+#define CKVM_MAP_OFFSET_MASK ...
+struct ckvm_vq { uint64_t desc_table; uint64_t avail_ring; uint64_t used_ring; uint32_t size; uint32_t event_idx;
+    uint32_t indirect; uint16_t last_avail; uint16_t avail_idx; uint16_t used_idx; ...; };
+struct ckvm_blk { uint64_t capacity; uint32_t read_only; uint32_t granule_bits; uint64_t *map; int32_t fds[...];
+    uint32_t served; int32_t err; uint64_t miss_offset; uint64_t miss_length; };
+int ckvm_blk_serve(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk *w, struct ckvm_blk *b);
 """
 
 X86_CDEF = r"""
@@ -433,7 +454,7 @@ def make_ffibuilder(machine: str) -> FFI:
     """The cffi builder for one architecture (a cross build emits its C code and compiles it elsewhere)."""
     builder = FFI()
     builder.cdef(build_cdef(machine))
-    builder.set_source("cloudkvm.kvm._native", C_SOURCE + VIRTQ_C_FILE.read_text(), extra_compile_args=["-O2"])
+    builder.set_source("cloudkvm.kvm._native", C_SOURCE + "".join(f.read_text() for f in C_FILES), extra_compile_args=["-O2"])
     return builder
 
 

@@ -98,10 +98,14 @@ class GuestMemory:
         return r.view[off:off + length]
 
     def walk_chain(self, walk, head: int) -> None:
-        """kvm/virtq.c's descriptor chain walk over this RAM: the one way C reads it, never while close() unmaps
-        (C holds no view that would keep a mapping in place)."""
+        """kvm/virtq.c's descriptor chain walk over this RAM."""
+        self.call_native(lib.ckvm_walk_chain, walk, head)
+
+    def call_native(self, fn, *args):
+        """`fn(region table, *args)`: the one way C helpers (kvm/virtq.c, kvm/virtio_blk.c) reach this RAM, never
+        while close() unmaps it (C holds no view that would keep a mapping in place)."""
         with self._native_lock:
-            lib.ckvm_walk_chain(self.native, walk, head)
+            return fn(self.native, *args)
 
     def region_view(self, gpa: int, length: int) -> tuple[memoryview, int]:
         """The whole view of the region holding [gpa, gpa+length) and gpa's offset in it, for a caller that

@@ -69,6 +69,7 @@ from .backing import BackingPolicy, open_image
 from ._util import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, check_range, fallocate, lock_image, pread_full,
                     pwrite_full)
 from .errors import CorruptImage, DiskError, ReadOnlyDisk
+from .placement import ZEROS, Place
 
 __all__ = ["Qcow2Disk", "create", "grow"]
 
@@ -310,6 +311,36 @@ class Qcow2Disk:
         if n:
             with self._lock:
                 self._write(offset, view)
+
+    def locate(self, offset: int, length: int):
+        """storage/placement.py: one run of host clusters (writable when this image owns them: COPIED, neither
+        zero nor compressed), zeros, or a place in the backing chain (never writable: a write copies it up)."""
+        if offset < 0 or length <= 0 or offset + length > self.size or self._fd < 0:
+            return None
+        with self._lock:
+            extents = self._extents(offset, length)
+            kind, a, b = next(extents)
+            if kind is _DATA or next(extents, None) is not None:
+                return None
+            if kind is _HOST:
+                return Place(self._fd, a, not self.read_only and self._owned(offset, length))
+        if kind is _ZERO or self.backing is None or offset >= self._backing_size:
+            return ZEROS
+        if offset + length > self._backing_size:
+            return None
+        place = self.backing.locate(offset, length)
+        return place._replace(writable=False) if isinstance(place, Place) else place
+
+    def _owned(self, off: int, n: int) -> bool:
+        """Whether every cluster of [off, off+n) (one run of allocated host clusters) has refcount one (COPIED)."""
+        if self._ext:
+            return False
+        first, last = off >> self._cb, (off + n - 1) >> self._cb
+        for c in range(first, last + 1):
+            tbl = self._l2(c >> self._l2_bits)
+            if tbl is None or not tbl[c & self._l2_mask] & OFLAG_COPIED:
+                return False
+        return True
 
     def flush(self) -> None:
         if self.read_only:

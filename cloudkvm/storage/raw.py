@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 
 from ..errors import CloudkvmError
 from .backing import open_image
+from .placement import Place
 from .probe import PROBE_BYTES, write_keeps_raw
 from . import vectored
 from ._util import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, check_range, fallocate,
@@ -87,6 +88,13 @@ class RawDisk:
             self.pwrite(b"".join(buffers), offset)
             return
         vectored.pwritev_full(self._fd, buffers, offset)
+
+    def locate(self, offset: int, length: int):
+        """storage/placement.py: the file itself; in place for writes except over the probed first sector."""
+        if offset < 0 or length <= 0 or offset + length > self.size or self._fd < 0:
+            return None
+        guarded = self.keep_raw and offset < PROBE_BYTES
+        return Place(self._fd, offset, not self.read_only and not guarded)
 
     def flush(self) -> None:
         if not self.read_only:

@@ -15,11 +15,13 @@ RAM = 4 * MiB
 memory = guest_memory_fixture(RAM)
 
 
-@pytest.fixture
-def disk():
-    d = FakeDisk(1 * MiB)
+@pytest.fixture(params=["python", "c"])
+def disk(request):
+    """A 1 MiB fake disk, once served by blk.py alone and once with reads and writes on the C data path."""
+    d = FakeDisk(1 * MiB, native=request.param == "c")
     yield d
     assert d.violations == []
+    d.close()
 
 
 @pytest.fixture

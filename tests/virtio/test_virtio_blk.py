@@ -12,6 +12,7 @@ from cloudkvm.devices.virtio.blk import (VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_RO, 
                                          VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_SECURE_ERASE,
                                          VIRTIO_BLK_T_WRITE_ZEROES)
 from cloudkvm.errors import CloudkvmError
+from cloudkvm.storage.placement import Place
 from virtio_driver import MiB, FakeDisk
 
 OK, IOERR, UNSUPP = VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP
@@ -171,9 +172,10 @@ def test_discard_and_write_zeroes_are_offered_only_when_the_disk_supports_them(m
     assert not features >> VIRTIO_BLK_F_DISCARD & 1 and features >> VIRTIO_BLK_F_WRITE_ZEROES & 1
 
 
+@pytest.mark.parametrize("path", ["python", "c"])
 @pytest.mark.parametrize("how", ["argument", "disk attribute"])
-def test_read_only(make_rig, how):
-    disk = FakeDisk(MiB, read_only=(how == "disk attribute"))
+def test_read_only(make_rig, how, path):
+    disk = FakeDisk(MiB, read_only=(how == "disk attribute"), native=path == "c")
     disk.data[:512] = b"\x42" * 512
     rig = make_rig(VirtioBlk(disk, read_only=(how == "argument")))
     features = rig.driver.device_features()
@@ -184,7 +186,7 @@ def test_read_only(make_rig, how):
     assert rig.blk(VIRTIO_BLK_T_WRITE_ZEROES, out=seg(0, 1))[0] == UNSUPP
     assert rig.blk(VIRTIO_BLK_T_DISCARD, out=seg(0, 1))[0] == UNSUPP
     assert disk.data[:512] == b"\x42" * 512
-    assert not [c for c in disk.calls if c[0] != "pread"]
+    assert not [c for c in disk.calls if c[0] not in ("pread", "locate")]
     assert rig.blk(VIRTIO_BLK_T_IN, 0, in_len=512)[:2] == (OK, b"\x42" * 512)
     assert rig.blk(VIRTIO_BLK_T_FLUSH)[0] == OK
 
@@ -195,7 +197,10 @@ def test_unknown_or_not_offered_types_are_unsupported(blk, rtype):
     assert blk.blk(VIRTIO_BLK_T_IN, 0, in_len=512)[0] == OK
 
 
-def test_backend_errors_become_io_errors(blk, disk):
+def test_backend_errors_become_io_errors(make_rig):
+    disk = FakeDisk(MiB)
+    blk = make_rig(VirtioBlk(disk))
+    blk.driver.init()
     disk.fail_next = OSError(5, "EIO")
     assert blk.blk(VIRTIO_BLK_T_IN, 0, in_len=512)[0] == IOERR
     disk.fail_next = RuntimeError("bug in a backend")
@@ -204,6 +209,35 @@ def test_backend_errors_become_io_errors(blk, disk):
     assert blk.blk(VIRTIO_BLK_T_FLUSH)[0] == IOERR
     assert blk.blk(VIRTIO_BLK_T_IN, 0, in_len=512)[0] == OK
     assert not blk.driver.status & mmio.DEVICE_NEEDS_RESET
+
+
+def test_a_disk_failing_to_locate_sends_the_request_to_blk_py(make_rig):
+    disk = FakeDisk(MiB, native=True)
+    disk.data[512:1024] = b"\x5a" * 512
+    blk = make_rig(VirtioBlk(disk))
+    blk.driver.init()
+    disk.fail_next = OSError(5, "EIO")      # met by `locate`: C learns nothing, blk.py reads by pread
+    status, data, _ = blk.blk(VIRTIO_BLK_T_IN, 1, in_len=512)
+    assert (status, data) == (OK, b"\x5a" * 512)
+    assert ("pread", 512, 512) in disk.calls
+    disk.calls.clear()
+    assert blk.blk(VIRTIO_BLK_T_IN, 1, in_len=512)[:2] == (OK, b"\x5a" * 512)
+    assert [c[0] for c in disk.calls] == ["locate"]   # learnt now: C reads it
+    disk.close()
+
+
+def test_a_failed_system_call_in_c_is_retried_by_blk_py(make_rig, tmp_path):
+    """C writes through a descriptor it cannot write (EBADF): it hands the request to blk.py, which writes it."""
+    disk = FakeDisk(MiB, native=True)
+    read_only = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT)
+    disk.locate = lambda offset, length: Place(read_only, offset, True)
+    blk = make_rig(VirtioBlk(disk))
+    blk.driver.init()
+    assert blk.blk(VIRTIO_BLK_T_OUT, 2, out=b"\x33" * 1024)[0] == OK
+    assert ("pwrite", 1024, 1024) in disk.calls
+    assert disk.data[1024:2048] == b"\x33" * 1024
+    blk.device.close()
+    os.close(read_only)
 
 
 def test_short_read_from_the_backend_is_an_io_error(make_rig):

@@ -72,8 +72,42 @@ def test_scattered_reads_and_writes_agree_with_qemu_img(memory, tmp_path, kind):
                 status, got = scattered_request(rig, rng, VIRTIO_BLK_T_IN, sector, pages)
                 assert status == VIRTIO_BLK_S_OK and got == twin[sector * 512:sector * 512 + pages * PAGE], sector
     finally:
-        disk.close()
+        rig.device.close()   # closes the disk too
     (tmp_path / "twin.raw").write_bytes(twin)
     qemu_img("compare", "-f", fmt, "-F", "raw", image, tmp_path / "twin.raw")
     if fmt == "qcow2":
         qemu_img("check", image)
+
+
+def test_reads_follow_the_clusters_that_writes_and_zeroing_move(memory, tmp_path):
+    """The C path's map of where disk bytes are is forgotten around every change blk.py makes: a read served from the
+    base, then a copy-on-write into the overlay, then a write in place, then write-zeroes keeping the cluster
+    allocated (its old bytes stay in the file, the image says zeros): each read sees what qemu-img sees."""
+    from cloudkvm.devices.virtio.blk import VIRTIO_BLK_T_WRITE_ZEROES
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x11" * (2 * MiB))
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top)
+    disk = open_disk(top, format="qcow2")
+    rig = Rig(memory, VirtioBlk(disk))
+    rig.driver.init()
+    try:
+        assert rig.blk(VIRTIO_BLK_T_IN, 8, in_len=4096)[:2] == (VIRTIO_BLK_S_OK, b"\x11" * 4096)
+        assert rig.blk(VIRTIO_BLK_T_OUT, 8, out=b"\x22" * 512)[0] == VIRTIO_BLK_S_OK     # copy-on-write
+        assert rig.blk(VIRTIO_BLK_T_IN, 8, in_len=1024)[:2] == (VIRTIO_BLK_S_OK, b"\x22" * 512 + b"\x11" * 512)
+        assert rig.blk(VIRTIO_BLK_T_OUT, 9, out=b"\x33" * 512)[0] == VIRTIO_BLK_S_OK     # in place
+        assert rig.blk(VIRTIO_BLK_T_IN, 8, in_len=1536)[:2] == (VIRTIO_BLK_S_OK,
+                                                                 b"\x22" * 512 + b"\x33" * 512 + b"\x11" * 512)
+        cluster = struct.pack("<QII", 0, 128, 0)            # the whole first 64 KiB cluster, no unmap
+        assert rig.blk(VIRTIO_BLK_T_WRITE_ZEROES, out=cluster)[0] == VIRTIO_BLK_S_OK
+        assert rig.blk(VIRTIO_BLK_T_IN, 8, in_len=1024)[:2] == (VIRTIO_BLK_S_OK, bytes(1024))
+        assert rig.blk(VIRTIO_BLK_T_OUT, 8, out=b"\x44" * 512)[0] == VIRTIO_BLK_S_OK
+        assert rig.blk(VIRTIO_BLK_T_IN, 8, in_len=1024)[:2] == (VIRTIO_BLK_S_OK, b"\x44" * 512 + bytes(512))
+    finally:
+        rig.device.close()
+    expected = bytearray(b"\x11" * (2 * MiB))
+    expected[:65536] = bytes(65536)
+    expected[4096:4608] = b"\x44" * 512
+    (tmp_path / "expected.raw").write_bytes(expected)
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", top, tmp_path / "expected.raw")
+    qemu_img("check", top)

@@ -11,7 +11,7 @@ from cloudkvm.devices.virtio.blk import (VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DIS
 from cloudkvm.devices.virtio.device import VIRTIO_F_VERSION_1
 from cloudkvm.devices.virtio.queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 from cloudkvm.kvm.memory import GuestMemory
-from virtio_driver import FakeDisk, Rig
+from virtio_driver import FakeDisk, MiB, Rig
 
 ALL = ~0
 
@@ -297,8 +297,9 @@ def test_register_accesses_and_queue_processing_from_two_threads(make_rig):
 
 
 @pytest.mark.parametrize("device", ["blk", "rng"])
-def test_reset_from_the_board(request, device):
-    rig = request.getfixturevalue(device)
+def test_reset_from_the_board(make_rig, device):
+    rig = make_rig(VirtioBlk(FakeDisk(MiB)) if device == "blk" else VirtioRng())
+    rig.driver.init()
     rig.transport.reset()
     assert rig.driver.status == 0
     assert rig.driver.read(mmio.INTERRUPT_STATUS) == 0

@@ -2,9 +2,12 @@
 order Linux's virtio_mmio + virtio core do (reset, ACKNOWLEDGE, DRIVER, features high/low, FEATURES_OK and
 re-read, queue set-up, DRIVER_OK). Also a fake disk for virtio-blk.
 """
+import mmap
+import os
 import struct
 
 from cloudkvm.devices.virtio import VirtioMmioTransport, mmio
+from cloudkvm.storage.placement import Place
 from cloudkvm.devices.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
                                            avail_ring_size, used_ring_size)
 
@@ -13,12 +16,22 @@ DESC = struct.Struct("<QIHH")
 
 
 class FakeDisk:
-    """An in-memory disk with the backend interface virtio-blk expects; records calls and contract violations."""
+    """An in-memory disk with the backend interface virtio-blk expects; records calls and contract violations.
+
+    `native`: the bytes live in a memfd and `locate` names it, so virtio-blk serves reads and writes by its C path
+    (kvm/virtio_blk.c) straight from that file, calling only `locate` here."""
 
     def __init__(self, size: int = 1 * MiB, discard: bool = True, write_zeroes: bool = True,
-                 read_only: bool | None = None, may_unmap: bool = False):
+                 read_only: bool | None = None, may_unmap: bool = False, native: bool = False):
         self.size = size
-        self.data = bytearray(size)
+        self.native = native
+        if native:
+            self.fd = os.memfd_create("fakedisk", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
+            self.data = mmap.mmap(self.fd, size)
+            self.locate = self._locate   # only then: virtio-blk takes the C path for a disk that has `locate`
+        else:
+            self.data = bytearray(size)
         self.supports_discard = discard
         self.supports_write_zeroes = write_zeroes
         if read_only is not None:
@@ -34,6 +47,17 @@ class FakeDisk:
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
+
+    def _locate(self, offset: int, length: int):
+        self.calls.append(("locate", length, offset))
+        self._check("locate", length, offset)
+        return Place(self.fd, offset, not getattr(self, "read_only", False))
+
+    def close(self) -> None:
+        if self.native and self.fd >= 0:
+            self.data.close()
+            os.close(self.fd)
+            self.fd = -1
 
     def pread(self, length: int, offset: int) -> bytes:
         self.calls.append(("pread", length, offset))

@@ -6,6 +6,10 @@ bytes-like view of guest RAM, valid only during the call), `flush()`, and option
 attributes (else having the method is enough), `read_only`, and `write_zeroes_may_unmap` (then a write-zeroes
 request with the unmap flag calls `write_zeroes(length, offset, unmap=True)`).
 
+A disk that can say where its bytes are (`locate`, storage/placement.py) gets the C data path (blk_native.py,
+kvm/virtio_blk.c): reads and writes of known places are served there, everything else here, one request at a time,
+in queue order.
+
 A request that is wrong (out of range, a write to a read-only disk, a bad length) gets VIRTIO_BLK_S_IOERR, an
 unknown type VIRTIO_BLK_S_UNSUPP, and the device goes on. A chain without a status byte cannot be completed:
 the device then needs a reset.
@@ -14,6 +18,8 @@ import struct
 
 from ...errors import CloudkvmError, GuestMemoryError
 from ...storage import vectored
+from ...kvm.native import lib
+from .blk_native import BlkDataPath
 from .device import VirtioDevice
 from .queue import BadChain, Chain, Virtqueue
 
@@ -136,18 +142,44 @@ class VirtioBlk(VirtioDevice):
             int(self.write_zeroes_may_unmap),
             0, 0, 0)                     # secure erase (not offered)
         super().__init__(features, (QUEUE_SIZE,), config)
+        self.data_path = BlkDataPath(disk, self.capacity, self.read_only) if callable(getattr(disk, "locate", None)) \
+            else None
+
+    def close(self) -> None:
+        """Stop the C path, then close the disk (the device owns it: metadata reaches the image when the VM ends)."""
+        if self.data_path is not None:
+            self.data_path.close()
+        close = getattr(self.disk, "close", None)
+        if callable(close):
+            close()
 
     # ---- queue processing --------------------------------------------------------------------------------------
 
     def process(self, queue_index: int, queue: Virtqueue) -> bool:
+        """Every available request in order: as many as C serves, then the next one here, and so on."""
         added = False
-        for chain in self.available_chains(queue):
+        path = self.data_path
+        while not self.needs_reset:
+            if path is not None:
+                code = path.serve(queue)
+                added |= path.served > 0
+                if code == lib.CKVM_BLK_IDLE:
+                    break
+                if code == lib.CKVM_BLK_MISS and path.fill(*path.miss):
+                    continue
+            try:
+                chain = queue.pop()
+            except BadChain as e:
+                added |= self.bad_chain(queue, e)
+                continue
+            if chain is None:
+                break
             used = self._request(queue, chain)
             if used is None:
                 break
             queue.push(chain.head, used)
             added = True
-        return added or self.completed_bad
+        return added
 
     def bad_chain(self, queue: Virtqueue, exc: BadChain) -> bool:
         """A chain that failed validation: answer IOERR when its status byte is known and inside RAM."""
@@ -214,7 +246,11 @@ class VirtioBlk(VirtioDevice):
             if self.read_only:
                 raise _RequestError(VIRTIO_BLK_S_IOERR, "read-only", "write to a read-only disk")
             length = sum(n for _, n in payload)
-            self._transfer(mem, payload, self._range(sector, length), vectored.write_from)
+            offset = self._range(sector, length)
+            try:
+                self._transfer(mem, payload, offset, vectored.write_from)
+            finally:
+                self._forget(offset, length)
             return 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             if not self.read_only:
@@ -275,12 +311,18 @@ class VirtioBlk(VirtioDevice):
         for sector, num, flags in ranges:
             if not num:
                 continue
+            self._forget(sector * SECTOR, num * SECTOR)
             if not zero:
                 self.disk.discard(num * SECTOR, sector * SECTOR)
             elif flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP and self.write_zeroes_may_unmap:
                 self.disk.write_zeroes(num * SECTOR, sector * SECTOR, unmap=True)
             else:
                 self.disk.write_zeroes(num * SECTOR, sector * SECTOR)
+
+    def _forget(self, offset: int, length: int) -> None:
+        """The disk may place [offset, +length) elsewhere after a change made here: the C path asks it again."""
+        if self.data_path is not None:
+            self.data_path.forget(offset, length)
 
     def _range(self, sector: int, length: int) -> int:
         """The byte offset of `sector`, after checking [sector, +length) is whole sectors inside the disk."""

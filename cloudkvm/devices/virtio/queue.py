@@ -125,6 +125,7 @@ class Virtqueue:
         self._native_visited = _ffi.new("uint32_t[]", max_size + 1)
         self._native_walk = _ffi.new("struct ckvm_walk *", {"segs": self._native_segs,
                                                             "visited": self._native_visited})
+        self._native_vq = _ffi.new("struct ckvm_vq *")
         self.reset()
 
     def reset(self) -> None:
@@ -209,8 +210,7 @@ class Virtqueue:
         `segments` kept, so a device can still write a status): one outside RAM, a device-readable one after a
         device-writable one (§2.7.4.2), more than 2^32 bytes in all (§2.7.5). The WRITE flag of a descriptor naming
         an indirect table is ignored (§2.7.5.3.2)."""
-        if not 1 <= self.size <= self.max_size:  # the C walk's scratch holds max_size segments
-            raise BadQueue(f"queue {self.index}: size {self.size} is not in 1..{self.max_size}", "size")
+        self._check_scratch()
         walk = self._native_walk
         walk.desc_table, walk.size, walk.indirect = self.desc_table, self.size, self.indirect
         self.memory.walk_chain(walk, head)
@@ -222,6 +222,24 @@ class Virtqueue:
             exc.segments = segments
             raise exc
         return Chain(head, segments)
+
+    def run_native(self, fn, *args):
+        """`fn(region table, struct ckvm_vq, struct ckvm_walk, *args)`: a device's C path (kvm/virtio_blk.c) that
+        pops and pushes in C. The queue's addresses and indices go to it in a struct ckvm_vq and come back from it:
+        C and this class take turns on the queue, never at once. Returns what `fn` returns."""
+        self._check_scratch()
+        vq = self._native_vq
+        vq.desc_table, vq.avail_ring, vq.used_ring = self.desc_table, self.avail_ring, self.used_ring
+        vq.size, vq.event_idx, vq.indirect = self.size, self.event_idx, self.indirect
+        vq.last_avail, vq.avail_idx, vq.used_idx = self.last_avail, self._avail_idx, self.used_idx
+        try:
+            return self.memory.call_native(fn, vq, self._native_walk, *args)
+        finally:
+            self.last_avail, self._avail_idx, self.used_idx = vq.last_avail, vq.avail_idx, vq.used_idx
+
+    def _check_scratch(self) -> None:
+        if not 1 <= self.size <= self.max_size:  # the C walk's scratch holds max_size segments
+            raise BadQueue(f"queue {self.index}: size {self.size} is not in 1..{self.max_size}", "size")
 
     def _walk_error(self, head: int, walk) -> BadChain:
         code = walk.error or walk.problem

@@ -1,0 +1,120 @@
+"""virtio-blk's C data path (kvm/virtio_blk.c, virtio 1.2 §5.2.6): the disk map it reads and the files it may use.
+
+The map has one entry per granule of the disk, filled on demand from the disk's own answer to `locate`
+(storage/placement.py) when C reports a miss, and forgotten by blk.py around every change it makes through the
+disk. C reads the files through duplicates of the disk's descriptors, owned here: closed by `close()` under the
+lock `serve` holds, so C never uses a descriptor number that may since name another file.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+from ...kvm.native import ffi, lib
+from ...storage.placement import ZEROS, Place
+
+MIN_GRANULE = 64 << 10
+MAX_ENTRIES = 1 << 24   # 128 MiB of address space at most for the map (an anonymous mapping: touched pages only)
+
+
+class BlkDataPath:
+    """The C path's state for one disk: `serve(queue)` runs it; `fill` and `forget` keep its map true."""
+
+    def __init__(self, disk, capacity: int, read_only: bool):
+        size = capacity * 512
+        granule = max(MIN_GRANULE, getattr(disk, "cluster_size", 0))
+        while size > granule * MAX_ENTRIES:
+            granule *= 2
+        self.disk = disk
+        self.size = size
+        self.granule = granule
+        entries = max(1, -(-size // granule))
+        self._map_mem = mmap.mmap(-1, entries * 8)
+        self._map = ffi.from_buffer("uint64_t[]", self._map_mem)
+        self._blk = ffi.new("struct ckvm_blk *")
+        self._blk.capacity = capacity
+        self._blk.read_only = int(read_only)
+        self._blk.granule_bits = granule.bit_length() - 1
+        self._blk.map = self._map
+        for i in range(lib.CKVM_BLK_MAX_FILES):
+            self._blk.fds[i] = -1
+        self._files: dict[int, int] = {}  # the disk's fd -> index of its duplicate in fds
+        self._lock = threading.Lock()
+        self.served = 0
+
+    def serve(self, queue) -> int:
+        """Serve what C can from `queue` (CKVM_BLK_* says where it stopped); `served` counts the completions."""
+        with self._lock:
+            if self._closed:
+                self.served = 0
+                return lib.CKVM_BLK_SLOW
+            code = queue.run_native(lib.ckvm_blk_serve, self._blk)
+        self.served = self._blk.served
+        return code
+
+    @property
+    def miss(self) -> tuple[int, int]:
+        return self._blk.miss_offset, self._blk.miss_length
+
+    def fill(self, offset: int, length: int) -> bool:
+        """Learn where every granule of [offset, offset+length) is, from the disk; False when the disk failed to
+        say (nothing is learnt: the request goes to blk.py, which meets the failure itself)."""
+        g = self.granule
+        first, last = offset // g, (offset + length - 1) // g
+        try:
+            entries = [self._entry(self.disk.locate(i * g, min(g, self.size - i * g))) for i in range(first, last + 1)]
+        except Exception:
+            return False
+        for i, entry in enumerate(entries, first):
+            self._map[i] = entry
+        return True
+
+    def forget(self, offset: int, length: int) -> None:
+        """The disk changed over [offset, offset+length) (or may have): ask it again next time."""
+        if length <= 0:
+            return
+        g = self.granule
+        first, last = offset // g, min((offset + length - 1) // g, len(self._map_mem) // 8 - 1)
+        if first <= last:
+            self._map_mem[first * 8:(last + 1) * 8] = bytes((last + 1 - first) * 8)
+
+    def _entry(self, place) -> int:
+        if place == ZEROS:
+            return lib.CKVM_MAP_KNOWN | lib.CKVM_MAP_ZERO
+        if not isinstance(place, Place) or place.offset > lib.CKVM_MAP_OFFSET_MASK:
+            return lib.CKVM_MAP_KNOWN | lib.CKVM_MAP_SLOW
+        index = self._file_index(place.fd)
+        if index is None:
+            return lib.CKVM_MAP_KNOWN | lib.CKVM_MAP_SLOW
+        return (lib.CKVM_MAP_KNOWN | (lib.CKVM_MAP_WRITABLE if place.writable else 0)
+                | index << lib.CKVM_MAP_FILE_SHIFT | place.offset)
+
+    def _file_index(self, fd: int) -> int | None:
+        index = self._files.get(fd)
+        if index is None:
+            if len(self._files) == lib.CKVM_BLK_MAX_FILES:
+                return None
+            with self._lock:
+                if self._closed:
+                    return None
+                index = len(self._files)
+                self._blk.fds[index] = os.dup(fd)
+                self._files[fd] = index
+        return index
+
+    _closed = False
+
+    def close(self) -> None:
+        """Close the duplicated descriptors; C serves nothing from now on (everything goes to blk.py)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for i in range(lib.CKVM_BLK_MAX_FILES):
+                fd, self._blk.fds[i] = self._blk.fds[i], -1
+                if fd >= 0:
+                    os.close(fd)
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,288 @@
+/* virtio-blk's data path (virtio 1.2 §5.2.6) for devices/virtio/blk.py: the requests that move sectors between the
+ * disk and guest RAM, served from the split virtqueue (§2.7) without Python.
+ *
+ * `ckvm_blk_serve` takes the queue's available chains in order and serves each one it can: a chain the walk
+ * (virtq.c) accepts whole, a 16-byte header alone in its first descriptor, a read (T_IN: the rest device-writable)
+ * or a write (T_OUT: device-readable data, then the status byte alone), whole sectors inside the disk, on disk
+ * ranges whose place is known (`map`). It returns, without consuming that chain, at the first it does not serve:
+ * - CKVM_BLK_SLOW: blk.py serves it (errors, other request types, an unusual layout, a range the map says is not
+ *   simple, a failed system call: blk.py then retries the request and answers what it finds);
+ * - CKVM_BLK_MISS: the map does not know [miss_offset, +miss_length): blk.py fills it and calls again;
+ * - CKVM_BLK_BADQUEUE: the avail ring is not usable (blk.py's own pop says why);
+ * or CKVM_BLK_IDLE when nothing more is available. `served` counts the requests completed.
+ *
+ * The map (NULL: the disk is `fds[0]` byte for byte, a raw image) has one entry per 2^granule_bits bytes of the
+ * disk: 0 unknown, else KNOWN with ZERO (reads as zeros), SLOW (only blk.py handles it) or a place: the index of the
+ * file in `fds` and the byte offset there of the granule's first byte, and WRITABLE when a write may go there in
+ * place. blk.py forgets entries around every change it makes through the disk (storage decides where data goes).
+ *
+ * Guest RAM is touched only through the region table: data segments, the header and the status byte were
+ * validated by the walk; the rings lie inside one region each (checked here again). */
+#include <errno.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define CKVM_BLK_T_IN 0
+#define CKVM_BLK_T_OUT 1
+#define CKVM_BLK_SECTOR 512
+#define CKVM_BLK_HEADER 16
+#define CKVM_BLK_MAX_FILES 16
+#define CKVM_BLK_MAX_IOV 1024
+
+#define CKVM_MAP_KNOWN (1ULL << 63)
+#define CKVM_MAP_ZERO (1ULL << 62)
+#define CKVM_MAP_SLOW (1ULL << 61)
+#define CKVM_MAP_WRITABLE (1ULL << 60)
+#define CKVM_MAP_FILE_SHIFT 56
+#define CKVM_MAP_OFFSET_MASK ((1ULL << 56) - 1)
+
+enum { CKVM_BLK_IDLE = 0, CKVM_BLK_SLOW = 1, CKVM_BLK_MISS = 2, CKVM_BLK_BADQUEUE = 3 };
+
+/* A split virtqueue's addresses and indices, copied in from queue.py and back out. */
+struct ckvm_vq {
+    uint64_t desc_table, avail_ring, used_ring;
+    uint32_t size, event_idx, indirect;
+    uint16_t last_avail, avail_idx, used_idx, pad;
+};
+
+struct ckvm_blk {
+    uint64_t capacity;              /* sectors */
+    uint32_t read_only, granule_bits;
+    uint64_t *map;                  /* NULL: identity on fds[0] */
+    int32_t fds[CKVM_BLK_MAX_FILES];
+    /* out */
+    uint32_t served;
+    int32_t err;                    /* errno of the system call that failed, for CKVM_BLK_SLOW */
+    uint64_t miss_offset, miss_length;
+};
+
+static uint8_t *ckvm_host(const struct ckvm_mem *mem, uint8_t region, uint64_t gpa)
+{
+    return mem->regions[region].host + (gpa - mem->regions[region].gpa);
+}
+
+/* Where disk byte `pos` is: 0 for a place (file index, host offset), 1 for zeros, -1 unknown, -2 slow; `left`
+ * gets the bytes to the end of its granule. */
+static int ckvm_blk_locate(const struct ckvm_blk *b, uint64_t pos, int write, uint32_t *file, uint64_t *host,
+                           uint64_t *left)
+{
+    if (b->map == NULL) {
+        *file = 0;
+        *host = pos;
+        *left = UINT64_MAX;
+        return b->read_only && write ? -2 : 0;
+    }
+    uint64_t g = pos >> b->granule_bits, e = b->map[g], within = pos - (g << b->granule_bits);
+    *left = (1ULL << b->granule_bits) - within;
+    if (!(e & CKVM_MAP_KNOWN))
+        return -1;
+    if (e & CKVM_MAP_SLOW || (write && !(e & CKVM_MAP_WRITABLE)))
+        return -2;
+    if (e & CKVM_MAP_ZERO)
+        return 1;
+    *file = (uint32_t)(e >> CKVM_MAP_FILE_SHIFT) & (CKVM_BLK_MAX_FILES - 1);
+    *host = (e & CKVM_MAP_OFFSET_MASK) + within;
+    return 0;
+}
+
+/* The guest's buffers as a cursor: `take` fills iovecs with the next bytes. */
+struct ckvm_cursor {
+    const struct ckvm_mem *mem;
+    const struct ckvm_seg *segs;    /* the data segments ... */
+    uint32_t n, trim;               /* ... their count, and bytes left out at the end of the last (a status byte) */
+    uint32_t i, used;               /* the position */
+};
+
+static int ckvm_cursor_take(struct ckvm_cursor *c, uint64_t len, struct iovec *iov, int max)
+{
+    int k = 0;
+    while (len) {
+        const struct ckvm_seg *s = &c->segs[c->i];
+        uint32_t seg_len = s->len - (c->i == c->n - 1 ? c->trim : 0);
+        uint64_t n = seg_len - c->used < len ? seg_len - c->used : len;
+        if (k == max)
+            return -1;
+        iov[k].iov_base = ckvm_host(c->mem, s->region, s->gpa + c->used);
+        iov[k].iov_len = n;
+        k++;
+        len -= n;
+        c->used += (uint32_t)n;
+        if (c->used == seg_len) {
+            c->i++;
+            c->used = 0;
+        }
+    }
+    return k;
+}
+
+/* preadv/pwritev of a whole run, continuing after short transfers; a read past the end of the file gives zeros
+ * (a qcow2 cluster allocated at the end is not always written whole). 0, or the errno. */
+static int ckvm_blk_io(int fd, struct iovec *iov, int cnt, uint64_t off, int write)
+{
+    while (cnt > 0) {
+        ssize_t r = write ? pwritev(fd, iov, cnt, (off_t)off) : preadv(fd, iov, cnt, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (r == 0) {
+            if (write)
+                return EIO;
+            for (int i = 0; i < cnt; i++)
+                memset(iov[i].iov_base, 0, iov[i].iov_len);
+            return 0;
+        }
+        off += (uint64_t)r;
+        while (cnt > 0 && (size_t)r >= iov->iov_len) {
+            r -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + r;
+            iov->iov_len -= (size_t)r;
+        }
+    }
+    return 0;
+}
+
+/* Serve one validated chain; CKVM_BLK_IDLE when done (status OK written, *used_len set), else SLOW or MISS. */
+static int ckvm_blk_request(const struct ckvm_mem *mem, const struct ckvm_walk *w, struct ckvm_blk *b,
+                            uint32_t *used_len)
+{
+    const struct ckvm_seg *segs = w->segs;
+    uint32_t n = w->nsegs;
+    if (n < 2 || segs[0].write || segs[0].len != CKVM_BLK_HEADER || !segs[n - 1].write)
+        return CKVM_BLK_SLOW;
+    uint8_t header[CKVM_BLK_HEADER];
+    memcpy(header, ckvm_host(mem, segs[0].region, segs[0].gpa), sizeof(header));
+    uint32_t type;
+    uint64_t sector;
+    memcpy(&type, header, 4);
+    memcpy(&sector, header + 8, 8);
+    int write;
+    uint64_t length = 0;
+    if (type == CKVM_BLK_T_IN) {
+        write = 0;
+        for (uint32_t i = 1; i < n; i++) {
+            if (!segs[i].write)
+                return CKVM_BLK_SLOW;
+            length += segs[i].len;
+        }
+        length--;                       /* the status byte */
+    } else if (type == CKVM_BLK_T_OUT) {
+        write = 1;
+        if (segs[n - 1].len != 1 || b->read_only)
+            return CKVM_BLK_SLOW;
+        for (uint32_t i = 1; i < n - 1; i++) {
+            if (segs[i].write)
+                return CKVM_BLK_SLOW;
+            length += segs[i].len;
+        }
+    } else {
+        return CKVM_BLK_SLOW;
+    }
+    if (length % CKVM_BLK_SECTOR || sector > b->capacity || length / CKVM_BLK_SECTOR > b->capacity - sector)
+        return CKVM_BLK_SLOW;
+    uint64_t off = sector * CKVM_BLK_SECTOR, end = off + length;
+    /* every granule known and simple before any byte moves */
+    for (uint64_t pos = off; pos < end;) {
+        uint32_t file;
+        uint64_t host, left;
+        int kind = ckvm_blk_locate(b, pos, write, &file, &host, &left);
+        if (kind == -1) {
+            b->miss_offset = off;
+            b->miss_length = length;
+            return CKVM_BLK_MISS;
+        }
+        if (kind == -2)
+            return CKVM_BLK_SLOW;
+        pos += left < end - pos ? left : end - pos;
+    }
+    /* the data: a read's writable segments but the status byte; a write's readable ones after the header */
+    struct ckvm_cursor cur = { mem, segs + 1, write ? n - 2 : n - 1, write ? 0 : 1, 0, 0 };
+    struct iovec iov[CKVM_BLK_MAX_IOV];
+    for (uint64_t pos = off; pos < end;) {
+        uint32_t file, file2;
+        uint64_t host, host2, left, left2;
+        int kind = ckvm_blk_locate(b, pos, write, &file, &host, &left);
+        uint64_t run = left < end - pos ? left : end - pos;
+        while (pos + run < end) {       /* join the granules that follow in the same place */
+            int kind2 = ckvm_blk_locate(b, pos + run, write, &file2, &host2, &left2);
+            if (kind2 != kind || (kind == 0 && (file2 != file || host2 != host + run)))
+                break;
+            run += left2 < end - pos - run ? left2 : end - pos - run;
+        }
+        int cnt = ckvm_cursor_take(&cur, run, iov, CKVM_BLK_MAX_IOV);
+        if (cnt < 0)
+            return CKVM_BLK_SLOW;
+        if (kind == 1) {
+            for (int i = 0; i < cnt; i++)
+                memset(iov[i].iov_base, 0, iov[i].iov_len);
+        } else {
+            int fd = b->fds[file];
+            int err = fd < 0 ? EBADF : ckvm_blk_io(fd, iov, cnt, host, write);
+            if (err) {
+                b->err = err;
+                return CKVM_BLK_SLOW;
+            }
+        }
+        pos += run;
+    }
+    const struct ckvm_seg *st = &segs[n - 1];
+    *ckvm_host(mem, st->region, st->gpa + st->len - 1) = 0;     /* VIRTIO_BLK_S_OK */
+    /* §2.7.8.2: bytes written from the first writable byte on: the data and the status for a read */
+    *used_len = write ? 1 : (uint32_t)(length + 1);
+    return CKVM_BLK_IDLE;
+}
+
+int ckvm_blk_serve(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk *w, struct ckvm_blk *b)
+{
+    b->served = 0;
+    b->err = 0;
+    uint32_t size = q->size;
+    if (size == 0 || size & (size - 1))
+        return CKVM_BLK_BADQUEUE;
+    int ar = ckvm_region_of(mem, q->avail_ring, 6 + 2 * (uint64_t)size);
+    int ur = ckvm_region_of(mem, q->used_ring, 6 + 8 * (uint64_t)size);
+    if (ar < 0 || ur < 0)
+        return CKVM_BLK_BADQUEUE;
+    uint8_t *avail = ckvm_host(mem, (uint8_t)ar, q->avail_ring), *used = ckvm_host(mem, (uint8_t)ur, q->used_ring);
+    w->desc_table = q->desc_table;
+    w->size = size;
+    w->indirect = q->indirect;
+    for (;;) {
+        if (q->last_avail == q->avail_idx) {
+            if (q->event_idx) {     /* §2.7.10: avail_event, written before idx is read again */
+                __atomic_store_n((uint16_t *)(used + 4 + 8 * (uint64_t)size), q->last_avail, __ATOMIC_RELAXED);
+                __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            }
+            uint16_t idx = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
+            if ((uint16_t)(idx - q->last_avail) > size)
+                return CKVM_BLK_BADQUEUE;
+            q->avail_idx = idx;
+            if (idx == q->last_avail)
+                return CKVM_BLK_IDLE;
+        }
+        uint16_t head = __atomic_load_n((uint16_t *)(avail + 4 + 2 * (uint64_t)(q->last_avail % size)),
+                                        __ATOMIC_RELAXED);
+        if (head >= size)
+            return CKVM_BLK_SLOW;
+        ckvm_walk_chain(mem, w, head);
+        if (w->error || w->problem)
+            return CKVM_BLK_SLOW;
+        uint32_t used_len = 0;
+        int r = ckvm_blk_request(mem, w, b, &used_len);
+        if (r != CKVM_BLK_IDLE)
+            return r;
+        q->last_avail++;
+        uint8_t *elem = used + 4 + 8 * (uint64_t)(q->used_idx % size);
+        uint32_t id = head;
+        memcpy(elem, &id, 4);
+        memcpy(elem + 4, &used_len, 4);
+        q->used_idx++;
+        __atomic_store_n((uint16_t *)(used + 2), q->used_idx, __ATOMIC_RELEASE);    /* §2.7.8.2: after the element */
+        b->served++;
+    }
+}

@@ -1,0 +1,21 @@
+"""Where a range of a virtual disk lies on the host, for a data path that moves the bytes itself (virtio-blk's C
+path, kvm/virtio_blk.c): `Disk.locate(offset, length)` answers a `Place`, `ZEROS`, or None.
+
+A Place is one contiguous run of one open file: `fd`, the byte `offset` there of the range's first byte, and
+`writable`: a write of the range may go there in place without the disk's own code (no allocation, no copy-on-write,
+no guard). ZEROS: the range reads as zeros (a write needs the disk's code). None: anything else (split over several
+places, compressed, past a backing file's end): only the disk's own methods handle it. An answer holds until the disk
+is next written, discarded or zeroed through its methods over that range.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Place(NamedTuple):
+    fd: int
+    offset: int
+    writable: bool
+
+
+ZEROS = "zeros"

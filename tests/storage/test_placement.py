@@ -1,0 +1,83 @@
+"""`Disk.locate` (storage/placement.py), what virtio-blk's C path reads and writes by: a Place holds the bytes the
+disk reads (checked with os.pread against qemu-img's view of the image), ZEROS only where qemu-img reads zeros, and
+`writable` only where a write in place is what the disk itself would do."""
+import os
+
+import pytest
+
+from cloudkvm.storage import open_disk
+from cloudkvm.storage.placement import ZEROS, Place
+
+MiB = 1 << 20
+CLUSTER = 65536
+
+
+def bytes_at(place: Place, length: int) -> bytes:
+    data = os.pread(place.fd, length, place.offset)
+    return data + bytes(length - len(data))   # a cluster allocated at the end of the file may be written in part
+
+
+@pytest.fixture
+def overlay(tmp_path, qemu):
+    """A 4 MiB qcow2 over a compressed qcow2 base, with every kind of cluster qemu-io can make."""
+    raw = tmp_path / "source.raw"
+    raw.write_bytes(bytes(range(256)) * 4096 + bytes(MiB) + os.urandom(2 * MiB))  # compressible, zeros, not
+    qemu.img("convert", "-q", "-c", "-O", "qcow2", raw, tmp_path / "base.qcow2")
+    top = qemu.create(tmp_path / "top.qcow2", None, backing="base.qcow2")
+    qemu.io(top, "write -P 0x61 0 64k",                  # allocated in the overlay
+            "write -P 0x62 192k 128k",                      # two clusters
+            "write -z 512k 64k",                            # a zero cluster over the base
+            "write -z -u 3m 64k")                           # unmapped zeros over data
+    return top, qemu.to_raw(top, tmp_path)
+
+
+def test_every_granule_of_a_qcow2_chain_is_located_where_its_bytes_are(overlay):
+    top, expected = overlay
+    kinds = set()
+    with open_disk(top) as disk:
+        for offset in range(0, disk.size, CLUSTER):
+            place = disk.locate(offset, CLUSTER)
+            want = expected[offset:offset + CLUSTER]
+            if isinstance(place, Place):
+                assert bytes_at(place, CLUSTER) == want, offset
+                owned = offset in (0, 192 * 1024, 256 * 1024)
+                assert place.writable == owned and (place.fd == disk._fd) == owned, offset
+                kinds.add("overlay" if owned else "base")
+            elif place == ZEROS:
+                assert want == bytes(CLUSTER), offset
+                kinds.add("zeros")
+            else:
+                assert place is None
+                kinds.add("other")
+        assert disk.locate(192 * 1024, 2 * CLUSTER) == Place(disk._fd, disk.locate(192 * 1024, CLUSTER).offset, True)
+        assert disk.locate(0, 2 * CLUSTER) is None        # overlay then base: two places
+        assert disk.locate(disk.size - 512, 1024) is None  # past the end
+    # the base's compressed clusters have no place, the ones qemu-img left uncompressed (random bytes) do; its
+    # all-zero clusters are unallocated (zeros)
+    assert kinds == {"overlay", "base", "zeros", "other"}
+
+
+def test_an_uncompressed_base_is_located_but_never_writable(tmp_path, qemu):
+    base = tmp_path / "base.raw"
+    base.write_bytes(os.urandom(MiB))
+    top = qemu.create(tmp_path / "top.qcow2", None, backing="base.raw", backing_fmt="raw")
+    with open_disk(top) as disk:
+        place = disk.locate(CLUSTER, CLUSTER)
+        assert not place.writable and place.fd != disk._fd
+        assert bytes_at(place, CLUSTER) == base.read_bytes()[CLUSTER:2 * CLUSTER]
+    with open_disk(top, read_only=True) as disk:
+        disk_place = disk.locate(0, 512)
+        assert not disk_place.writable
+
+
+def test_raw_is_the_file_itself_except_a_probed_first_sector(tmp_path):
+    path = tmp_path / "disk.raw"
+    path.write_bytes(os.urandom(MiB))
+    with open_disk(path, format="raw") as disk:
+        assert disk.locate(4096, 8192) == Place(disk._fd, 4096, True)
+    with open_disk(path) as probed:                       # probed raw: the first sector keeps its guard
+        assert probed.locate(0, 4096).writable is False
+        assert probed.locate(65536, 4096).writable is True
+    with open_disk(path, format="raw", read_only=True) as disk:
+        assert disk.locate(4096, 512).writable is False
+        assert disk.locate(MiB - 512, 1024) is None
