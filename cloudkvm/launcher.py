@@ -92,7 +92,7 @@ def user_net_config(profile: Profile):
     from .net.config import user_net
 
     network = profile.network
-    return user_net(network.net, network.forwards, network.restrict)
+    return user_net(network.net, network.forwards, network.restrict, network.mtu)
 
 
 def check_forwards(profile: Profile) -> None:
@@ -114,7 +114,8 @@ def virtio_devices(profile: Profile, disks: list) -> list:
         from .devices.virtio.net import VirtioNet, mac_for
         from .net.slirp import SlirpBackend
 
-        devices.append(VirtioNet(SlirpBackend(user_net_config(profile)), mac_for(profile.name)))
+        config = user_net_config(profile)
+        devices.append(VirtioNet(SlirpBackend(config), mac_for(profile.name), mtu=config.mtu))
     return devices + [VirtioRng()]
 
 

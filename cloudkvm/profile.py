@@ -305,12 +305,14 @@ class Network(_Model):
         default_factory=list, description="host ports forwarded into the guest: tcp:127.0.0.1:2222-:22 or a map")
     net: Annotated[str, BeforeValidator(_ipv4_net)] = Field(DEFAULT_NET, description="the guest network")
     restrict: bool = Field(False, description="isolate the guest: no connections out of the user network")
+    mtu: int = Field(netconfig.USER_NET_MTU, description="the guest link's MTU (default 65520: 64 KiB frames)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Network":
         if self.forwards and self.mode != "user":
             raise FieldError("port forwards need mode: user", ("forwards",), "set network: {mode: user, ...}")
         netconfig.check_forwards(self.net, self.forwards)  # the user network's own rules (a FieldError at the place)
+        netconfig.check_mtu(self.mtu)
         return self
 
 

@@ -36,14 +36,23 @@ class HostForward:
         return f"{self.proto}:{self.host_ip}:{self.host_port}-{self.guest_ip or ''}:{self.guest_port}"
 
 
+# The user network's default MTU: the largest libslirp takes (its IF_MTU_MAX is 65521), as slirp4netns and passt
+# default to. The guest's TCP segments and the frames libslirp sends it are then up to 64 KiB, so a stream through a
+# forward costs one frame where 1500 bytes would cost 44. libslirp's own sockets carry the traffic outside, so the
+# guest's MTU never reaches a real link.
+USER_NET_MTU = 65520
+MIN_USER_NET_MTU = 1280   # IPv6's minimum link MTU (RFC 8200 §5); the user network has IPv6 on
+
+
 @dataclass(frozen=True)
 class UserNetConfig:
     """What a user-network backend is given: the guest network, the host forwards, whether the guest is kept
-    from connecting out (restricted)."""
+    from connecting out (restricted), the link's MTU."""
 
     net: str = DEFAULT_NET
     forwards: tuple[HostForward, ...] = ()
     restrict: bool = False
+    mtu: int = USER_NET_MTU
 
 
 # ---------------------------------------------------------------------------------------------------- the rules
@@ -140,7 +149,15 @@ def _forward(value: Any) -> HostForward:
     return HostForward(proto=fields.get("proto", "tcp"), **{k: v for k, v in fields.items() if k != "proto"})
 
 
-def user_net(net: str = DEFAULT_NET, forwards: Iterable = (), restrict: bool = False) -> UserNetConfig:
+def check_mtu(mtu) -> None:
+    """A FieldError at `mtu` unless it is an MTU the user network can have."""
+    if isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_USER_NET_MTU <= mtu <= USER_NET_MTU:
+        raise FieldError(f"MTU {mtu!r} is outside {MIN_USER_NET_MTU}..{USER_NET_MTU}", ("mtu",),
+                         f"leave it out for {USER_NET_MTU}, or write 1500 for the usual Ethernet MTU")
+
+
+def user_net(net: str = DEFAULT_NET, forwards: Iterable = (), restrict: bool = False,
+             mtu: int = USER_NET_MTU) -> UserNetConfig:
     """A checked UserNetConfig from plain values (forwards as strings, dicts or forward objects); a one-line
     CloudkvmError naming the setting (`network.forwards[1].host_port: ...`) otherwise."""
     where: tuple = ("net",)
@@ -152,10 +169,11 @@ def user_net(net: str = DEFAULT_NET, forwards: Iterable = (), restrict: bool = F
             built.append(_forward(value))
         where = ()
         check_forwards(net, built)
+        check_mtu(mtu)
     except ValueError as exc:
         loc = where + tuple(getattr(exc, "loc", ()))
         path = "network" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
         hint = getattr(exc, "hint", "") or ("write a network such as 10.0.2.0/24" if where == ("net",)
                                             else "forwards look like tcp:127.0.0.1:2222-:22")
         raise CloudkvmError(f"{path}: {exc}", hint) from None
-    return UserNetConfig(net=net, forwards=tuple(built), restrict=bool(restrict))
+    return UserNetConfig(net=net, forwards=tuple(built), restrict=bool(restrict), mtu=mtu)

@@ -29,7 +29,7 @@ from typing import Iterable
 from ..errors import CloudkvmError
 from . import slirp_ffi
 from .backend import Deliver
-from .config import DEFAULT_NET, HostForward, UserNetConfig, user_net
+from .config import DEFAULT_NET, USER_NET_MTU, HostForward, UserNetConfig, user_net
 from .slirp_ffi import ffi
 
 log = logging.getLogger("cloudkvm.net.slirp")
@@ -215,7 +215,7 @@ def check_port_free(fwd: HostForward) -> None:
             raise _forward_error(fwd, exc.errno) from None
 
 
-def _config(config, net: str, forwards: Iterable, restrict: bool) -> UserNetConfig:
+def _config(config, net: str, forwards: Iterable, restrict: bool, mtu: int) -> UserNetConfig:
     """The backend's UserNetConfig: `config` as given, or one built from another object with the same fields
     (a profile's `network:` in mode user), or from the plain arguments."""
     if isinstance(config, UserNetConfig):
@@ -225,8 +225,8 @@ def _config(config, net: str, forwards: Iterable, restrict: bool) -> UserNetConf
         if mode != "user":
             raise CloudkvmError(f"network mode '{mode}' has no user networking",
                                 "set network: {mode: user} in the profile")
-        net, forwards, restrict = config.net, config.forwards, config.restrict
-    return user_net(net, forwards, restrict)  # strings (tcp:127.0.0.1:2222-:22), dicts or forward objects
+        net, forwards, restrict, mtu = config.net, config.forwards, config.restrict, config.mtu
+    return user_net(net, forwards, restrict, mtu)  # strings (tcp:127.0.0.1:2222-:22), dicts or forward objects
 
 
 class _Timer:
@@ -254,8 +254,8 @@ class SlirpBackend:
     A missing or too old libslirp is a `CloudkvmError` too. `close()` (or `with`) releases everything."""
 
     def __init__(self, config: UserNetConfig | None = None, *, net: str = DEFAULT_NET, forwards: Iterable = (),
-                 restrict: bool = False, ipv6: bool = True, dns: bool = True):
-        self.network = _config(config, net, forwards, restrict)
+                 restrict: bool = False, mtu: int = USER_NET_MTU, ipv6: bool = True, dns: bool = True):
+        self.network = _config(config, net, forwards, restrict, mtu)
         self.libslirp = slirp_ffi.load()
         self.version = self.libslirp.version
         self.config_version = self.libslirp.config_version
@@ -314,6 +314,7 @@ class SlirpBackend:
         cfg.version = version
         cfg.restricted = 1 if self.restrict else 0
         cfg.in_enabled = True
+        cfg.if_mtu = cfg.if_mru = self.network.mtu   # frames either way up to the MTU (config.USER_NET_MTU)
         network = ipaddress.IPv4Network(self.network.net)
         cfg.vnetwork.s_addr = _in_addr(network.network_address)
         cfg.vnetmask.s_addr = _in_addr(network.netmask)

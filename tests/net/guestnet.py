@@ -247,7 +247,7 @@ class GuestTcp:
         self.rcv_nxt = pkt.seq + 1
         self.syn_at = time.perf_counter()
         self._peer_options(pkt.options)
-        self._emit(SYN | ACK, options=struct.pack("!BBH", 2, 4, MSS))
+        self._emit(SYN | ACK, options=struct.pack("!BBH", 2, 4, self.guest.mss))
 
     def _peer_options(self, options: bytes) -> None:
         pos = 0
@@ -357,6 +357,8 @@ class ScriptedGuest:
         self.accepting = True                      # what _deliver answers (False: "no receive buffers")
         self.seen: deque[Packet] = deque(maxlen=2000)
         self.frames_in = 0
+        self.largest_frame_in = 0
+        self.mss = MSS                             # what the guest's SYNs offer
         self._arp_replies: queue.Queue[Packet] = queue.Queue()
         self._dhcp: queue.Queue[Packet] = queue.Queue()
         self._udp: dict[int, queue.Queue] = {}
@@ -379,6 +381,7 @@ class ScriptedGuest:
         if not self.accepting:
             return False
         self.frames_in += 1
+        self.largest_frame_in = max(self.largest_frame_in, len(frame))
         pkt = parse(frame)
         self.seen.append(pkt)
         if pkt.ethertype == ETH_ARP:
@@ -485,7 +488,7 @@ class ScriptedGuest:
 
         def go():
             self._conns[(conn.lport, conn.rip, conn.rport)] = conn
-            conn._emit(SYN, options=struct.pack("!BBH", 2, 4, MSS))
+            conn._emit(SYN, options=struct.pack("!BBH", 2, 4, self.mss))
         self.io.run_sync(go)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

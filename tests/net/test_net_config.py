@@ -46,11 +46,26 @@ def test_the_launcher_builds_the_backend_config_from_a_profile(tmp_path):
      "network.forwards[0].host_port: expected a port number, not True"),
     ({"forwards": ["udp:0.0.0.0:53-:53", "udp:127.0.0.1:53-:5353"]},
      "network.forwards[1]: host port udp:127.0.0.1:53 is already forwarded by forwards[0]"),
+    ({"mtu": 65521}, "network.mtu: MTU 65521 is outside 1280..65520"),
+    ({"mtu": 576}, "network.mtu: MTU 576 is outside 1280..65520"),
+    ({"mtu": True}, "network.mtu: MTU True is outside 1280..65520"),
 ])
 def test_plain_values_that_cannot_work_are_one_line_errors(kwargs, message):
     with pytest.raises(CloudkvmError) as err:
         user_net(**kwargs)
     assert err.value.message == message and err.value.hint
+
+
+def test_the_mtu_reaches_the_backend_config_and_defaults_to_64k(tmp_path):
+    (tmp_path / "k").write_text("k")
+    profile = {"name": "n", "boot": {"kernel": "k"}, "network": {"mode": "user"}}
+    assert user_net_config(validate_profile(profile, tmp_path)).mtu == 65520
+    profile["network"]["mtu"] = 1500
+    assert user_net_config(validate_profile(profile, tmp_path)).mtu == 1500
+    profile["network"]["mtu"] = 70000
+    with pytest.raises(CloudkvmError) as err:
+        validate_profile(profile, tmp_path, source="p.yaml")
+    assert "network.mtu: MTU 70000 is outside 1280..65520" in str(err.value)
 
 
 def test_the_profile_says_the_same_through_its_own_fields(tmp_path):

@@ -2,6 +2,7 @@
 side, everything on a running IoThread. Host traffic stays on 127.0.0.1, except the DNS test's, which goes where
 the host's resolver is (the point of the DNS proxy)."""
 import dataclasses
+import os
 import select
 import ipaddress
 import socket
@@ -25,6 +26,7 @@ try:
 except CloudkvmError as exc:  # pragma: no cover - depends on the host
     pytest.skip(f"libslirp unavailable: {exc}", allow_module_level=True)
 
+from cloudkvm.net.config import USER_NET_MTU  # noqa: E402
 from cloudkvm.net.slirp import QUEUE_LIMIT, SlirpBackend, guest_addresses  # noqa: E402
 
 pytestmark = pytest.mark.timeout(10)
@@ -152,6 +154,33 @@ def test_tcp_forward_carries_data_both_ways_and_closes(make_net):
     conn.close()                                          # guest FIN -> host sees EOF
     assert host.recv(10) == b""
     assert conn.fin_acked.wait(WAIT)
+    host.close()
+
+
+@pytest.mark.parametrize("mtu", [1500, 9000, USER_NET_MTU])
+def test_frames_to_the_guest_are_as_large_as_the_mtu_lets_them_be(make_net, mtu):
+    """libslirp is given the link's MTU both ways: a stream through a forward reaches a guest that offers an MSS to
+    match in frames of up to MTU + 14 bytes (the Ethernet header), never more; full ones for the smaller MTUs, over
+    32 KiB for the largest (libslirp sends what one read of its socket gives)."""
+    port = free_port()
+    backend, guest = make_net(forwards=[f"tcp:127.0.0.1:{port}-:22"], mtu=mtu)
+    guest.mss = mtu - 40
+    guest.listen(22)
+    host = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    conn = guest.accept(22, timeout=WAIT)
+    assert conn.established.wait(WAIT)
+    payload = os.urandom(1 << 20)
+    sender = threading.Thread(target=host.sendall, args=(payload,))
+    sender.start()
+    assert conn.recv(len(payload), timeout=WAIT) == payload
+    sender.join(WAIT)
+    assert min(mtu + 14, 32 << 10) <= guest.largest_frame_in <= mtu + 14
+    assert conn.peer_mss == mtu - 40          # and libslirp takes segments that large from the guest
+    conn.send(payload)
+    got = bytearray()
+    while len(got) < len(payload):
+        got += host.recv(1 << 20)
+    assert bytes(got) == payload
     host.close()
 
 
