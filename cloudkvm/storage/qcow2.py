@@ -109,6 +109,17 @@ def _to_be(a: array) -> bytes:
     return a.tobytes()
 
 
+def _runs(indices: list[int]) -> list[list[int]]:
+    """Ascending `indices` cut into runs of consecutive ones."""
+    runs: list[list[int]] = []
+    for k in indices:
+        if runs and runs[-1][-1] == k - 1:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return runs
+
+
 def _repeat_pattern(mask: int, n: int) -> int:
     return int.from_bytes(mask.to_bytes(8, "big") * n, "big")
 
@@ -315,21 +326,55 @@ class Qcow2Disk:
     def locate(self, offset: int, length: int):
         """storage/placement.py: one run of host clusters (writable when this image owns them: COPIED, neither
         zero nor compressed), zeros, or a place in the backing chain (never writable: a write copies it up)."""
-        if offset < 0 or length <= 0 or offset + length > self.size or self._fd < 0:
-            return None
+        return self.places(offset, length, length)[0] if length > 0 else None
+
+    def places(self, offset: int, length: int, granule: int) -> list:
+        """`locate` of each `granule` bytes of [offset, offset+length) in order (the last piece may be shorter),
+        from one walk of the cluster mapping (and one of the backing chain's for the pieces that fall through)."""
+        end = offset + length
+        count = -(-length // granule) if length > 0 and granule > 0 else 0
+        if offset < 0 or end > self.size or self._fd < 0 or not count:
+            return [None] * count
+        spans = []       # (guest start, guest end, kind, host offset or None)
         with self._lock:
-            extents = self._extents(offset, length)
-            kind, a, b = next(extents)
-            if kind is _DATA or next(extents, None) is not None:
-                return None
-            if kind is _HOST:
-                return Place(self._fd, a, not self.read_only and self._owned(offset, length))
-        if kind is _ZERO or self.backing is None or offset >= self._backing_size:
-            return ZEROS
-        if offset + length > self._backing_size:
-            return None
-        place = self.backing.locate(offset, length)
-        return place._replace(writable=False) if isinstance(place, Place) else place
+            pos = offset
+            for kind, a, b in self._extents(offset, length):
+                n = b if kind is _HOST or kind is _BACKING else a if kind is _ZERO else len(a)
+                spans.append((pos, pos + n, kind, a if kind is _HOST else None))
+                pos += n
+            out, fall_through, i = [], [], 0
+            for k in range(count):
+                g = offset + k * granule
+                gend = min(g + granule, end)
+                while spans[i][1] <= g:
+                    i += 1
+                start, stop, kind, host = spans[i]
+                if stop < gend or kind is _DATA:
+                    out.append(None)
+                elif kind is _HOST:
+                    out.append(Place(self._fd, host + g - start, not self.read_only and self._owned(g, gend - g)))
+                elif kind is _ZERO:
+                    out.append(ZEROS)
+                else:
+                    out.append(None)
+                    fall_through.append(k)
+        for run in _runs(fall_through):
+            first, last = offset + run[0] * granule, min(offset + (run[-1] + 1) * granule, end)
+            for k, place in zip(run, self._backing_places(first, last, granule)):
+                out[k] = place
+        return out
+
+    def _backing_places(self, first: int, last: int, granule: int) -> list:
+        """`places` of [first, last) for guest bytes this image leaves to its backing chain: zeros without one or
+        past its end, the backing file's own places (never writable here) below it, None across its end."""
+        count = -(-(last - first) // granule)
+        size = self._backing_size if self.backing is not None else 0
+        inside = count if last <= size else max(0, (size - first) // granule) if first < size else 0
+        below = self.backing.places(first, min(inside * granule, last - first), granule) if inside else []
+        out = [p._replace(writable=False) if isinstance(p, Place) else p for p in below]
+        for k in range(inside, count):
+            out.append(ZEROS if first + k * granule >= size else None)
+        return out
 
     def _owned(self, off: int, n: int) -> bool:
         """Whether every cluster of [off, off+n) (one run of allocated host clusters) has refcount one (COPIED)."""

@@ -96,6 +96,11 @@ class RawDisk:
         guarded = self.keep_raw and offset < PROBE_BYTES
         return Place(self._fd, offset, not self.read_only and not guarded)
 
+    def places(self, offset: int, length: int, granule: int) -> list:
+        """`locate` of each `granule` bytes of [offset, offset+length) in order (the last piece may be shorter)."""
+        end = offset + length
+        return [self.locate(g, min(granule, end - g)) for g in range(offset, end, granule)] if granule > 0 else []
+
     def flush(self) -> None:
         if not self.read_only:
             os.fdatasync(self._fd)

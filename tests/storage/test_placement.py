@@ -31,6 +31,25 @@ def overlay(tmp_path, qemu):
     return top, qemu.to_raw(top, tmp_path)
 
 
+@pytest.mark.parametrize("granule", [CLUSTER, 3 * CLUSTER, 48 << 10, 1 << 20])
+def test_places_of_any_granule_hold_the_bytes_qemu_img_reads(overlay, granule):
+    top, expected = overlay
+    with open_disk(top) as disk:
+        places = disk.places(0, disk.size, granule)
+        assert len(places) == -(-disk.size // granule)
+        for k, place in enumerate(places):
+            start = k * granule
+            want = expected[start:start + granule]
+            if isinstance(place, Place):
+                assert bytes_at(place, len(want)) == want, start
+            elif place == ZEROS:
+                assert want == bytes(len(want)), start
+            else:
+                assert place is None
+        assert places == [disk.locate(k * granule, min(granule, disk.size - k * granule))
+                          for k in range(len(places))]
+
+
 def test_every_granule_of_a_qcow2_chain_is_located_where_its_bytes_are(overlay):
     top, expected = overlay
     kinds = set()

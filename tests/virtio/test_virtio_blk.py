@@ -222,7 +222,7 @@ def test_a_disk_failing_to_locate_sends_the_request_to_blk_py(make_rig):
     assert ("pread", 512, 512) in disk.calls
     disk.calls.clear()
     assert blk.blk(VIRTIO_BLK_T_IN, 1, in_len=512)[:2] == (OK, b"\x5a" * 512)
-    assert [c[0] for c in disk.calls] == ["locate"]   # learnt now: C reads it
+    assert {c[0] for c in disk.calls} == {"locate"}   # learnt now (with its neighbours): C reads it
     disk.close()
 
 

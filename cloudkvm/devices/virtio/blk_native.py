@@ -15,6 +15,7 @@ from ...kvm.native import ffi, lib
 from ...storage.placement import ZEROS, Place
 
 MIN_GRANULE = 64 << 10
+FILL_WINDOW = 32        # granules learnt per miss (2 MiB at the smallest granule)
 MAX_ENTRIES = 1 << 24   # 128 MiB of address space at most for the map (an anonymous mapping: touched pages only)
 
 
@@ -58,12 +59,18 @@ class BlkDataPath:
         return self._blk.miss_offset, self._blk.miss_length
 
     def fill(self, offset: int, length: int) -> bool:
-        """Learn where every granule of [offset, offset+length) is, from the disk; False when the disk failed to
-        say (nothing is learnt: the request goes to blk.py, which meets the failure itself)."""
-        g = self.granule
-        first, last = offset // g, (offset + length - 1) // g
+        """Learn where every granule of [offset, offset+length) is, and of the rest of the FILL_WINDOW granules
+        around it (a sequential reader's next requests, a random reader's neighbours), from the disk; False when
+        the disk failed to say (nothing is learnt: the request goes to blk.py, which meets the failure itself)."""
+        g, w = self.granule, FILL_WINDOW
+        first = (offset // g) // w * w
+        last = max((offset + length - 1) // g + 1, first + w)
+        start, stop = first * g, min(last * g, self.size)
         try:
-            entries = [self._entry(self.disk.locate(i * g, min(g, self.size - i * g))) for i in range(first, last + 1)]
+            places = getattr(self.disk, "places", None)
+            found = places(start, stop - start, g) if callable(places) else \
+                [self.disk.locate(p, min(g, stop - p)) for p in range(start, stop, g)]
+            entries = [self._entry(place) for place in found]
         except Exception:
             return False
         for i, entry in enumerate(entries, first):
