@@ -9,10 +9,10 @@ from pathlib import Path
 from cffi import FFI
 
 # C kept in its own files, compiled into the same module, in this order: the virtqueue chain walk
-# (devices/virtio/queue.py) and virtio-blk's data path over it (devices/virtio/blk.py)
+# (devices/virtio/queue.py), virtio-blk's data path over it (devices/virtio/blk.py), virtio-net's receive path and
+# the Internet checksum (devices/virtio/net.py)
 VIRTQ_C_FILE = Path(__file__).with_name("virtq.c")
-VIRTIO_BLK_C_FILE = Path(__file__).with_name("virtio_blk.c")
-C_FILES = (VIRTQ_C_FILE, VIRTIO_BLK_C_FILE)
+C_FILES = tuple(Path(__file__).with_name(name) for name in ("virtq.c", "virtio_blk.c", "virtio_net.c", "checksum.c"))
 SOURCE_FILES = (Path(__file__), *C_FILES)  # what the compiled core is made from (a cache key for cross builds)
 
 COMMON_CDEF = r"""
@@ -201,6 +201,19 @@ struct ckvm_vq { uint64_t desc_table; uint64_t avail_ring; uint64_t used_ring; u
 struct ckvm_blk { uint64_t capacity; uint32_t read_only; uint32_t granule_bits; uint64_t *map; int32_t fds[...];
     uint32_t served; int32_t err; uint64_t miss_offset; uint64_t miss_length; };
 int ckvm_blk_serve(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk *w, struct ckvm_blk *b);
+
+/* virtio_net.c */
+#define CKVM_NET_DONE ...
+#define CKVM_NET_SLOW ...
+#define CKVM_NET_BADQUEUE ...
+struct ckvm_rx_chain { uint32_t head; uint32_t first; uint32_t nsegs; uint32_t capacity; };
+struct ckvm_rx { struct ckvm_rx_chain *chains; struct ckvm_seg *segs; uint32_t max_chains; uint32_t max_segs;
+    uint32_t nchains; };
+int ckvm_net_rx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk *w, uint8_t *hdr, uint32_t hdr_len,
+                const uint8_t *frame, uint32_t frame_len, uint32_t mergeable, struct ckvm_rx *rx);
+
+/* checksum.c */
+uint32_t ckvm_ones_complement_sum(const uint8_t *data, size_t n);
 """
 
 X86_CDEF = r"""

@@ -23,11 +23,14 @@ def backend():
     return FakeBackend()
 
 
-@pytest.fixture
-def make_net(memory, backend):
-    """make_net(mtu=None, accept=~0, queue_size=None, init=True) → NetRig."""
+@pytest.fixture(params=["python", "c"])
+def make_net(request, memory, backend):
+    """make_net(mtu=None, accept=~0, queue_size=None, init=True) → NetRig; once receiving by net.py alone, once with
+    plain receive chains filled by kvm/virtio_net.c."""
     def make(**kwargs) -> NetRig:
-        return NetRig(memory, backend, **kwargs)
+        rig = NetRig(memory, backend, **kwargs)
+        rig.device.rx_in_c = request.param == "c"
+        return rig
     return make
 
 

@@ -329,8 +329,8 @@ def allowed_writes(memory, table) -> list[tuple[int, int]]:
        ring_features=st.sets(st.sampled_from([VIRTIO_F_INDIRECT_DESC, VIRTIO_F_EVENT_IDX])),
        mergeable=st.booleans(), plausible=st.sampled_from([{"rx", "tx"}, {"rx", "tx"}, {"rx"}, {"tx"}, set()]),
        frames=st.lists(st.sampled_from([arp_frame(), arp_frame() * 30, arp_frame() * 36]) |
-                       st.binary(min_size=0, max_size=1600), min_size=1, max_size=4))
-def test_random_descriptor_tables_never_raise(data, size, ring_features, mergeable, plausible, frames):
+                       st.binary(min_size=0, max_size=1600), min_size=1, max_size=4), rx_in_c=st.booleans())
+def test_random_descriptor_tables_never_raise(data, size, ring_features, mergeable, plausible, frames, rx_in_c):
     memory = GuestMemory([(0, LOW_END), (HIGH, HIGH_END - HIGH)])
     backend = FakeBackend()
     try:
@@ -338,6 +338,7 @@ def test_random_descriptor_tables_never_raise(data, size, ring_features, mergeab
         if not mergeable:
             refuse |= 1 << 15
         rig = NetRig(memory, backend, accept=~refuse, queue_size=size, alloc_end=BUFFERS)
+        rig.device.rx_in_c = rx_in_c
         memory.write(BUFFERS, data.draw(st.binary(min_size=64, max_size=64)) * 1024)
         for i, fields in enumerate(data.draw(st.lists(header_fields, max_size=4))):
             memory.write(HEADERS[i], HDR.pack(*fields) + arp_frame())

@@ -6,6 +6,9 @@ mark received TCP/UDP frames whose checksum we checked with DATA_VALID), and MTU
 in either direction, no control queue, no multiqueue: every frame is at most mtu + 18 bytes (Ethernet header and
 one VLAN tag), 1518 by default.
 
+Receiving: a frame whose chains are all plain (whole, device-writable only) is placed by kvm/virtio_net.c; any other
+case (and every one when `rx_in_c` is off) by `_receive` here, which also says what was wrong.
+
 Threads: queue processing runs under the transport's lock (the transport calls `process`). Frames for the guest
 arrive on the I/O thread through `deliver`, outside any transport call, yet a used buffer needs the lock and an
 interrupt: `deliver` places the frame through `transport.run_on_queue(0, ...)`, so the transport's lock, its
@@ -22,6 +25,7 @@ import string
 import struct
 
 from ...errors import CloudkvmError
+from ...kvm.native import ffi as _ffi, lib as _lib
 from .device import VirtioDevice
 from .mmio import DEVICE_NEEDS_RESET, DRIVER_OK
 from .queue import BadChain, Chain, Virtqueue
@@ -94,16 +98,9 @@ def parse_mac(text: str) -> bytes:
 # ---- checksums (RFC 1071) ----------------------------------------------------------------------------------------
 
 def ones_complement_sum(data) -> int:
-    """The 16-bit ones'-complement sum of `data` (big-endian words, an odd length padded with a zero byte).
-
-    2^16 ≡ 1 (mod 0xFFFF), so summing words with end-around carry is the whole number modulo 0xFFFF; computed in C
-    by int.from_bytes, without a per-word Python loop. The sum is 0 only when every word is 0, else 1..0xFFFF.
-    """
-    value = int.from_bytes(data, "big")
-    if len(data) & 1:
-        value <<= 8
-    total = value % 0xFFFF
-    return 0xFFFF if total == 0 and value else total
+    """The 16-bit ones'-complement sum of `data` (big-endian words, an odd length padded with a zero byte), in C
+    (kvm/checksum.c). The sum is 0 only when every word is 0, else 1..0xFFFF."""
+    return _lib.ckvm_ones_complement_sum(_ffi.from_buffer(data), len(data))
 
 
 def complete_checksum(frame: bytearray, csum_start: int, csum_offset: int) -> None:
@@ -180,6 +177,7 @@ class VirtioNet(VirtioDevice):
 
     device_id = VIRTIO_ID_NET
     name = "virtio-net"
+    rx_in_c = True          # plain receive chains filled by kvm/virtio_net.c (off: all by _receive)
 
     def __init__(self, backend, mac: bytes, mtu: int | None = None):
         mac = bytes(mac)
@@ -204,6 +202,10 @@ class VirtioNet(VirtioDevice):
         self.max_frame = (mtu if mtu is not None else ETH_DATA_LEN) + ETH_HLEN + VLAN_HLEN
         self.stats = {"tx_frames": 0, "tx_dropped": 0, "rx_frames": 0, "rx_dropped": 0, "rx_no_buffer": 0}
         self._closed = False
+        self._rx_chains = _ffi.new("struct ckvm_rx_chain[]", QUEUE_SIZE)
+        self._rx_segs = _ffi.new("struct ckvm_seg[]", 4 * QUEUE_SIZE)
+        self._rx_scratch = _ffi.new("struct ckvm_rx *", {"chains": self._rx_chains, "segs": self._rx_segs,
+                                                         "max_chains": QUEUE_SIZE, "max_segs": 4 * QUEUE_SIZE})
         backend.connect(self.deliver)
 
     # ---- link status ---------------------------------------------------------------------------------------------
@@ -337,6 +339,9 @@ class VirtioNet(VirtioDevice):
                            self._rx_limit(frame))
             return True
         mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+        if self.rx_in_c and self._receive_in_c(queue, frame, mergeable):
+            self.stats["rx_frames"] += 1
+            return True
         total = HDR_SIZE + n
         chains: list[Chain] = []
         room = 0
@@ -377,6 +382,20 @@ class VirtioNet(VirtioDevice):
         self.stats["rx_frames"] += 1
         return True
 
+    def _receive_in_c(self, queue: Virtqueue, frame, mergeable: bool) -> bool:
+        """kvm/virtio_net.c places the frame when every chain it needs is plain; False: it changed nothing."""
+        header = bytearray(self._header(frame, 1))
+        code = queue.run_native(_lib.ckvm_net_rx, _ffi.from_buffer(header), len(header), _ffi.from_buffer(frame),
+                                len(frame), int(mergeable), self._rx_scratch)
+        return code == _lib.CKVM_NET_DONE
+
+    def _header(self, frame, num_buffers: int) -> bytes:
+        """§5.1.6.4: the receive header, DATA_VALID when the frame's TCP/UDP checksum was checked and holds."""
+        flags = 0
+        if self.has_feature(VIRTIO_NET_F_GUEST_CSUM) and l4_checksum_valid(frame):
+            flags = VIRTIO_NET_HDR_F_DATA_VALID
+        return _HDR.pack(flags, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, num_buffers)
+
     def _rx_limit(self, frame) -> int:
         """§5.1.4.1: no frame larger than the MTU plus the Ethernet header (and its VLAN tag, when there is one)."""
         tagged = len(frame) >= ETH_HLEN and (frame[12] << 8 | frame[13]) in (ETH_P_8021Q, ETH_P_8021AD)
@@ -402,11 +421,8 @@ class VirtioNet(VirtioDevice):
         return False
 
     def _write_frame(self, queue: Virtqueue, chains: list[Chain], frame, total: int) -> None:
-        flags = 0
-        if self.has_feature(VIRTIO_NET_F_GUEST_CSUM) and l4_checksum_valid(frame):
-            flags = VIRTIO_NET_HDR_F_DATA_VALID
         # §5.1.6.4.1: num_buffers is 1 without MRG_RXBUF, else the number of buffers the frame spans.
-        data = memoryview(_HDR.pack(flags, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains)) + bytes(frame))
+        data = memoryview(self._header(frame, len(chains)) + bytes(frame))
         mem = queue.memory
         pos = 0
         for chain in chains:
