@@ -153,6 +153,16 @@ def blk_seeds() -> None:
         dict(rtype=VIRTIO_BLK_T_OUT, sector=1, out=b"R" * 512),
         dict(rtype=VIRTIO_BLK_T_IN, sector=127, in_len=1024)], size=8)
     seed("backend-error", (0x00, 0x00, 2, 0x01), [dict(rtype=VIRTIO_BLK_T_IN, sector=0, in_len=512)], size=4)
+    # the same requests on the C data path (run bit 7): a memfd disk that says where its bytes are
+    seed("c-path-read-write-flush-id", (0x03, 0x02, 4, 0x90), [
+        dict(rtype=VIRTIO_BLK_T_IN, sector=4, in_len=1024),
+        dict(rtype=VIRTIO_BLK_T_OUT, sector=0, out=b"W" * 512),
+        dict(rtype=VIRTIO_BLK_T_FLUSH),
+        dict(rtype=VIRTIO_BLK_T_IN, sector=126, in_len=1024, indirect=True)])
+    seed("c-path-read-only-device", (0x00, 0x08, 4, 0xC0), [
+        dict(rtype=VIRTIO_BLK_T_OUT, sector=1, out=b"R" * 512),
+        dict(rtype=VIRTIO_BLK_T_OUT, sector=3, out=b"S" * 1024, split=100),
+        dict(rtype=VIRTIO_BLK_T_IN, sector=127, in_len=1024)])
 
 
 # ---- virtio-net ----------------------------------------------------------------------------------------------------

@@ -8,21 +8,27 @@ entries); everything in them, and every buffer, comes from the input. Header:
           bit 3 the device (not the disk) is read-only
   byte 2  log2 of the queue size (0..4)
   byte 3  bits 0-3: the disk's n-th call fails with EIO (0: none), bits 4-5: extra notifications,
-          bit 6: notify through the ioeventfd path (`queue_notify`) instead of the QueueNotify register
+          bit 6: notify through the ioeventfd path (`queue_notify`) instead of the QueueNotify register,
+          bit 7: the disk lives in a memfd and says where (`locate`), so reads and writes take the C data path
+          (kvm/virtio_blk.c)
 
 Documented outcomes: requests complete with VIRTIO_BLK_S_OK / IOERR / UNSUPP, a chain that cannot be completed
 puts the device in DEVICE_NEEDS_RESET. Crashes: an exception escaping the device's process path (the transport
 logs it: `no_swallowed_exceptions`), an exception of the device's own that it reports as a disk error (only the
 disk's injected errors may become IOERR), or a disk call outside the disk, with a bad length, or modifying a
-read-only disk (the device must check every request before it calls the disk).
+read-only disk (the device must check every request before it calls the disk); on the C path, any byte of a
+read-only disk changed.
 """
 import errno
+import mmap
+import os
 import struct
 
 from cloudkvm.devices.virtio import VirtioBlk, VirtioMmioTransport, mmio
 from cloudkvm.devices.virtio.device import VIRTIO_F_VERSION_1
 from cloudkvm.devices.virtio.queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 from cloudkvm.kvm.memory import GuestMemory
+from cloudkvm.storage.placement import Place
 
 from .oracle import Crash, no_swallowed_exceptions, start_device
 
@@ -54,9 +60,17 @@ class InjectedDiskError(OSError):
 class FuzzDisk:
     """A 64 KiB in-memory disk that records calls outside its contract (checked after the run) and can fail."""
 
-    def __init__(self, read_only: bool, device_read_only: bool, trims: bool, may_unmap: bool, fail_at: int):
+    def __init__(self, read_only: bool, device_read_only: bool, trims: bool, may_unmap: bool, fail_at: int,
+                 native: bool = False):
         self.size = DISK_SIZE
-        self.data = bytearray(DISK_SIZE)
+        self.fd = -1
+        if native:
+            self.fd = os.memfd_create("fuzzdisk", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, DISK_SIZE)
+            self.data = mmap.mmap(self.fd, DISK_SIZE)
+            self.locate = self._locate
+        else:
+            self.data = bytearray(DISK_SIZE)
         self.read_only = read_only
         self.forbid_writes = read_only or device_read_only
         self.supports_discard = self.supports_write_zeroes = trims
@@ -74,6 +88,18 @@ class FuzzDisk:
             self.violations.append(f"{op}({length}, {offset}) on a read-only disk or device")
         if self.calls == self.fail_at:
             raise InjectedDiskError(errno.EIO, "injected disk error")
+
+    def _locate(self, offset: int, length: int):
+        self._call("locate", length, offset, False)
+        return Place(self.fd, offset, not self.read_only)   # the device must still refuse writes it made read-only
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            if self.forbid_writes and self.data[:] != bytes(DISK_SIZE):
+                self.violations.append("the C path changed a read-only disk")
+            self.data.close()
+            os.close(self.fd)
+            self.fd = -1
 
     def pread(self, length: int, offset: int) -> bytes:
         self._call("pread", length, offset, False)
@@ -106,7 +132,7 @@ def one_input(data: bytes) -> str:
     mem.fill(0, RAM, 0)
     mem.write(0, data[HEADER.size:HEADER.size + RAM])
     disk = FuzzDisk(read_only=bool(disk_bits & 1), device_read_only=bool(disk_bits & 8), trims=bool(disk_bits & 2),
-                    may_unmap=bool(disk_bits & 4), fail_at=run_bits & 0xF)
+                    may_unmap=bool(disk_bits & 4), fail_at=run_bits & 0xF, native=bool(run_bits & 0x80))
     device = VirtioBlk(disk, read_only=bool(disk_bits & 8), serial="fuzz-serial")
     transport = VirtioMmioTransport(device, mem, lambda: None, name="virtio-blk-fuzz")
     accept = ~(1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_VERSION_1)
@@ -124,6 +150,7 @@ def one_input(data: bytes) -> str:
         transport.write(mmio.STATUS, 4, 0)
         if transport.read(mmio.STATUS, 4) != 0:
             raise Crash("the device did not reset when the driver wrote 0 to Status")
+    device.close()                     # the C path's descriptors, then the disk (checked for read-only changes)
     if disk.violations:
         raise Crash("disk contract broken: " + "; ".join(disk.violations[:3]))
     if not live:
