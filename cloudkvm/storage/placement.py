@@ -1,5 +1,6 @@
 """Where a range of a virtual disk lies on the host, for a data path that moves the bytes itself (virtio-blk's C
-path, kvm/virtio_blk.c): `Disk.locate(offset, length)` answers a `Place`, `ZEROS`, or None.
+path, kvm/virtio_blk.c): `Disk.locate(offset, length)` answers a `Place`, `ZEROS`, or None for the whole range;
+`Disk.runs(offset, length)` cuts the range into consecutive (start, length, answer) pieces, each answered so.
 
 A Place is one contiguous run of one open file: `fd`, the byte `offset` there of the range's first byte, and
 `writable`: a write of the range may go there in place without the disk's own code (no allocation, no copy-on-write,

@@ -109,17 +109,6 @@ def _to_be(a: array) -> bytes:
     return a.tobytes()
 
 
-def _runs(indices: list[int]) -> list[list[int]]:
-    """Ascending `indices` cut into runs of consecutive ones."""
-    runs: list[list[int]] = []
-    for k in indices:
-        if runs and runs[-1][-1] == k - 1:
-            runs[-1].append(k)
-        else:
-            runs.append([k])
-    return runs
-
-
 def _repeat_pattern(mask: int, n: int) -> int:
     return int.from_bytes(mask.to_bytes(8, "big") * n, "big")
 
@@ -326,66 +315,61 @@ class Qcow2Disk:
     def locate(self, offset: int, length: int):
         """storage/placement.py: one run of host clusters (writable when this image owns them: COPIED, neither
         zero nor compressed), zeros, or a place in the backing chain (never writable: a write copies it up)."""
-        return self.places(offset, length, length)[0] if length > 0 else None
+        pieces = self.runs(offset, length)
+        return pieces[0][2] if len(pieces) == 1 else None
 
-    def places(self, offset: int, length: int, granule: int) -> list:
-        """`locate` of each `granule` bytes of [offset, offset+length) in order (the last piece may be shorter),
-        from one walk of the cluster mapping (and one of the backing chain's for the pieces that fall through)."""
+    def runs(self, offset: int, length: int) -> list:
+        """storage/placement.py: [offset, offset+length) as consecutive (start, length, answer) pieces, from one walk
+        of the cluster mapping (compressed clusters are not read) and, for what falls through, of the backing
+        chain's."""
         end = offset + length
-        count = -(-length // granule) if length > 0 and granule > 0 else 0
-        if offset < 0 or end > self.size or self._fd < 0 or not count:
-            return [None] * count
-        spans = []       # (guest start, guest end, kind, host offset or None)
+        if length <= 0:
+            return []
+        if offset < 0 or end > self.size or self._fd < 0:
+            return [(offset, length, None)]
+        pieces = []
         with self._lock:
             pos = offset
-            for kind, a, b in self._extents(offset, length):
-                n = b if kind is _HOST or kind is _BACKING else a if kind is _ZERO else len(a)
-                spans.append((pos, pos + n, kind, a if kind is _HOST else None))
-                pos += n
-            out, fall_through, i = [], [], 0
-            for k in range(count):
-                g = offset + k * granule
-                gend = min(g + granule, end)
-                while spans[i][1] <= g:
-                    i += 1
-                start, stop, kind, host = spans[i]
-                if stop < gend or kind is _DATA:
-                    out.append(None)
-                elif kind is _HOST:
-                    out.append(Place(self._fd, host + g - start, not self.read_only and self._owned(g, gend - g)))
-                elif kind is _ZERO:
-                    out.append(ZEROS)
+            for kind, a, b in self._extents(offset, length, decompress=False):
+                n = a if kind is _ZERO else b
+                if kind is _HOST:
+                    pieces += [(start, size, Place(self._fd, a + start - pos, owned and not self.read_only))
+                               for start, size, owned in self._ownership(pos, n)]
                 else:
-                    out.append(None)
-                    fall_through.append(k)
-        for run in _runs(fall_through):
-            first, last = offset + run[0] * granule, min(offset + (run[-1] + 1) * granule, end)
-            for k, place in zip(run, self._backing_places(first, last, granule)):
-                out[k] = place
+                    pieces.append((pos, n, ZEROS if kind is _ZERO else None if kind is _DATA else _BACKING))
+                pos += n
+        out = []
+        for start, size, answer in pieces:
+            out += self._backing_runs(start, size) if answer is _BACKING else [(start, size, answer)]
         return out
 
-    def _backing_places(self, first: int, last: int, granule: int) -> list:
-        """`places` of [first, last) for guest bytes this image leaves to its backing chain: zeros without one or
-        past its end, the backing file's own places (never writable here) below it, None across its end."""
-        count = -(-(last - first) // granule)
-        size = self._backing_size if self.backing is not None else 0
-        inside = count if last <= size else max(0, (size - first) // granule) if first < size else 0
-        below = self.backing.places(first, min(inside * granule, last - first), granule) if inside else []
-        out = [p._replace(writable=False) if isinstance(p, Place) else p for p in below]
-        for k in range(inside, count):
-            out.append(ZEROS if first + k * granule >= size else None)
+    def _backing_runs(self, start: int, size: int) -> list:
+        """`runs` of guest bytes this image leaves to its backing chain: the backing file's own (never writable
+        here) below its end, zeros past it (or without one)."""
+        limit = self._backing_size if self.backing is not None else 0
+        below = max(0, min(start + size, limit) - start)
+        out = [(s, n, p._replace(writable=False) if isinstance(p, Place) else p)
+               for s, n, p in (self.backing.runs(start, below) if below else [])]
+        if below < size:
+            out.append((start + below, size - below, ZEROS))
         return out
 
-    def _owned(self, off: int, n: int) -> bool:
-        """Whether every cluster of [off, off+n) (one run of allocated host clusters) has refcount one (COPIED)."""
-        if self._ext:
-            return False
-        first, last = off >> self._cb, (off + n - 1) >> self._cb
-        for c in range(first, last + 1):
-            tbl = self._l2(c >> self._l2_bits)
-            if tbl is None or not tbl[c & self._l2_mask] & OFLAG_COPIED:
-                return False
-        return True
+    def _ownership(self, off: int, n: int) -> list:
+        """[off, off+n) (allocated host clusters) as (start, length, owned) pieces: owned where the L2 entry has
+        COPIED (refcount one), so a write may go there in place."""
+        cb, out = self._cb, []
+        end = off + n
+        c = off >> cb
+        while off < end:
+            tbl = None if self._ext else self._l2(c >> self._l2_bits)
+            owned = tbl is not None and bool(tbl[c & self._l2_mask] & OFLAG_COPIED)
+            stop = min(end, (c + 1) << cb)
+            if out and out[-1][2] == owned:
+                out[-1] = (out[-1][0], stop - out[-1][0], owned)
+            else:
+                out.append((off, stop - off, owned))
+            off, c = stop, c + 1
+        return out
 
     def flush(self) -> None:
         if self.read_only:
@@ -562,10 +546,10 @@ class Qcow2Disk:
             else:
                 self._read_unallocated_into(a, cursor.take(b))
 
-    def _extents(self, off: int, n: int):
+    def _extents(self, off: int, n: int, decompress: bool = True):
         """Where the guest bytes [off, off+n) are, in order: (_HOST, host offset, length) in this file, (_ZERO,
-        length, None), (_DATA, bytes, None) for decompressed data, (_BACKING, offset, length) for the backing chain
-        (or zeros past it)."""
+        length, None), (_DATA, bytes, None) for decompressed data (without `decompress`: (_DATA, None, length)),
+        (_BACKING, offset, length) for the backing chain (or zeros past it)."""
         end = off + n
         cb, cs, cmask, l1_shift, l2_mask = self._cb, self._cs, self._cmask, self._l1_shift, self._l2_mask
         while off < end:
@@ -577,7 +561,7 @@ class Qcow2Disk:
                 off = tend
                 continue
             if self._ext:
-                yield from self._extents_extended(tbl, off, tend)
+                yield from self._extents_extended(tbl, off, tend, decompress)
                 off = tend
                 continue
             i = (off >> cb) & l2_mask
@@ -587,7 +571,7 @@ class Qcow2Disk:
                 if cend > tend:
                     cend = tend
                 if e & OFLAG_COMPRESSED:
-                    yield _DATA, self._read_compressed(e, off, cend - off), None
+                    yield (_DATA, self._read_compressed(e, off, cend - off), None) if decompress else (_DATA, None, cend - off)
                     off = cend
                     i += 1
                     continue
@@ -661,7 +645,7 @@ class Qcow2Disk:
                                f"not a cluster ({cs})")
         return out
 
-    def _extents_extended(self, tbl: array, off: int, tend: int):
+    def _extents_extended(self, tbl: array, off: int, tend: int, decompress: bool = True):
         """`_extents` within one L2 table of an image with extended L2 entries (subclusters)."""
         cb, cmask, sc_bits = self._cb, self._cmask, self._sc_bits
         while off < tend:
@@ -670,7 +654,7 @@ class Qcow2Disk:
             base = off & ~cmask
             cend = min(tend, base + self._cs)
             if e & OFLAG_COMPRESSED:
-                yield _DATA, self._read_compressed(e, off, cend - off), None
+                yield (_DATA, self._read_compressed(e, off, cend - off), None) if decompress else (_DATA, None, cend - off)
                 off = cend
                 continue
             host = e & L2E_OFFSET_MASK

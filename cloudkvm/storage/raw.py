@@ -96,10 +96,16 @@ class RawDisk:
         guarded = self.keep_raw and offset < PROBE_BYTES
         return Place(self._fd, offset, not self.read_only and not guarded)
 
-    def places(self, offset: int, length: int, granule: int) -> list:
-        """`locate` of each `granule` bytes of [offset, offset+length) in order (the last piece may be shorter)."""
+    def runs(self, offset: int, length: int) -> list:
+        """storage/placement.py: the file itself, the probed first sector's part apart (not writable in place)."""
         end = offset + length
-        return [self.locate(g, min(granule, end - g)) for g in range(offset, end, granule)] if granule > 0 else []
+        if length <= 0:
+            return []
+        if offset < 0 or end > self.size or self._fd < 0:
+            return [(offset, length, None)]
+        cut = min(max(offset, PROBE_BYTES if self.keep_raw else 0), end)
+        pieces = [(offset, cut - offset, False), (cut, end - cut, not self.read_only)]
+        return [(start, n, Place(self._fd, start, writable and not self.read_only)) for start, n, writable in pieces if n]
 
     def flush(self) -> None:
         if not self.read_only:

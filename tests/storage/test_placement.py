@@ -2,6 +2,7 @@
 disk reads (checked with os.pread against qemu-img's view of the image), ZEROS only where qemu-img reads zeros, and
 `writable` only where a write in place is what the disk itself would do."""
 import os
+import random
 
 import pytest
 
@@ -31,23 +32,27 @@ def overlay(tmp_path, qemu):
     return top, qemu.to_raw(top, tmp_path)
 
 
-@pytest.mark.parametrize("granule", [CLUSTER, 3 * CLUSTER, 48 << 10, 1 << 20])
-def test_places_of_any_granule_hold_the_bytes_qemu_img_reads(overlay, granule):
+def test_runs_cover_any_range_with_pieces_holding_the_bytes_qemu_img_reads(overlay):
     top, expected = overlay
+    rng = random.Random(3)
     with open_disk(top) as disk:
-        places = disk.places(0, disk.size, granule)
-        assert len(places) == -(-disk.size // granule)
-        for k, place in enumerate(places):
-            start = k * granule
-            want = expected[start:start + granule]
-            if isinstance(place, Place):
-                assert bytes_at(place, len(want)) == want, start
-            elif place == ZEROS:
-                assert want == bytes(len(want)), start
-            else:
-                assert place is None
-        assert places == [disk.locate(k * granule, min(granule, disk.size - k * granule))
-                          for k in range(len(places))]
+        ranges = [(0, disk.size)] + [(o, rng.randrange(1, disk.size - o + 1)) for o in
+                                     (rng.randrange(disk.size) for _ in range(40))]
+        for offset, length in ranges:
+            pieces = disk.runs(offset, length)
+            assert [p[0] for p in pieces] == [offset] + [p[0] + p[1] for p in pieces[:-1]]   # consecutive
+            assert pieces[-1][0] + pieces[-1][1] == offset + length and all(p[1] > 0 for p in pieces)
+            for start, size, answer in pieces:
+                want = expected[start:start + size]
+                if isinstance(answer, Place):
+                    assert bytes_at(answer, size) == want, start
+                    assert answer.writable == (answer.fd == disk._fd)   # owned here, or the base's
+                elif answer == ZEROS:
+                    assert want == bytes(size), start
+                else:
+                    assert answer is None
+        whole = disk.runs(0, disk.size)
+        assert {type(a).__name__ if a is not None else "None" for _, _, a in whole} >= {"Place", "str", "None"}
 
 
 def test_every_granule_of_a_qcow2_chain_is_located_where_its_bytes_are(overlay):
@@ -94,9 +99,12 @@ def test_raw_is_the_file_itself_except_a_probed_first_sector(tmp_path):
     path.write_bytes(os.urandom(MiB))
     with open_disk(path, format="raw") as disk:
         assert disk.locate(4096, 8192) == Place(disk._fd, 4096, True)
+        assert disk.runs(0, MiB) == [(0, MiB, Place(disk._fd, 0, True))]
     with open_disk(path) as probed:                       # probed raw: the first sector keeps its guard
         assert probed.locate(0, 4096).writable is False
         assert probed.locate(65536, 4096).writable is True
+        fd = probed._fd
+        assert probed.runs(0, 8192) == [(0, 512, Place(fd, 0, False)), (512, 7680, Place(fd, 512, True))]
     with open_disk(path, format="raw", read_only=True) as disk:
         assert disk.locate(4096, 512).writable is False
         assert disk.locate(MiB - 512, 1024) is None

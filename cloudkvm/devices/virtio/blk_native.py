@@ -10,12 +10,14 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+from array import array
 
 from ...kvm.native import ffi, lib
 from ...storage.placement import ZEROS, Place
 
 MIN_GRANULE = 64 << 10
 FILL_WINDOW = 32        # granules learnt per miss (2 MiB at the smallest granule)
+SLOW = lib.CKVM_MAP_KNOWN | lib.CKVM_MAP_SLOW
 MAX_ENTRIES = 1 << 24   # 128 MiB of address space at most for the map (an anonymous mapping: touched pages only)
 
 
@@ -33,6 +35,7 @@ class BlkDataPath:
         entries = max(1, -(-size // granule))
         self._map_mem = mmap.mmap(-1, entries * 8)
         self._map = ffi.from_buffer("uint64_t[]", self._map_mem)
+        self._map_view = memoryview(self._map_mem).cast("Q")
         self._blk = ffi.new("struct ckvm_blk *")
         self._blk.capacity = capacity
         self._blk.read_only = int(read_only)
@@ -67,15 +70,38 @@ class BlkDataPath:
         last = max((offset + length - 1) // g + 1, first + w)
         start, stop = first * g, min(last * g, self.size)
         try:
-            places = getattr(self.disk, "places", None)
-            found = places(start, stop - start, g) if callable(places) else \
-                [self.disk.locate(p, min(g, stop - p)) for p in range(start, stop, g)]
-            entries = [self._entry(place) for place in found]
+            runs = getattr(self.disk, "runs", None)
+            if callable(runs):
+                entries = self._entries_of_runs(first, last, runs(start, stop - start))
+            else:
+                entries = array("Q", [self._entry(self.disk.locate(p, min(g, stop - p))) for p in range(start, stop, g)])
         except Exception:
             return False
-        for i, entry in enumerate(entries, first):
-            self._map[i] = entry
+        self._map_view[first:first + len(entries)] = entries
         return True
+
+    def _entries_of_runs(self, first: int, last: int, runs: list) -> array:
+        """Map entries for granules first..last-1 from the disk's runs (storage/placement.py): a granule inside one
+        run gets its answer (a run of places, entries counting up by the granule), one across runs is Python's."""
+        g = self.granule
+        entries = array("Q", [SLOW]) * (min(last, -(-self.size // g)) - first)
+        for start, length, answer in runs:
+            lo = max(-(-start // g), first)                         # granules wholly inside [start, start+length)
+            hi = min((start + length) // g, last)
+            if start + length == self.size:
+                hi = min(-(-self.size // g), last)                  # the disk's last granule may be short
+            if lo >= hi:
+                continue
+            if isinstance(answer, Place):
+                answer = answer._replace(offset=answer.offset + lo * g - start)
+                if answer.offset + (hi - lo) * g > lib.CKVM_MAP_OFFSET_MASK:
+                    answer = None                                   # past what an entry can hold
+            entry = self._entry(answer)
+            if isinstance(answer, Place) and entry != SLOW:
+                entries[lo - first:hi - first] = array("Q", range(entry, entry + (hi - lo) * g, g))
+            else:
+                entries[lo - first:hi - first] = array("Q", [entry]) * (hi - lo)
+        return entries
 
     def forget(self, offset: int, length: int) -> None:
         """The disk changed over [offset, offset+length) (or may have): ask it again next time."""
@@ -84,7 +110,7 @@ class BlkDataPath:
         g = self.granule
         first, last = offset // g, min((offset + length - 1) // g, len(self._map_mem) // 8 - 1)
         if first <= last:
-            self._map_mem[first * 8:(last + 1) * 8] = bytes((last + 1 - first) * 8)
+            self._map_view[first:last + 1] = array("Q", bytes((last + 1 - first) * 8))
 
     def _entry(self, place) -> int:
         if place == ZEROS:
