@@ -183,6 +183,8 @@ struct ckvm_walk { uint64_t desc_table; uint32_t size; uint32_t indirect; int32_
     uint32_t nsegs; uint32_t in_indirect; uint32_t idx; uint32_t entries; uint64_t addr; uint64_t len;
     struct ckvm_seg *segs; uint32_t *visited; };
 void ckvm_walk_chain(const struct ckvm_mem *mem, struct ckvm_walk *w, uint32_t head);
+struct ckvm_vq { uint64_t desc_table; uint64_t avail_ring; uint64_t used_ring; uint32_t size; uint32_t event_idx;
+    uint32_t indirect; uint16_t last_avail; uint16_t avail_idx; uint16_t used_idx; ...; };
 
 /* virtio_blk.c */
 #define CKVM_BLK_IDLE ...
@@ -196,8 +198,6 @@ void ckvm_walk_chain(const struct ckvm_mem *mem, struct ckvm_walk *w, uint32_t h
 #define CKVM_MAP_WRITABLE ...
 #define CKVM_MAP_FILE_SHIFT ...
 #define CKVM_MAP_OFFSET_MASK ...
-struct ckvm_vq { uint64_t desc_table; uint64_t avail_ring; uint64_t used_ring; uint32_t size; uint32_t event_idx;
-    uint32_t indirect; uint16_t last_avail; uint16_t avail_idx; uint16_t used_idx; ...; };
 struct ckvm_blk { uint64_t capacity; uint32_t read_only; uint32_t granule_bits; uint64_t *map; int32_t fds[...];
     uint32_t served; int32_t err; uint64_t miss_offset; uint64_t miss_length; };
 int ckvm_blk_serve(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk *w, struct ckvm_blk *b);

@@ -38,13 +38,6 @@
 
 enum { CKVM_BLK_IDLE = 0, CKVM_BLK_SLOW = 1, CKVM_BLK_MISS = 2, CKVM_BLK_BADQUEUE = 3 };
 
-/* A split virtqueue's addresses and indices, copied in from queue.py and back out. */
-struct ckvm_vq {
-    uint64_t desc_table, avail_ring, used_ring;
-    uint32_t size, event_idx, indirect;
-    uint16_t last_avail, avail_idx, used_idx, pad;
-};
-
 struct ckvm_blk {
     uint64_t capacity;              /* sectors */
     uint32_t read_only, granule_bits;
@@ -55,11 +48,6 @@ struct ckvm_blk {
     int32_t err;                    /* errno of the system call that failed, for CKVM_BLK_SLOW */
     uint64_t miss_offset, miss_length;
 };
-
-static uint8_t *ckvm_host(const struct ckvm_mem *mem, uint8_t region, uint64_t gpa)
-{
-    return mem->regions[region].host + (gpa - mem->regions[region].gpa);
-}
 
 /* Where disk byte `pos` is: 0 for a place (file index, host offset), 1 for zeros, -1 unknown, -2 slow; `left`
  * gets the bytes to the end of its granule. */
@@ -241,48 +229,25 @@ int ckvm_blk_serve(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_wa
 {
     b->served = 0;
     b->err = 0;
-    uint32_t size = q->size;
-    if (size == 0 || size & (size - 1))
+    struct ckvm_rings r;
+    if (ckvm_vq_rings(mem, q, w, &r) < 0)
         return CKVM_BLK_BADQUEUE;
-    int ar = ckvm_region_of(mem, q->avail_ring, 6 + 2 * (uint64_t)size);
-    int ur = ckvm_region_of(mem, q->used_ring, 6 + 8 * (uint64_t)size);
-    if (ar < 0 || ur < 0)
-        return CKVM_BLK_BADQUEUE;
-    uint8_t *avail = ckvm_host(mem, (uint8_t)ar, q->avail_ring), *used = ckvm_host(mem, (uint8_t)ur, q->used_ring);
-    w->desc_table = q->desc_table;
-    w->size = size;
-    w->indirect = q->indirect;
     for (;;) {
-        if (q->last_avail == q->avail_idx) {
-            if (q->event_idx) {     /* §2.7.10: avail_event, written before idx is read again */
-                __atomic_store_n((uint16_t *)(used + 4 + 8 * (uint64_t)size), q->last_avail, __ATOMIC_RELAXED);
-                __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            }
-            uint16_t idx = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
-            if ((uint16_t)(idx - q->last_avail) > size)
-                return CKVM_BLK_BADQUEUE;
-            q->avail_idx = idx;
-            if (idx == q->last_avail)
-                return CKVM_BLK_IDLE;
-        }
-        uint16_t head = __atomic_load_n((uint16_t *)(avail + 4 + 2 * (uint64_t)(q->last_avail % size)),
-                                        __ATOMIC_RELAXED);
-        if (head >= size)
+        int available = ckvm_vq_available(q, &r, q->last_avail);
+        if (available <= 0)
+            return available < 0 ? CKVM_BLK_BADQUEUE : CKVM_BLK_IDLE;
+        uint16_t head = ckvm_vq_head(&r, q->last_avail);
+        if (head >= r.size)
             return CKVM_BLK_SLOW;
         ckvm_walk_chain(mem, w, head);
         if (w->error || w->problem)
             return CKVM_BLK_SLOW;
         uint32_t used_len = 0;
-        int r = ckvm_blk_request(mem, w, b, &used_len);
-        if (r != CKVM_BLK_IDLE)
-            return r;
-        q->last_avail++;
-        uint8_t *elem = used + 4 + 8 * (uint64_t)(q->used_idx % size);
-        uint32_t id = head;
-        memcpy(elem, &id, 4);
-        memcpy(elem + 4, &used_len, 4);
-        q->used_idx++;
-        __atomic_store_n((uint16_t *)(used + 2), q->used_idx, __ATOMIC_RELEASE);    /* §2.7.8.2: after the element */
+        int code = ckvm_blk_request(mem, w, b, &used_len);
+        if (code != CKVM_BLK_IDLE)
+            return code;
+        ckvm_vq_used_elem(q, &r, 0, head, used_len);
+        ckvm_vq_publish(q, &r, 1);
         b->served++;
     }
 }

@@ -28,38 +28,21 @@ int ckvm_net_rx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk 
                 const uint8_t *frame, uint32_t frame_len, uint32_t mergeable, struct ckvm_rx *rx)
 {
     rx->nchains = 0;
-    uint32_t size = q->size;
-    if (size == 0 || size & (size - 1) || hdr_len < CKVM_NET_NUM_BUFFERS_AT + 2)
+    struct ckvm_rings r;
+    if (hdr_len < CKVM_NET_NUM_BUFFERS_AT + 2 || ckvm_vq_rings(mem, q, w, &r) < 0)
         return CKVM_NET_BADQUEUE;
-    int ar = ckvm_region_of(mem, q->avail_ring, 6 + 2 * (uint64_t)size);
-    int ur = ckvm_region_of(mem, q->used_ring, 6 + 8 * (uint64_t)size);
-    if (ar < 0 || ur < 0)
-        return CKVM_NET_BADQUEUE;
-    uint8_t *avail = ckvm_host(mem, (uint8_t)ar, q->avail_ring), *used = ckvm_host(mem, (uint8_t)ur, q->used_ring);
-    w->desc_table = q->desc_table;
-    w->size = size;
-    w->indirect = q->indirect;
     uint64_t total = (uint64_t)hdr_len + frame_len, room = 0;
     uint32_t nsegs = 0, nchains = 0;
     uint16_t next = q->last_avail;
     /* the chains, looked at and kept aside; nothing is consumed yet */
     while (room < total) {
-        if (next == q->avail_idx) {
-            if (q->event_idx) {     /* §2.7.10: avail_event, written before idx is read again */
-                __atomic_store_n((uint16_t *)(used + 4 + 8 * (uint64_t)size), next, __ATOMIC_RELAXED);
-                __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            }
-            uint16_t idx = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
-            if ((uint16_t)(idx - q->last_avail) > size)
-                return CKVM_NET_BADQUEUE;
-            q->avail_idx = idx;
-            if (idx == next)
-                return CKVM_NET_SLOW;   /* not enough buffers: net.py keeps or drops the frame */
-        }
+        int available = ckvm_vq_available(q, &r, next);
+        if (available <= 0)     /* not enough buffers: net.py keeps or drops the frame */
+            return available < 0 ? CKVM_NET_BADQUEUE : CKVM_NET_SLOW;
         if (nchains == rx->max_chains || (!mergeable && nchains == 1))
             return CKVM_NET_SLOW;
-        uint16_t head = __atomic_load_n((uint16_t *)(avail + 4 + 2 * (uint64_t)(next % size)), __ATOMIC_RELAXED);
-        if (head >= size)
+        uint16_t head = ckvm_vq_head(&r, next);
+        if (head >= r.size)
             return CKVM_NET_SLOW;
         ckvm_walk_chain(mem, w, head);
         if (w->error || w->problem || w->nsegs == 0 || nsegs + w->nsegs > rx->max_segs)
@@ -100,13 +83,9 @@ int ckvm_net_rx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk 
             pos += take;
             written += (uint32_t)take;
         }
-        uint8_t *elem = used + 4 + 8 * (uint64_t)((uint16_t)(q->used_idx + c) % size);
-        memcpy(elem, &ch->head, 4);
-        memcpy(elem + 4, &written, 4);
+        ckvm_vq_used_elem(q, &r, c, ch->head, written);
     }
-    q->last_avail = (uint16_t)(q->last_avail + nchains);
-    q->used_idx = (uint16_t)(q->used_idx + nchains);
-    __atomic_store_n((uint16_t *)(used + 2), q->used_idx, __ATOMIC_RELEASE);   /* §2.7.8.2: after the elements */
+    ckvm_vq_publish(q, &r, (uint16_t)nchains);
     rx->nchains = nchains;
     return CKVM_NET_DONE;
 }

@@ -10,7 +10,10 @@
  * - else `problem` != 0: the structure is whole and `segs` holds the whole chain, but a buffer is wrong
  *   (outside RAM, readable after writable, over 2^32 bytes in all: the first problem met);
  * - else `segs` is the validated chain. Segments are (gpa, len, write, region): zero-length descriptors dropped.
- * The checks, their order and their kinds are those queue.py documents and its tests (tests/virtio) pin. */
+ * The checks, their order and their kinds are those queue.py documents and its tests (tests/virtio) pin.
+ *
+ * Below the walk: the rings (avail idx and entries, used elements and idx) for the device paths in C that pop and
+ * push themselves (virtio_blk.c, virtio_net.c), on the indices queue.py hands them in a struct ckvm_vq. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -170,4 +173,83 @@ void ckvm_walk_chain(const struct ckvm_mem *mem, struct ckvm_walk *w, uint32_t h
             return;
         idx = next;
     }
+}
+
+/* ---- the rings, for the device paths in C (virtio_blk.c, virtio_net.c) -------------------------------------------
+ * A split virtqueue's addresses and indices, copied in from queue.py and back out (`Virtqueue.run_native`). */
+struct ckvm_vq {
+    uint64_t desc_table, avail_ring, used_ring;
+    uint32_t size, event_idx, indirect;
+    uint16_t last_avail, avail_idx, used_idx, pad;
+};
+
+/* The avail and used rings in host memory. */
+struct ckvm_rings { uint8_t *avail, *used; uint32_t size; };
+
+static uint8_t *ckvm_host(const struct ckvm_mem *mem, uint8_t region, uint64_t gpa)
+{
+    return mem->regions[region].host + (gpa - mem->regions[region].gpa);
+}
+
+/* Find `q`'s rings (each whole inside one region) and set the walk up for its table; 0, or -1 when the queue is not
+ * usable (queue.py's own checks then say why). */
+static int ckvm_vq_rings(const struct ckvm_mem *mem, const struct ckvm_vq *q, struct ckvm_walk *w,
+                         struct ckvm_rings *r)
+{
+    uint32_t size = q->size;
+    if (size == 0 || size & (size - 1))
+        return -1;
+    int ar = ckvm_region_of(mem, q->avail_ring, 6 + 2 * (uint64_t)size);
+    int ur = ckvm_region_of(mem, q->used_ring, 6 + 8 * (uint64_t)size);
+    if (ar < 0 || ur < 0)
+        return -1;
+    r->avail = ckvm_host(mem, (uint8_t)ar, q->avail_ring);
+    r->used = ckvm_host(mem, (uint8_t)ur, q->used_ring);
+    r->size = size;
+    w->desc_table = q->desc_table;
+    w->size = size;
+    w->indirect = q->indirect;
+    return 0;
+}
+
+/* Whether avail ring entry `next` has been made available: 1 yes, 0 not yet, -1 avail idx moved further than the
+ * queue size from last_avail (§2.7.6). avail idx is read again only once `next` reaches the copy in q; with
+ * EVENT_IDX avail_event asks first to be notified of `next` (§2.7.10), so a buffer added meanwhile is either seen
+ * now or notified. */
+static int ckvm_vq_available(struct ckvm_vq *q, const struct ckvm_rings *r, uint16_t next)
+{
+    if (next != q->avail_idx)
+        return 1;
+    if (q->event_idx) {
+        __atomic_store_n((uint16_t *)(r->used + 4 + 8 * (uint64_t)r->size), next, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    }
+    uint16_t idx = __atomic_load_n((uint16_t *)(r->avail + 2), __ATOMIC_ACQUIRE);
+    if ((uint16_t)(idx - q->last_avail) > r->size)
+        return -1;
+    q->avail_idx = idx;
+    return idx != next;
+}
+
+/* The head index in avail ring entry `next`. */
+static uint16_t ckvm_vq_head(const struct ckvm_rings *r, uint16_t next)
+{
+    return __atomic_load_n((uint16_t *)(r->avail + 4 + 2 * (uint64_t)(next % r->size)), __ATOMIC_RELAXED);
+}
+
+/* Used ring element `k` after used_idx: (head, len); used->idx is published separately (ckvm_vq_publish). */
+static void ckvm_vq_used_elem(const struct ckvm_vq *q, const struct ckvm_rings *r, uint32_t k, uint32_t head,
+                              uint32_t len)
+{
+    uint8_t *elem = r->used + 4 + 8 * (uint64_t)((uint16_t)(q->used_idx + k) % r->size);
+    memcpy(elem, &head, 4);
+    memcpy(elem + 4, &len, 4);
+}
+
+/* Consume `n` avail entries and publish `n` used elements: used->idx after them (§2.7.8.2). */
+static void ckvm_vq_publish(struct ckvm_vq *q, const struct ckvm_rings *r, uint16_t n)
+{
+    q->last_avail = (uint16_t)(q->last_avail + n);
+    q->used_idx = (uint16_t)(q->used_idx + n);
+    __atomic_store_n((uint16_t *)(r->used + 2), q->used_idx, __ATOMIC_RELEASE);
 }

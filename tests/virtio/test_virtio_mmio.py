@@ -177,7 +177,7 @@ def test_config_space_reads(blk, disk):
     assert d.config(0, 8) == disk.size // 512
     assert d.config_u64(0) == disk.size // 512
     assert d.config(8, 4) == 1 << 20        # size_max
-    assert d.config(12, 4) == 126           # seg_max
+    assert d.config(12, 4) == 254           # seg_max: header + 254 + status = the queue size
     assert d.config(20, 4) == 512           # blk_size
     assert d.config(36, 4) == 1 << 22       # max_discard_sectors
     assert d.config(40, 4) == 32            # max_discard_seg

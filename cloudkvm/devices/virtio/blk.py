@@ -57,7 +57,8 @@ ID_BYTES = 20            # §5.2.6: GET_ID answers a NUL-padded string of up to 
 
 # Our limits (offered in the config space).
 QUEUE_SIZE = 256
-SEG_MAX = 126            # data segments per request; + header + status stays within the queue size
+SEG_MAX = QUEUE_SIZE - 2  # data segments per request: with the header and the status a chain fills the queue, the
+                         # longest §2.7.5.3.1 allows (QEMU's seg-max-adjust); Linux then sends 1 MiB in one or two
 SIZE_MAX = 1 << 20       # bytes per segment; also the most we hand to the backend at once
 BLK_SIZE = 512
 MAX_DISCARD_SECTORS = 1 << 22          # 2 GiB per segment
