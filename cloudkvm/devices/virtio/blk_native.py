@@ -16,7 +16,8 @@ from ...kvm.native import ffi, lib
 from ...storage.placement import ZEROS, Place
 
 MIN_GRANULE = 64 << 10
-FILL_WINDOW = 32        # granules learnt per miss (2 MiB at the smallest granule)
+FILL_WINDOW = 128       # granules learnt per miss (8 MiB at the smallest granule; a miss costs ~50 us natively
+                        # of Python before its first granule, then ~1 us a granule)
 SLOW = lib.CKVM_MAP_KNOWN | lib.CKVM_MAP_SLOW
 MAX_ENTRIES = 1 << 24   # 128 MiB of address space at most for the map (an anonymous mapping: touched pages only)
 
