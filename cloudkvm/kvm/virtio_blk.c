@@ -11,10 +11,10 @@
  * - CKVM_BLK_BADQUEUE: the avail ring is not usable (blk.py's own pop says why);
  * or CKVM_BLK_IDLE when nothing more is available. `served` counts the requests completed.
  *
- * The map (NULL: the disk is `fds[0]` byte for byte, a raw image) has one entry per 2^granule_bits bytes of the
- * disk: 0 unknown, else KNOWN with ZERO (reads as zeros), SLOW (only blk.py handles it) or a place: the index of the
- * file in `fds` and the byte offset there of the granule's first byte, and WRITABLE when a write may go there in
- * place. blk.py forgets entries around every change it makes through the disk (storage decides where data goes).
+ * The map has one entry per 2^granule_bits bytes of the disk: 0 unknown, else KNOWN with ZERO (reads as zeros;
+ * a write is blk.py's), SLOW (only blk.py handles it) or a place: the index of the file in `fds` and the byte offset
+ * there of the granule's first byte, and WRITABLE when a write may go there in place. blk.py forgets entries around
+ * every change it makes through the disk (storage decides where data goes).
  *
  * Guest RAM is touched only through the region table: data segments, the header and the status byte were
  * validated by the walk; the rings lie inside one region each (checked here again). */
@@ -41,7 +41,7 @@ enum { CKVM_BLK_IDLE = 0, CKVM_BLK_SLOW = 1, CKVM_BLK_MISS = 2, CKVM_BLK_BADQUEU
 struct ckvm_blk {
     uint64_t capacity;              /* sectors */
     uint32_t read_only, granule_bits;
-    uint64_t *map;                  /* NULL: identity on fds[0] */
+    uint64_t *map;                  /* one entry per granule, covering the capacity */
     int32_t fds[CKVM_BLK_MAX_FILES];
     /* out */
     uint32_t served;
@@ -54,12 +54,6 @@ struct ckvm_blk {
 static int ckvm_blk_locate(const struct ckvm_blk *b, uint64_t pos, int write, uint32_t *file, uint64_t *host,
                            uint64_t *left)
 {
-    if (b->map == NULL) {
-        *file = 0;
-        *host = pos;
-        *left = UINT64_MAX;
-        return b->read_only && write ? -2 : 0;
-    }
     uint64_t g = pos >> b->granule_bits, e = b->map[g], within = pos - (g << b->granule_bits);
     *left = (1ULL << b->granule_bits) - within;
     if (!(e & CKVM_MAP_KNOWN))
@@ -67,7 +61,7 @@ static int ckvm_blk_locate(const struct ckvm_blk *b, uint64_t pos, int write, ui
     if (e & CKVM_MAP_SLOW || (write && !(e & CKVM_MAP_WRITABLE)))
         return -2;
     if (e & CKVM_MAP_ZERO)
-        return 1;
+        return write ? -2 : 1;          /* zeros are never written in place, whatever else the entry says */
     *file = (uint32_t)(e >> CKVM_MAP_FILE_SHIFT) & (CKVM_BLK_MAX_FILES - 1);
     *host = (e & CKVM_MAP_OFFSET_MASK) + within;
     return 0;
@@ -195,6 +189,8 @@ static int ckvm_blk_request(const struct ckvm_mem *mem, const struct ckvm_walk *
         uint32_t file, file2;
         uint64_t host, host2, left, left2;
         int kind = ckvm_blk_locate(b, pos, write, &file, &host, &left);
+        if (kind < 0)                   /* the map changed since the first pass (it cannot today): Python's */
+            return CKVM_BLK_SLOW;
         uint64_t run = left < end - pos ? left : end - pos;
         while (pos + run < end) {       /* join the granules that follow in the same place */
             int kind2 = ckvm_blk_locate(b, pos + run, write, &file2, &host2, &left2);

@@ -333,8 +333,11 @@ class Qcow2Disk:
             for kind, a, b in self._extents(offset, length, decompress=False):
                 n = a if kind is _ZERO else b
                 if kind is _HOST:
-                    pieces += [(start, size, Place(self._fd, a + start - pos, owned and not self.read_only))
-                               for start, size, owned in self._ownership(pos, n)]
+                    for start, size, owned in self._ownership(pos, n):
+                        writable = owned and not self.read_only
+                        pieces.append((start, size, Place(self._fd, a + start - pos, writable)))
+                        if writable:   # written around _pwrite from now on: what `_write_piece` takes for past the
+                            self._file_size = max(self._file_size, a + start - pos + size)  # end may now hold data
                 else:
                     pieces.append((pos, n, ZEROS if kind is _ZERO else None if kind is _DATA else _BACKING))
                 pos += n

@@ -35,6 +35,7 @@ from .oracle import Crash, no_swallowed_exceptions, start_device
 RAM = 0x4000
 DESC, AVAIL, USED = 0x000, 0x100, 0x200
 DISK_SIZE = 64 * 1024
+INITIAL = bytes(range(256)) * (DISK_SIZE // 256)   # the C path's disk content at the start
 HEADER = struct.Struct("<BBBB")
 MAX_LEN = HEADER.size + RAM
 TIMEOUT = 10
@@ -68,6 +69,7 @@ class FuzzDisk:
             self.fd = os.memfd_create("fuzzdisk", os.MFD_CLOEXEC)
             os.ftruncate(self.fd, DISK_SIZE)
             self.data = mmap.mmap(self.fd, DISK_SIZE)
+            self.data[:] = INITIAL       # not zeros: a write of zeros to a read-only disk shows too
             self.locate = self._locate
         else:
             self.data = bytearray(DISK_SIZE)
@@ -95,7 +97,7 @@ class FuzzDisk:
 
     def close(self) -> None:
         if self.fd >= 0:
-            if self.forbid_writes and self.data[:] != bytes(DISK_SIZE):
+            if self.forbid_writes and self.data[:] != INITIAL:
                 self.violations.append("the C path changed a read-only disk")
             self.data.close()
             os.close(self.fd)

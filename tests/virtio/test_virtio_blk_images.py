@@ -73,7 +73,10 @@ def test_scattered_reads_and_writes_agree_with_qemu_img(memory, tmp_path, kind):
                 status, got = scattered_request(rig, rng, VIRTIO_BLK_T_IN, sector, pages)
                 assert status == VIRTIO_BLK_S_OK and got == twin[sector * 512:sector * 512 + pages * PAGE], sector
         last = len(twin) // 512 - 8                        # the disk's last 4 KiB
+        before = rig.device.data_path.served_total
         assert rig.blk(VIRTIO_BLK_T_IN, last, in_len=4096)[:2] == (VIRTIO_BLK_S_OK, bytes(twin[last * 512:]))
+        assert rig.device.data_path.served_total == before + 1           # by C, the short last granule too
+        assert rig.device.data_path.served_total > 20                    # most of the random requests too
     finally:
         rig.device.close()   # closes the disk too
     (tmp_path / "twin.raw").write_bytes(twin)
@@ -95,17 +98,26 @@ def test_reads_follow_the_clusters_that_writes_and_zeroing_move(memory, tmp_path
     rig = Rig(memory, VirtioBlk(disk))
     rig.driver.init()
     try:
-        assert rig.blk(VIRTIO_BLK_T_IN, 8, in_len=4096)[:2] == (VIRTIO_BLK_S_OK, b"\x11" * 4096)
-        assert rig.blk(VIRTIO_BLK_T_OUT, 8, out=b"\x22" * 512)[0] == VIRTIO_BLK_S_OK     # copy-on-write
-        assert rig.blk(VIRTIO_BLK_T_IN, 8, in_len=1024)[:2] == (VIRTIO_BLK_S_OK, b"\x22" * 512 + b"\x11" * 512)
-        assert rig.blk(VIRTIO_BLK_T_OUT, 9, out=b"\x33" * 512)[0] == VIRTIO_BLK_S_OK     # in place
-        assert rig.blk(VIRTIO_BLK_T_IN, 8, in_len=1536)[:2] == (VIRTIO_BLK_S_OK,
-                                                                 b"\x22" * 512 + b"\x33" * 512 + b"\x11" * 512)
+        path = rig.device.data_path
+
+        def in_c(result, served=1):
+            """`result`, checked to come from a request C served (so a stale map would have shown)."""
+            assert path.served_total == in_c.before + served, "not served by the C path"
+            in_c.before = path.served_total
+            return result
+        in_c.before = path.served_total
+        read = lambda sector, n: in_c(rig.blk(VIRTIO_BLK_T_IN, sector, in_len=n)[:2])  # noqa: E731
+        python = lambda *a, **k: in_c(rig.blk(*a, **k)[0], served=0)                 # noqa: E731
+        assert read(8, 4096) == (VIRTIO_BLK_S_OK, b"\x11" * 4096)                    # from the base's place
+        assert python(VIRTIO_BLK_T_OUT, 8, out=b"\x22" * 512) == VIRTIO_BLK_S_OK     # copy-on-write
+        assert read(8, 1024) == (VIRTIO_BLK_S_OK, b"\x22" * 512 + b"\x11" * 512)
+        assert in_c(rig.blk(VIRTIO_BLK_T_OUT, 9, out=b"\x33" * 512)[0]) == VIRTIO_BLK_S_OK   # in place, by C
+        assert read(8, 1536) == (VIRTIO_BLK_S_OK, b"\x22" * 512 + b"\x33" * 512 + b"\x11" * 512)
         cluster = struct.pack("<QII", 0, 128, 0)            # the whole first 64 KiB cluster, no unmap
-        assert rig.blk(VIRTIO_BLK_T_WRITE_ZEROES, out=cluster)[0] == VIRTIO_BLK_S_OK
-        assert rig.blk(VIRTIO_BLK_T_IN, 8, in_len=1024)[:2] == (VIRTIO_BLK_S_OK, bytes(1024))
-        assert rig.blk(VIRTIO_BLK_T_OUT, 8, out=b"\x44" * 512)[0] == VIRTIO_BLK_S_OK
-        assert rig.blk(VIRTIO_BLK_T_IN, 8, in_len=1024)[:2] == (VIRTIO_BLK_S_OK, b"\x44" * 512 + bytes(512))
+        assert python(VIRTIO_BLK_T_WRITE_ZEROES, out=cluster) == VIRTIO_BLK_S_OK
+        assert read(8, 1024) == (VIRTIO_BLK_S_OK, bytes(1024))
+        assert python(VIRTIO_BLK_T_OUT, 8, out=b"\x44" * 512) == VIRTIO_BLK_S_OK      # fills the zero cluster
+        assert read(8, 1024) == (VIRTIO_BLK_S_OK, b"\x44" * 512 + bytes(512))
     finally:
         rig.device.close()
     expected = bytearray(b"\x11" * (2 * MiB))

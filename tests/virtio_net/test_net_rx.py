@@ -31,6 +31,7 @@ def test_frame_into_a_big_buffer_without_mrg_rxbuf(make_net, backend):
     assert got == frame
     assert hdr == (0, 0, 0, 0, 0, 0, 1)            # flags 0, GSO_NONE, num_buffers 1 (§5.1.6.4.1)
     assert used == 1
+    assert rig.device.rx_frames_in_c == int(rig.device.rx_in_c)   # the C path placed it when it is on
 
 
 @pytest.mark.parametrize("split", [[12], [10, 500], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 100]])
@@ -41,6 +42,7 @@ def test_frame_into_a_buffer_cut_in_descriptors(make_net, backend, split):
     assert backend.inject(frame)
     [(hdr, got)] = rig.received(posted)
     assert got == frame and hdr[6] == 1
+    assert rig.device.rx_frames_in_c == int(rig.device.rx_in_c)
 
 
 def test_used_length_counts_header_and_frame(net, backend):
@@ -72,6 +74,7 @@ def test_mergeable_buffers(net, backend, buffer, frame_size, expected):
     # §5.1.6.4.1: every buffer but the last used completely; the last holds the rest
     assert [length for _, length in used[:-1]] == [buffer] * (expected - 1)
     assert sum(length for _, length in used) == HDR_SIZE + frame_size
+    assert net.device.rx_frames_in_c == int(net.device.rx_in_c)
 
 
 def test_mergeable_buffers_of_several_descriptors(net, backend):

@@ -46,7 +46,8 @@ class BlkDataPath:
             self._blk.fds[i] = -1
         self._files: dict[int, int] = {}  # the disk's fd -> index of its duplicate in fds
         self._lock = threading.Lock()
-        self.served = 0
+        self.served = 0             # by the last serve()
+        self.served_total = 0
 
     def serve(self, queue) -> int:
         """Serve what C can from `queue` (CKVM_BLK_* says where it stopped); `served` counts the completions."""
@@ -56,6 +57,7 @@ class BlkDataPath:
                 return lib.CKVM_BLK_SLOW
             code = queue.run_native(lib.ckvm_blk_serve, self._blk)
         self.served = self._blk.served
+        self.served_total += self.served
         return code
 
     @property

@@ -202,6 +202,7 @@ class VirtioNet(VirtioDevice):
         self.max_frame = (mtu if mtu is not None else ETH_DATA_LEN) + ETH_HLEN + VLAN_HLEN
         self.stats = {"tx_frames": 0, "tx_dropped": 0, "rx_frames": 0, "rx_dropped": 0, "rx_no_buffer": 0}
         self._closed = False
+        self.rx_frames_in_c = 0     # of stats["rx_frames"], those kvm/virtio_net.c placed
         self._rx_chains = _ffi.new("struct ckvm_rx_chain[]", QUEUE_SIZE)
         self._rx_segs = _ffi.new("struct ckvm_seg[]", 4 * QUEUE_SIZE)
         self._rx_scratch = _ffi.new("struct ckvm_rx *", {"chains": self._rx_chains, "segs": self._rx_segs,
@@ -341,6 +342,7 @@ class VirtioNet(VirtioDevice):
         mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
         if self.rx_in_c and self._receive_in_c(queue, frame, mergeable):
             self.stats["rx_frames"] += 1
+            self.rx_frames_in_c += 1
             return True
         total = HDR_SIZE + n
         chains: list[Chain] = []
