@@ -39,7 +39,9 @@ class HostForward:
 # The user network's default MTU: the largest libslirp takes (its IF_MTU_MAX is 65521), as slirp4netns and passt
 # default to. The guest's TCP segments and the frames libslirp sends it are then up to 64 KiB, so a stream through a
 # forward costs one frame where 1500 bytes would cost 44. libslirp's own sockets carry the traffic outside, so the
-# guest's MTU never reaches a real link.
+# guest's MTU never reaches a real link. A guest that does not read VIRTIO_NET_F_MTU (Linux before 4.10, some other
+# systems) keeps 1500: TCP still works (the MSS is negotiated), but a UDP datagram over 1500 bytes from outside
+# reaches it unfragmented; such a guest wants `network.mtu: 1500`.
 USER_NET_MTU = 65520
 MIN_USER_NET_MTU = 1280   # IPv6's minimum link MTU (RFC 8200 §5); the user network has IPv6 on
 
