@@ -742,20 +742,25 @@ _VAR_BODY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
 
 
 def expand_vars(text: str, env: Mapping[str, str]) -> str:
-    """`${VAR}` and `${VAR:-default}` (default when VAR is unset or empty); `$${...}` is a literal `${...}`.
-    Raises `KeyError(name)` for an unset variable without a default, `ValueError` for a malformed reference.
-    One pass with str.find (a regex for `${...}` backtracks quadratically over many unclosed `${`)."""
-    if text.rfind("${") > text.rfind("}"):
-        raise ValueError("an unclosed '${' in the value")
+    """`${VAR}` and `${VAR:-default}` (default when VAR is unset or empty); `$${` is a literal `${` (and what
+    follows it is read on as text). Raises `KeyError(name)` for an unset variable without a default, `ValueError`
+    for a malformed reference. One left-to-right pass with str.find (a regex for `${...}` backtracks quadratically
+    over many unclosed `${`); `profile_to_dict` writes every literal `${` back as `$${`, so it loads back the same."""
     pieces, pos = [], 0
-    while (start := text.find("${", pos)) >= 0:
-        end = text.find("}", start + 2)
-        inner = text[start + 2:end]
-        if start > pos and text[start - 1] == "$":  # `$${...}`: the literal text `${...}`
-            pieces += (text[pos:start - 1], "${", inner, "}")
+    while (dollar := text.find("$", pos)) >= 0:
+        pieces.append(text[pos:dollar])
+        if text.startswith("$${", dollar):
+            pieces.append("${")
+            pos = dollar + 3
+        elif text.startswith("${", dollar):
+            end = text.find("}", dollar + 2)
+            if end < 0:
+                raise ValueError("an unclosed '${' in the value")
+            pieces.append(_variable(text[dollar + 2:end], env))
+            pos = end + 1
         else:
-            pieces += (text[pos:start], _variable(inner, env))
-        pos = end + 1
+            pieces.append("$")
+            pos = dollar + 1
     pieces.append(text[pos:])
     return "".join(pieces)
 

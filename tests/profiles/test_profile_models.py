@@ -1,5 +1,6 @@
 """Profiles that load: every field and each of its forms, defaults, paths, `${VAR}` and the example profiles."""
 import platform
+import random
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,20 @@ def test_expand_vars_directly():
         expand_vars("${NOPE}", {})
     with pytest.raises(ValueError):
         expand_vars("${A", {"A": "1"})
+    # `$${` is a literal `${`, and only that: what follows is read on (the fuzzer's find: a `${...}` after an
+    # escaped one was swallowed into it, and the escaped form of the result loaded back differently)
+    assert expand_vars("tty$${S0 root=${A}", {"A": "1"}) == "tty${S0 root=1"
+    assert expand_vars("$${x", {}) == "${x" and expand_vars("$$${A}", {}) == "$${A}" and expand_vars("$5", {}) == "$5"
+    with pytest.raises(ValueError):
+        expand_vars("tty$${S0 root=${1ROOT}", {})
+
+
+def test_every_text_written_escaped_loads_back_the_same():
+    """What profile_to_dict writes (every literal `${` as `$${`) expands to the text it came from."""
+    rng = random.Random(5)
+    for _ in range(3000):
+        text = "".join(rng.choice("${}a") for _ in range(rng.randrange(12)))
+        assert expand_vars(text.replace("${", "$${"), {}) == text, text
 
 
 def test_yaml_anchors_and_merge_keys(stubs, tree):
