@@ -1,6 +1,6 @@
 """Where a range of a virtual disk lies on the host, for a data path that moves the bytes itself (virtio-blk's C
-path, kvm/virtio_blk.c): `Disk.locate(offset, length)` answers a `Place`, `ZEROS`, or None for the whole range;
-`Disk.runs(offset, length)` cuts the range into consecutive (start, length, answer) pieces, each answered so.
+path, kvm/virtio_blk.c): `Disk.runs(offset, length)` cuts the range into consecutive (start, length, answer) pieces,
+each answer a `Place`, `ZEROS`, or None; `locate(disk, offset, length)` is the answer for a whole range.
 
 A Place is one contiguous run of one open file: `fd`, the byte `offset` there of the range's first byte, and
 `writable`: a write of the range may go there in place without the disk's own code (no allocation, no copy-on-write,
@@ -20,3 +20,9 @@ class Place(NamedTuple):
 
 
 ZEROS = "zeros"
+
+
+def locate(disk, offset: int, length: int):
+    """The answer for all of [offset, offset+length) when one piece holds it, else None."""
+    pieces = disk.runs(offset, length)
+    return pieces[0][2] if len(pieces) == 1 else None

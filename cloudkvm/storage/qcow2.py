@@ -109,6 +109,11 @@ def _to_be(a: array) -> bytes:
     return a.tobytes()
 
 
+def _compressed(disk: "Qcow2Disk", e: int, off: int, n: int, decompress: bool) -> tuple:
+    """`_extents`' answer for guest bytes [off, off+n) in the compressed cluster of L2 entry `e`."""
+    return (_DATA, disk._read_compressed(e, off, n), None) if decompress else (_DATA, None, n)
+
+
 def _repeat_pattern(mask: int, n: int) -> int:
     return int.from_bytes(mask.to_bytes(8, "big") * n, "big")
 
@@ -312,16 +317,11 @@ class Qcow2Disk:
             with self._lock:
                 self._write(offset, view)
 
-    def locate(self, offset: int, length: int):
-        """storage/placement.py: one run of host clusters (writable when this image owns them: COPIED, neither
-        zero nor compressed), zeros, or a place in the backing chain (never writable: a write copies it up)."""
-        pieces = self.runs(offset, length)
-        return pieces[0][2] if len(pieces) == 1 else None
-
     def runs(self, offset: int, length: int) -> list:
         """storage/placement.py: [offset, offset+length) as consecutive (start, length, answer) pieces, from one walk
         of the cluster mapping (compressed clusters are not read) and, for what falls through, of the backing
-        chain's."""
+        chain's: runs of host clusters (writable when this image owns them: COPIED, neither zero nor compressed),
+        zeros, or places in the backing chain (never writable: a write copies them up)."""
         end = offset + length
         if length <= 0:
             return []
@@ -574,7 +574,7 @@ class Qcow2Disk:
                 if cend > tend:
                     cend = tend
                 if e & OFLAG_COMPRESSED:
-                    yield (_DATA, self._read_compressed(e, off, cend - off), None) if decompress else (_DATA, None, cend - off)
+                    yield _compressed(self, e, off, cend - off, decompress)
                     off = cend
                     i += 1
                     continue
@@ -657,7 +657,7 @@ class Qcow2Disk:
             base = off & ~cmask
             cend = min(tend, base + self._cs)
             if e & OFLAG_COMPRESSED:
-                yield (_DATA, self._read_compressed(e, off, cend - off), None) if decompress else (_DATA, None, cend - off)
+                yield _compressed(self, e, off, cend - off, decompress)
                 off = cend
                 continue
             host = e & L2E_OFFSET_MASK

@@ -89,13 +89,6 @@ class RawDisk:
             return
         vectored.pwritev_full(self._fd, buffers, offset)
 
-    def locate(self, offset: int, length: int):
-        """storage/placement.py: the file itself; in place for writes except over the probed first sector."""
-        if offset < 0 or length <= 0 or offset + length > self.size or self._fd < 0:
-            return None
-        guarded = self.keep_raw and offset < PROBE_BYTES
-        return Place(self._fd, offset, not self.read_only and not guarded)
-
     def runs(self, offset: int, length: int) -> list:
         """storage/placement.py: the file itself, the probed first sector's part apart (not writable in place)."""
         end = offset + length
@@ -105,7 +98,7 @@ class RawDisk:
             return [(offset, length, None)]
         cut = min(max(offset, PROBE_BYTES if self.keep_raw else 0), end)
         pieces = [(offset, cut - offset, False), (cut, end - cut, not self.read_only)]
-        return [(start, n, Place(self._fd, start, writable and not self.read_only)) for start, n, writable in pieces if n]
+        return [(start, n, Place(self._fd, start, writable)) for start, n, writable in pieces if n]
 
     def flush(self) -> None:
         if not self.read_only:

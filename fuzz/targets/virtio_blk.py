@@ -9,7 +9,7 @@ entries); everything in them, and every buffer, comes from the input. Header:
   byte 2  log2 of the queue size (0..4)
   byte 3  bits 0-3: the disk's n-th call fails with EIO (0: none), bits 4-5: extra notifications,
           bit 6: notify through the ioeventfd path (`queue_notify`) instead of the QueueNotify register,
-          bit 7: the disk lives in a memfd and says where (`locate`), so reads and writes take the C data path
+          bit 7: the disk lives in a memfd and says where (`runs`), so reads and writes take the C data path
           (kvm/virtio_blk.c)
 
 Documented outcomes: requests complete with VIRTIO_BLK_S_OK / IOERR / UNSUPP, a chain that cannot be completed
@@ -70,7 +70,7 @@ class FuzzDisk:
             os.ftruncate(self.fd, DISK_SIZE)
             self.data = mmap.mmap(self.fd, DISK_SIZE)
             self.data[:] = INITIAL       # not zeros: a write of zeros to a read-only disk shows too
-            self.locate = self._locate
+            self.runs = self._runs
         else:
             self.data = bytearray(DISK_SIZE)
         self.read_only = read_only
@@ -91,9 +91,10 @@ class FuzzDisk:
         if self.calls == self.fail_at:
             raise InjectedDiskError(errno.EIO, "injected disk error")
 
-    def _locate(self, offset: int, length: int):
-        self._call("locate", length, offset, False)
-        return Place(self.fd, offset, not self.read_only)   # the device must still refuse writes it made read-only
+    def _runs(self, offset: int, length: int):
+        self._call("runs", length, offset, False)
+        # writable unless the disk is read-only: the device must still refuse writes it made read-only itself
+        return [(offset, length, Place(self.fd, offset, not self.read_only))]
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -1,13 +1,13 @@
-"""`Disk.locate` (storage/placement.py), what virtio-blk's C path reads and writes by: a Place holds the bytes the
-disk reads (checked with os.pread against qemu-img's view of the image), ZEROS only where qemu-img reads zeros, and
-`writable` only where a write in place is what the disk itself would do."""
+"""`Disk.runs` and `locate` (storage/placement.py), what virtio-blk's C path reads and writes by: a Place holds
+the bytes the disk reads (checked with os.pread against qemu-img's view of the image), ZEROS only where qemu-img
+reads zeros, and `writable` only where a write in place is what the disk itself would do."""
 import os
 import random
 
 import pytest
 
 from cloudkvm.storage import open_disk
-from cloudkvm.storage.placement import ZEROS, Place
+from cloudkvm.storage.placement import ZEROS, Place, locate
 
 MiB = 1 << 20
 CLUSTER = 65536
@@ -60,7 +60,7 @@ def test_every_granule_of_a_qcow2_chain_is_located_where_its_bytes_are(overlay):
     kinds = set()
     with open_disk(top) as disk:
         for offset in range(0, disk.size, CLUSTER):
-            place = disk.locate(offset, CLUSTER)
+            place = locate(disk, offset, CLUSTER)
             want = expected[offset:offset + CLUSTER]
             if isinstance(place, Place):
                 assert bytes_at(place, CLUSTER) == want, offset
@@ -73,9 +73,9 @@ def test_every_granule_of_a_qcow2_chain_is_located_where_its_bytes_are(overlay):
             else:
                 assert place is None
                 kinds.add("other")
-        assert disk.locate(192 * 1024, 2 * CLUSTER) == Place(disk._fd, disk.locate(192 * 1024, CLUSTER).offset, True)
-        assert disk.locate(0, 2 * CLUSTER) is None        # overlay then base: two places
-        assert disk.locate(disk.size - 512, 1024) is None  # past the end
+        assert locate(disk, 192 * 1024, 2 * CLUSTER) == Place(disk._fd, locate(disk, 192 * 1024, CLUSTER).offset, True)
+        assert locate(disk, 0, 2 * CLUSTER) is None        # overlay then base: two places
+        assert locate(disk, disk.size - 512, 1024) is None  # past the end
     # the base's compressed clusters have no place, the ones qemu-img left uncompressed (random bytes) do; its
     # all-zero clusters are unallocated (zeros)
     assert kinds == {"overlay", "base", "zeros", "other"}
@@ -86,11 +86,11 @@ def test_an_uncompressed_base_is_located_but_never_writable(tmp_path, qemu):
     base.write_bytes(os.urandom(MiB))
     top = qemu.create(tmp_path / "top.qcow2", None, backing="base.raw", backing_fmt="raw")
     with open_disk(top) as disk:
-        place = disk.locate(CLUSTER, CLUSTER)
+        place = locate(disk, CLUSTER, CLUSTER)
         assert not place.writable and place.fd != disk._fd
         assert bytes_at(place, CLUSTER) == base.read_bytes()[CLUSTER:2 * CLUSTER]
     with open_disk(top, read_only=True) as disk:
-        disk_place = disk.locate(0, 512)
+        disk_place = locate(disk, 0, 512)
         assert not disk_place.writable
 
 
@@ -98,13 +98,14 @@ def test_raw_is_the_file_itself_except_a_probed_first_sector(tmp_path):
     path = tmp_path / "disk.raw"
     path.write_bytes(os.urandom(MiB))
     with open_disk(path, format="raw") as disk:
-        assert disk.locate(4096, 8192) == Place(disk._fd, 4096, True)
+        assert locate(disk, 4096, 8192) == Place(disk._fd, 4096, True)
         assert disk.runs(0, MiB) == [(0, MiB, Place(disk._fd, 0, True))]
     with open_disk(path) as probed:                       # probed raw: the first sector keeps its guard
-        assert probed.locate(0, 4096).writable is False
-        assert probed.locate(65536, 4096).writable is True
+        assert locate(probed, 0, 512).writable is False
+        assert locate(probed, 0, 4096) is None             # the guarded sector and the rest: two pieces
+        assert locate(probed, 65536, 4096).writable is True
         fd = probed._fd
         assert probed.runs(0, 8192) == [(0, 512, Place(fd, 0, False)), (512, 7680, Place(fd, 512, True))]
     with open_disk(path, format="raw", read_only=True) as disk:
-        assert disk.locate(4096, 512).writable is False
-        assert disk.locate(MiB - 512, 1024) is None
+        assert locate(disk, 4096, 512).writable is False
+        assert locate(disk, MiB - 512, 1024) is None

@@ -186,7 +186,7 @@ def test_read_only(make_rig, how, path):
     assert rig.blk(VIRTIO_BLK_T_WRITE_ZEROES, out=seg(0, 1))[0] == UNSUPP
     assert rig.blk(VIRTIO_BLK_T_DISCARD, out=seg(0, 1))[0] == UNSUPP
     assert disk.data[:512] == b"\x42" * 512
-    assert not [c for c in disk.calls if c[0] not in ("pread", "locate")]
+    assert not [c for c in disk.calls if c[0] not in ("pread", "runs")]
     assert rig.blk(VIRTIO_BLK_T_IN, 0, in_len=512)[:2] == (OK, b"\x42" * 512)
     assert rig.blk(VIRTIO_BLK_T_FLUSH)[0] == OK
 
@@ -216,13 +216,13 @@ def test_a_disk_failing_to_locate_sends_the_request_to_blk_py(make_rig):
     disk.data[512:1024] = b"\x5a" * 512
     blk = make_rig(VirtioBlk(disk))
     blk.driver.init()
-    disk.fail_next = OSError(5, "EIO")      # met by `locate`: C learns nothing, blk.py reads by pread
+    disk.fail_next = OSError(5, "EIO")      # met by `runs`: C learns nothing, blk.py reads by pread
     status, data, _ = blk.blk(VIRTIO_BLK_T_IN, 1, in_len=512)
     assert (status, data) == (OK, b"\x5a" * 512)
     assert ("pread", 512, 512) in disk.calls
     disk.calls.clear()
     assert blk.blk(VIRTIO_BLK_T_IN, 1, in_len=512)[:2] == (OK, b"\x5a" * 512)
-    assert {c[0] for c in disk.calls} == {"locate"}   # learnt now (with its neighbours): C reads it
+    assert {c[0] for c in disk.calls} == {"runs"}     # learnt now (with its neighbours): C reads it
     disk.close()
 
 
@@ -230,7 +230,7 @@ def test_a_failed_system_call_in_c_is_retried_by_blk_py(make_rig, tmp_path):
     """C writes through a descriptor it cannot write (EBADF): it hands the request to blk.py, which writes it."""
     disk = FakeDisk(MiB, native=True)
     read_only = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT)
-    disk.locate = lambda offset, length: Place(read_only, offset, True)
+    disk.runs = lambda offset, length: [(offset, length, Place(read_only, offset, True))]
     blk = make_rig(VirtioBlk(disk))
     blk.driver.init()
     assert blk.blk(VIRTIO_BLK_T_OUT, 2, out=b"\x33" * 1024)[0] == OK

@@ -18,8 +18,8 @@ DESC = struct.Struct("<QIHH")
 class FakeDisk:
     """An in-memory disk with the backend interface virtio-blk expects; records calls and contract violations.
 
-    `native`: the bytes live in a memfd and `locate` names it, so virtio-blk serves reads and writes by its C path
-    (kvm/virtio_blk.c) straight from that file, calling only `locate` here."""
+    `native`: the bytes live in a memfd and `runs` names it, so virtio-blk serves reads and writes by its C path
+    (kvm/virtio_blk.c) straight from that file, calling only `runs` here."""
 
     def __init__(self, size: int = 1 * MiB, discard: bool = True, write_zeroes: bool = True,
                  read_only: bool | None = None, may_unmap: bool = False, native: bool = False):
@@ -29,7 +29,7 @@ class FakeDisk:
             self.fd = os.memfd_create("fakedisk", os.MFD_CLOEXEC)
             os.ftruncate(self.fd, size)
             self.data = mmap.mmap(self.fd, size)
-            self.locate = self._locate   # only then: virtio-blk takes the C path for a disk that has `locate`
+            self.runs = self._runs       # only then: virtio-blk takes the C path for a disk that has `runs`
         else:
             self.data = bytearray(size)
         self.supports_discard = discard
@@ -48,10 +48,10 @@ class FakeDisk:
             exc, self.fail_next = self.fail_next, None
             raise exc
 
-    def _locate(self, offset: int, length: int):
-        self.calls.append(("locate", length, offset))
-        self._check("locate", length, offset)
-        return Place(self.fd, offset, not getattr(self, "read_only", False))
+    def _runs(self, offset: int, length: int):
+        self.calls.append(("runs", length, offset))
+        self._check("runs", length, offset)
+        return [(offset, length, Place(self.fd, offset, not getattr(self, "read_only", False)))]
 
     def close(self) -> None:
         if self.native and self.fd >= 0:

@@ -6,7 +6,7 @@ bytes-like view of guest RAM, valid only during the call), `flush()`, and option
 attributes (else having the method is enough), `read_only`, and `write_zeroes_may_unmap` (then a write-zeroes
 request with the unmap flag calls `write_zeroes(length, offset, unmap=True)`).
 
-A disk that can say where its bytes are (`locate`, storage/placement.py) gets the C data path (blk_native.py,
+A disk that can say where its bytes are (`runs`, storage/placement.py) gets the C data path (blk_native.py,
 kvm/virtio_blk.c): reads and writes of known places are served there, everything else here, one request at a time,
 in queue order.
 
@@ -143,7 +143,7 @@ class VirtioBlk(VirtioDevice):
             int(self.write_zeroes_may_unmap),
             0, 0, 0)                     # secure erase (not offered)
         super().__init__(features, (QUEUE_SIZE,), config)
-        self.data_path = BlkDataPath(disk, self.capacity, self.read_only) if callable(getattr(disk, "locate", None)) \
+        self.data_path = BlkDataPath(disk, self.capacity, self.read_only) if callable(getattr(disk, "runs", None)) \
             else None
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
 """virtio-blk's C data path (kvm/virtio_blk.c, virtio 1.2 §5.2.6): the disk map it reads and the files it may use.
 
-The map has one entry per granule of the disk, filled on demand from the disk's own answer to `locate`
+The map has one entry per granule of the disk, filled on demand from the disk's own answer to `runs`
 (storage/placement.py) when C reports a miss, and forgotten by blk.py around every change it makes through the
 disk. C reads the files through duplicates of the disk's descriptors, owned here: closed by `close()` under the
 lock `serve` holds, so C never uses a descriptor number that may since name another file.
@@ -46,6 +46,7 @@ class BlkDataPath:
             self._blk.fds[i] = -1
         self._files: dict[int, int] = {}  # the disk's fd -> index of its duplicate in fds
         self._lock = threading.Lock()
+        self._closed = False
         self.served = 0             # by the last serve()
         self.served_total = 0
 
@@ -73,11 +74,7 @@ class BlkDataPath:
         last = max((offset + length - 1) // g + 1, first + w)
         start, stop = first * g, min(last * g, self.size)
         try:
-            runs = getattr(self.disk, "runs", None)
-            if callable(runs):
-                entries = self._entries_of_runs(first, last, runs(start, stop - start))
-            else:
-                entries = array("Q", [self._entry(self.disk.locate(p, min(g, stop - p))) for p in range(start, stop, g)])
+            entries = self._entries_of_runs(first, last, self.disk.runs(start, stop - start))
         except Exception:
             return False
         self._map_view[first:first + len(entries)] = entries
@@ -118,11 +115,11 @@ class BlkDataPath:
     def _entry(self, place) -> int:
         if place == ZEROS:
             return lib.CKVM_MAP_KNOWN | lib.CKVM_MAP_ZERO
-        if not isinstance(place, Place) or place.offset > lib.CKVM_MAP_OFFSET_MASK:
-            return lib.CKVM_MAP_KNOWN | lib.CKVM_MAP_SLOW
+        if not isinstance(place, Place):
+            return SLOW
         index = self._file_index(place.fd)
         if index is None:
-            return lib.CKVM_MAP_KNOWN | lib.CKVM_MAP_SLOW
+            return SLOW
         return (lib.CKVM_MAP_KNOWN | (lib.CKVM_MAP_WRITABLE if place.writable else 0)
                 | index << lib.CKVM_MAP_FILE_SHIFT | place.offset)
 
@@ -139,8 +136,6 @@ class BlkDataPath:
                 self._files[fd] = index
         return index
 
-    _closed = False
-
     def close(self) -> None:
         """Close the duplicated descriptors; C serves nothing from now on (everything goes to blk.py)."""
         with self._lock:
@@ -153,4 +148,5 @@ class BlkDataPath:
                     os.close(fd)
 
     def __del__(self):
-        self.close()
+        if hasattr(self, "_closed"):   # (not when __init__ failed before it had anything to close)
+            self.close()

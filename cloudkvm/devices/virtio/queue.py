@@ -224,9 +224,9 @@ class Virtqueue:
         return Chain(head, segments)
 
     def run_native(self, fn, *args):
-        """`fn(region table, struct ckvm_vq, struct ckvm_walk, *args)`: a device's C path (kvm/virtio_blk.c) that
-        pops and pushes in C. The queue's addresses and indices go to it in a struct ckvm_vq and come back from it:
-        C and this class take turns on the queue, never at once. Returns what `fn` returns."""
+        """`fn(region table, struct ckvm_vq, struct ckvm_walk, *args)`: a device's C path (kvm/virtio_blk.c,
+        kvm/virtio_net.c) that pops and pushes in C. The queue's addresses and indices go to it in a struct ckvm_vq
+        and come back from it: C and this class take turns on the queue, never at once. Returns what `fn` returns."""
         self._check_scratch()
         vq = self._native_vq
         vq.desc_table, vq.avail_ring, vq.used_ring = self.desc_table, self.avail_ring, self.used_ring
