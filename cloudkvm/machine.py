@@ -18,6 +18,7 @@ from .devices.irq import IrqFd
 from .errors import CloudkvmError
 from .fsutil import read_bounded
 from .iothread import IoThread
+from .kvm.fastpath import IsrTable
 from .kvm.memory import GuestMemory
 from .kvm.native import lib
 from .kvm.system import Kvm
@@ -133,6 +134,7 @@ class Machine:
         self.stopping = threading.Event()
         self.samples: dict | None = None  # filled by vCPU threads while sample_pcs() waits
         self.ticks_due: set[int] = set()  # vCPUs that owe the board a `vcpu_tick` (see _tick)
+        self.isr_table: IsrTable | None = None  # the virtio-mmio interrupt registers C completes (built by run)
         self.result: VmResult | None = None
         self._result_lock = threading.Lock()
         # Port I/O only where the board has it (x86); the C run loop gets every port as "return to Python" otherwise.
@@ -275,6 +277,7 @@ class Machine:
         if self.spec.console_input_fd is not None:
             self.io.add_reader(self.spec.console_input_fd, self._console_input)
         self.io.start()
+        self.isr_table = IsrTable(self.mmio_bus.c_isr_windows)  # every device is on the bus by now
         self._threads = [threading.Thread(target=loop.run, name=f"vcpu{loop.vcpu.index}", daemon=True)
                          for loop in self.loops]
         for thread in self._threads:

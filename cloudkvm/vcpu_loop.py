@@ -66,10 +66,11 @@ class VcpuLoop:
         fast_uart = host.board.fast_uart
         uart_state, tx = (fast_uart.state, self.tx) if fast_uart is not None else (ffi.NULL, ffi.NULL)
         pio_lookup, mmio_lookup = (pio.lookup if pio is not None else None), host.mmio_bus.lookup
+        isr = host.isr_table.table if host.isr_table is not None else ffi.NULL
         stopping = host.stopping
         try:
             while not stopping.is_set():
-                rc = run_loop(fd, run, codes, exits, uart_state, tx)
+                rc = run_loop(fd, run, codes, exits, uart_state, tx, isr)
                 if fast_uart is not None and self.tx.len:  # before any other exit, so output keeps its order
                     self._emit(fast_uart, take_tx(self.tx))
                 if rc == 1:  # a line (or a full buffer) of console output, passed on above

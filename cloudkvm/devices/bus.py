@@ -35,10 +35,14 @@ class Bus:
         self._bases: list[int] = []
         self._entries: list[tuple[int, int, Device, str]] = []  # (base, size, device, label), sorted by base
         self._memo: dict[int, tuple[int, Device] | None] = {}
+        # (base, size, cell) of every device with a `c_isr` cell: virtio-mmio transports whose interrupt registers
+        # the C run loop completes (kvm/fastpath.py IsrTable)
+        self.c_isr_windows: list[tuple[int, int, object]] = []
 
     def add(self, base: int, size: int, device: Device, label: str = "", c_ports: dict[int, int] | None = None) -> None:
         """Map `device` at [base, base+size). `c_ports` (offset -> C_* code) names the accesses the C run loop may
-        complete for it; a device with `c_sink = True` has C_SINK on every port."""
+        complete for it; a device with `c_sink = True` has C_SINK on every port. A device with a `c_isr` cell (a
+        virtio-mmio transport's InterruptStatus) is listed in `c_isr_windows`."""
         if size <= 0:
             raise BusConflict(f"{self.name}: {label or device!r} has an empty range")
         codes = dict.fromkeys(range(size), C_SINK) if getattr(device, "c_sink", False) else dict(c_ports or {})
@@ -52,6 +56,9 @@ class Bus:
         self._bases.insert(i, base)
         self._entries.insert(i, (base, size, device, label or type(device).__name__))
         self._memo.clear()
+        cell = getattr(device, "c_isr", None)
+        if cell is not None:
+            self.c_isr_windows.append((base, size, cell))
         if self.c_table is not None and base + size <= len(self.c_table):
             for offset, code in codes.items():
                 self.c_table[base + offset] = code

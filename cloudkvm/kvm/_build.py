@@ -156,8 +156,13 @@ int ckvm_run(int vcpu_fd);
 #define CKVM_TX_MAX ...
 struct ckvm_uart_fast { uint8_t enabled; uint8_t lsr; uint32_t fr; uint64_t mmio_base; };
 struct ckvm_tx { uint32_t len; uint8_t polling; uint64_t total; uint8_t data[...]; };
+#define CKVM_MAX_ISR_WINDOWS ...
+struct ckvm_isr_window { uint64_t base; uint64_t size; uint32_t *status; };
+struct ckvm_isr_table { uint32_t count; uint64_t served; struct ckvm_isr_window windows[...]; };
 int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_codes, uint64_t *exits,
-                  const struct ckvm_uart_fast *uart, struct ckvm_tx *tx);
+                  const struct ckvm_uart_fast *uart, struct ckvm_tx *tx, struct ckvm_isr_table *isr);
+void ckvm_isr_set(uint32_t *status, uint32_t bits);
+void ckvm_isr_clear(uint32_t *status, uint32_t bits);
 int ckvm_install_kick_handler(int signo);
 int ckvm_errno(void);
 
@@ -370,20 +375,71 @@ enum { CKVM_PYTHON = 0, CKVM_SINK = 1, CKVM_UART_THR = 2, CKVM_UART_LSR = 3 };
 struct ckvm_uart_fast { uint8_t enabled; uint8_t lsr; uint32_t fr; uint64_t mmio_base; };
 struct ckvm_tx { uint32_t len; uint8_t polling; uint64_t total; uint8_t data[CKVM_TX_MAX]; };
 
+/* virtio-mmio's interrupt registers (virtio 1.2 §4.2.2: InterruptStatus at 0x60, InterruptACK at 0x64), completed
+ * here for the transports in a `ckvm_isr_table`: a driver reads and acknowledges them on every interrupt (Linux's
+ * vm_interrupt), two exits that need no device model. Each transport keeps its InterruptStatus in the cell its
+ * window points to; bits are set (ckvm_isr_set) and acknowledged (here, or ckvm_isr_clear) atomically, so the
+ * cell needs no lock. Any other access in the window, or one not 4 bytes wide, goes to the Python model. */
+#define CKVM_MAX_ISR_WINDOWS 32
+#define CKVM_VIRTIO_MMIO_INTERRUPT_STATUS 0x060
+#define CKVM_VIRTIO_MMIO_INTERRUPT_ACK 0x064
+struct ckvm_isr_window { uint64_t base; uint64_t size; uint32_t *status; };
+struct ckvm_isr_table { uint32_t count; uint64_t served; struct ckvm_isr_window windows[CKVM_MAX_ISR_WINDOWS]; };
+
+void ckvm_isr_set(uint32_t *status, uint32_t bits)
+{
+    __atomic_fetch_or(status, bits, __ATOMIC_SEQ_CST);
+}
+
+void ckvm_isr_clear(uint32_t *status, uint32_t bits)
+{
+    __atomic_fetch_and(status, ~bits, __ATOMIC_SEQ_CST);
+}
+
+/* 1 when the MMIO exit in `run` was an interrupt register access of a window in `t`, now completed. */
+static int ckvm_isr_access(struct ckvm_isr_table *t, struct kvm_run *run)
+{
+    if (t == NULL || run->mmio.len != 4)
+        return 0;
+    uint64_t addr = run->mmio.phys_addr;
+    for (uint32_t i = 0; i < t->count && i < CKVM_MAX_ISR_WINDOWS; i++) {
+        const struct ckvm_isr_window *w = &t->windows[i];
+        if (addr < w->base || addr - w->base >= w->size)
+            continue;
+        uint64_t off = addr - w->base;
+        uint32_t value;
+        if (off == CKVM_VIRTIO_MMIO_INTERRUPT_STATUS && !run->mmio.is_write) {
+            value = __atomic_load_n(w->status, __ATOMIC_SEQ_CST);
+            memcpy(run->mmio.data, &value, 4);   /* little-endian on both x86 and arm64 */
+        } else if (off == CKVM_VIRTIO_MMIO_INTERRUPT_ACK && run->mmio.is_write) {
+            memcpy(&value, run->mmio.data, 4);
+            ckvm_isr_clear(w->status, value);
+        } else {
+            return 0;
+        }
+        __atomic_fetch_add(&t->served, 1, __ATOMIC_RELAXED);
+        return 1;
+    }
+    return 0;
+}
+
 /* KVM_RUN repeatedly, completing in C the port accesses `pio_codes` (65536 C_* codes) names: sinks (writes
- * dropped, reads all ones, e.g. the POST port 0x80 Linux uses for I/O delays), and the console UART's status reads
- * and data writes (a 16550's LSR/THR ports, or a PL011's FR/DR by MMIO) when `uart` is given and enabled. Returns 0 on any other exit, 1 when `tx` ends a line, is full,
- * or the guest polls LSR twice with bytes pending (the caller passes the bytes on; no exit is pending), or -errno.
- * `exits` counts every exit. Python-side exit handling costs several microseconds per exit on a hardware KVM and
- * far more on an emulated or software one, so the frequent trivial cases stay here. */
+ * dropped, reads all ones, e.g. the POST port 0x80 Linux uses for I/O delays), the console UART's status reads
+ * and data writes (a 16550's LSR/THR ports, or a PL011's FR/DR by MMIO) when `uart` is given and enabled, and the
+ * virtio-mmio interrupt registers of the windows in `isr` (may be NULL). Returns 0 on any other exit, 1 when `tx`
+ * ends a line, is full, or the guest polls LSR twice with bytes pending (the caller passes the bytes on; no exit
+ * is pending), or -errno. `exits` counts every exit. Python-side exit handling costs several microseconds per exit
+ * on a hardware KVM and far more on an emulated or software one, so the frequent trivial cases stay here. */
 int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_codes, uint64_t *exits,
-                  const struct ckvm_uart_fast *uart, struct ckvm_tx *tx)
+                  const struct ckvm_uart_fast *uart, struct ckvm_tx *tx, struct ckvm_isr_table *isr)
 {
     for (;;) {
         if (ioctl(vcpu_fd, KVM_RUN, 0) < 0)
             return -errno;
         (*exits)++;
         if (run->exit_reason == KVM_EXIT_MMIO) {
+            if (ckvm_isr_access(isr, run))
+                continue;
             if (uart == NULL || uart->mmio_base == 0 || !__atomic_load_n(&uart->enabled, __ATOMIC_ACQUIRE))
                 return 0;
             uint64_t off = run->mmio.phys_addr - uart->mmio_base;

@@ -1,11 +1,12 @@
-"""The C run loop's console fast path (kvm/_build.py `ckvm_run_loop`): a polled console UART's status reads and data
-writes (a 16550's LSR/THR ports, a PL011's FR/DR by MMIO) completed without returning to Python; the device model
-keeps `state` true, the vCPU loop passes the bytes on."""
+"""The C run loop's fast paths (kvm/_build.py `ckvm_run_loop`), accesses completed without returning to Python:
+a polled console UART's status reads and data writes (a 16550's LSR/THR ports, a PL011's FR/DR by MMIO; the device
+model keeps `state` true, the vCPU loop passes the bytes on), and the virtio-mmio interrupt registers (the
+transports keep their InterruptStatus in cells the table points to)."""
 from __future__ import annotations
 
 from typing import Callable
 
-from .native import ffi
+from .native import ffi, lib
 
 
 class FastUart:
@@ -28,3 +29,21 @@ def take_tx(tx) -> bytes:
     data = bytes(ffi.buffer(tx.data, tx.len))
     tx.len = 0
     return data
+
+
+class IsrTable:
+    """The C table of virtio-mmio interrupt registers (`table`, what ckvm_run_loop takes) for `windows`: (base,
+    size, cell) triples where `cell` is a transport's `uint32_t *` InterruptStatus (`Bus.c_isr_windows`). Holds
+    the cells alive as long as the table. At most CKVM_MAX_ISR_WINDOWS windows: any beyond stay with Python."""
+
+    def __init__(self, windows):
+        self.windows = list(windows)[:lib.CKVM_MAX_ISR_WINDOWS]
+        self.table = ffi.new("struct ckvm_isr_table *")
+        self.table.count = len(self.windows)
+        for slot, (base, size, cell) in zip(self.table.windows, self.windows):
+            slot.base, slot.size, slot.status = base, size, cell
+
+    @property
+    def served(self) -> int:
+        """Accesses C completed so far (every vCPU's)."""
+        return self.table.served

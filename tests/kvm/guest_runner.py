@@ -9,6 +9,7 @@ from cloudkvm.vcpu_loop import VmResult
 class GuestRun:
     result: VmResult
     console: str
+    isr_served: int = 0     # virtio-mmio interrupt register accesses the C run loop completed
 
 
 def run_guest(binary, cpus: int = 1, timeout: float = 60, setup=None, **spec_args) -> GuestRun:
@@ -18,4 +19,4 @@ def run_guest(binary, cpus: int = 1, timeout: float = 60, setup=None, **spec_arg
         if setup is not None:
             setup(machine)
         result = machine.run(timeout=timeout)
-        return GuestRun(result, machine.console.text())
+        return GuestRun(result, machine.console.text(), machine.isr_table.served)

@@ -11,6 +11,7 @@ from typing import Callable
 
 from ...errors import GuestMemoryError
 from ...kvm.memory import GuestMemory
+from ...kvm.native import ffi as _ffi, lib as _lib
 from .device import VIRTIO_F_VERSION_1, VirtioDevice
 from .queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, Virtqueue, VirtqueueError
 
@@ -76,6 +77,10 @@ class VirtioMmioTransport:
 
     `interrupt()` raises the device's interrupt (the board wires it to an irqfd: an edge). It is called every time
     a bit is set in InterruptStatus.
+
+    InterruptStatus lives in `c_isr`, a C cell whose bits are set and acknowledged atomically: the C run loop
+    answers the driver's InterruptStatus reads and InterruptACK writes from it without the lock (kvm/fastpath.py
+    IsrTable; the bus lists the cell in `c_isr_windows`).
     """
 
     def __init__(self, device: VirtioDevice, memory: GuestMemory, interrupt: Callable[[], None], name: str = ""):
@@ -86,6 +91,7 @@ class VirtioMmioTransport:
         self.offered = device.features | TRANSPORT_FEATURES
         self.queues = [Virtqueue(memory, size, i) for i, size in enumerate(device.queue_max_sizes)]
         self.config_generation = 0
+        self.c_isr = _ffi.new("uint32_t *")
         self._lock = threading.RLock()
         self._logged: set[tuple] = set()
         device.on_config_change = self._config_changed
@@ -94,13 +100,18 @@ class VirtioMmioTransport:
 
     def _clear(self) -> None:
         self.status = 0
-        self.interrupt_status = 0
+        self.c_isr[0] = 0
         self.device_features_sel = 0
         self.driver_features_sel = 0
         self.driver_features = 0
         self.queue_sel = 0
         self.shm_sel = 0
         self.acked_features = 0
+
+    @property
+    def interrupt_status(self) -> int:
+        """InterruptStatus (§4.2.2): INT_VRING and INT_CONFIG bits set and not yet acknowledged."""
+        return self.c_isr[0]
 
     # ---- bus device ----------------------------------------------------------------------------------------------
 
@@ -178,7 +189,7 @@ class VirtioMmioTransport:
         elif offset == QUEUE_NOTIFY:
             self._notify(value & 0xFFFF)   # without VIRTIO_F_NOTIFICATION_DATA the value is the queue index
         elif offset == INTERRUPT_ACK:
-            self.interrupt_status &= ~value
+            _lib.ckvm_isr_clear(self.c_isr, value)
         elif offset == STATUS:
             self._write_status(value & 0xFF)
         elif offset in (QUEUE_NUM, QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW,
@@ -309,7 +320,7 @@ class VirtioMmioTransport:
                 self._raise_interrupt(INT_CONFIG)
 
     def _raise_interrupt(self, bit: int) -> None:
-        self.interrupt_status |= bit
+        _lib.ckvm_isr_set(self.c_isr, bit)
         try:
             self.interrupt()
         except Exception:

@@ -99,7 +99,7 @@ def run_vcpus(vcpus) -> tuple[list, bool, list]:
 
     def loop(index, vcpu):
         while not stop.is_set():
-            rc = lib.ckvm_run_loop(vcpu.fd, vcpu.run, no_ports, exits[index], ffi.NULL, tx[index])
+            rc = lib.ckvm_run_loop(vcpu.fd, vcpu.run, no_ports, exits[index], ffi.NULL, tx[index], ffi.NULL)
             if rc == -errno.EINTR:
                 continue
             if rc < 0:
