@@ -12,7 +12,7 @@ from cffi import FFI
 # (devices/virtio/queue.py), virtio-blk's data path over it (devices/virtio/blk.py), virtio-net's receive path and
 # the Internet checksum (devices/virtio/net.py)
 VIRTQ_C_FILE = Path(__file__).with_name("virtq.c")
-C_FILES = tuple(Path(__file__).with_name(name) for name in ("virtq.c", "virtio_blk.c", "virtio_net.c", "checksum.c"))
+C_FILES = tuple(Path(__file__).with_name(name) for name in ("virtq.c", "virtio_blk.c", "checksum.c", "virtio_net.c"))
 SOURCE_FILES = (Path(__file__), *C_FILES)  # what the compiled core is made from (a cache key for cross builds)
 
 COMMON_CDEF = r"""
@@ -216,9 +216,17 @@ struct ckvm_rx { struct ckvm_rx_chain *chains; struct ckvm_seg *segs; uint32_t m
     uint32_t nchains; };
 int ckvm_net_rx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk *w, uint8_t *hdr, uint32_t hdr_len,
                 const uint8_t *frame, uint32_t frame_len, uint32_t mergeable, struct ckvm_rx *rx);
+struct ckvm_netlink { const struct ckvm_mem *mem; struct ckvm_vq *rxq; struct ckvm_walk *rxwalk; struct ckvm_rx *rx;
+    uint32_t armed; uint32_t held; uint32_t mergeable; uint32_t guest_csum; uint32_t max_frame; uint64_t rx_frames;
+    ssize_t (*fallback)(const void *, size_t, void *); void (*input)(void *, const uint8_t *, int); void *slirp;
+    uint32_t csum; uint32_t tx_cap; uint8_t *tx_buf; uint64_t tx_frames; };
+ssize_t ckvm_net_link_send(const void *buf, size_t len, void *opaque);
+int ckvm_net_tx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk *w, struct ckvm_netlink *l);
 
 /* checksum.c */
 uint32_t ckvm_ones_complement_sum(const uint8_t *data, size_t n);
+int ckvm_l4_checksum_valid(const uint8_t *f, size_t n);
+void ckvm_complete_checksum(uint8_t *frame, size_t n, size_t start, size_t offset);
 """
 
 X86_CDEF = r"""

@@ -89,3 +89,118 @@ int ckvm_net_rx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk 
     rx->nchains = nchains;
     return CKVM_NET_DONE;
 }
+
+/* ---- the frame path between libslirp and the queues, without Python -------------------------------------------
+ * `struct ckvm_netlink` is what net/slirp.py hands libslirp as the opaque of its callbacks, with
+ * `ckvm_net_link_send` as its send_packet: a frame for the guest goes straight into the receive queue while
+ * devices/virtio/net.py has the link `armed` (it holds the transport's lock around every call into libslirp and the
+ * receive queue is live) and the backend keeps no earlier frame (`held`); any other frame, and any frame
+ * ckvm_net_rx leaves (not plain, not enough buffers), goes to `fallback`, slirp.py's send_packet in Python, which
+ * hands it to net.py's rules. net.py decides the used-buffer interrupt after the call into libslirp returns.
+ * `ckvm_net_tx` is the transmit queue's plain case: each frame straight into libslirp's slirp_input. */
+#define CKVM_NET_HDR_LEN 12
+#define CKVM_NET_HDR_F_NEEDS_CSUM 1
+#define CKVM_NET_HDR_F_DATA_VALID 2
+#define CKVM_NET_HDR_GSO_NONE 0
+#define CKVM_ETH_HLEN 14
+#define CKVM_VLAN_HLEN 4
+
+typedef ssize_t (*ckvm_send_fn)(const void *buf, size_t len, void *opaque);
+typedef void (*ckvm_input_fn)(void *slirp, const uint8_t *pkt, int len);
+
+struct ckvm_netlink {
+    /* receive: set by net.py while armed */
+    const struct ckvm_mem *mem;
+    struct ckvm_vq *rxq;
+    struct ckvm_walk *rxwalk;
+    struct ckvm_rx *rx;
+    uint32_t armed, held, mergeable, guest_csum, max_frame;
+    uint64_t rx_frames;                 /* frames placed here */
+    ckvm_send_fn fallback;              /* slirp.py's send_packet */
+    /* transmit */
+    ckvm_input_fn input;                /* libslirp's slirp_input and its instance */
+    void *slirp;
+    uint32_t csum;                      /* VIRTIO_NET_F_CSUM negotiated */
+    uint32_t tx_cap;                    /* bytes in tx_buf: at least the header and max_frame */
+    uint8_t *tx_buf;
+    uint64_t tx_frames;                 /* frames sent here */
+};
+
+/* §5.1.4.1: the largest frame the guest takes, the Ethernet header and (when tagged) the VLAN tag included. */
+static size_t ckvm_net_rx_limit(const uint8_t *frame, size_t len, uint32_t max_frame)
+{
+    unsigned ethertype = len >= CKVM_ETH_HLEN ? (unsigned)frame[12] << 8 | frame[13] : 0;
+    return ethertype == 0x8100 || ethertype == 0x88A8 ? max_frame : max_frame - CKVM_VLAN_HLEN;
+}
+
+ssize_t ckvm_net_link_send(const void *buf, size_t len, void *opaque)
+{
+    struct ckvm_netlink *l = opaque;
+    const uint8_t *frame = buf;
+    if (l->armed && !l->held && len >= CKVM_ETH_HLEN && len <= ckvm_net_rx_limit(frame, len, l->max_frame)) {
+        uint8_t hdr[CKVM_NET_HDR_LEN] = {0};
+        if (l->guest_csum && ckvm_l4_checksum_valid(frame, len))
+            hdr[0] = CKVM_NET_HDR_F_DATA_VALID;
+        if (ckvm_net_rx(l->mem, l->rxq, l->rxwalk, hdr, sizeof(hdr), frame, (uint32_t)len, l->mergeable, l->rx)
+            == CKVM_NET_DONE) {
+            l->rx_frames++;
+            return (ssize_t)len;
+        }
+    }
+    return l->fallback(buf, len, opaque);
+}
+
+/* Send the transmit queue's available frames to libslirp while each chain is plain: walked whole, only
+ * device-readable buffers, a header and an Ethernet header at least, at most the header and max_frame, no
+ * segmentation asked (§5.1.6.2), a checksum to complete only with VIRTIO_NET_F_CSUM and inside the frame. A chain
+ * is returned (used length 0) before its frame goes to libslirp, as net.py does. Returns CKVM_NET_DONE when the
+ * queue is empty, CKVM_NET_SLOW when the next chain is for net.py (not consumed: its rules drop and log it),
+ * CKVM_NET_BADQUEUE when the rings are not usable (net.py's pop says why). Guest RAM is only read. */
+int ckvm_net_tx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk *w, struct ckvm_netlink *l)
+{
+    struct ckvm_rings r;
+    if (ckvm_vq_rings(mem, q, w, &r) < 0 || l->tx_cap < CKVM_NET_HDR_LEN + CKVM_ETH_HLEN)
+        return CKVM_NET_BADQUEUE;
+    for (;;) {
+        int available = ckvm_vq_available(q, &r, q->last_avail);
+        if (available <= 0)
+            return available < 0 ? CKVM_NET_BADQUEUE : CKVM_NET_DONE;
+        uint16_t head = ckvm_vq_head(&r, q->last_avail);
+        if (head >= r.size)
+            return CKVM_NET_SLOW;
+        ckvm_walk_chain(mem, w, head);
+        if (w->error || w->problem)
+            return CKVM_NET_SLOW;
+        uint64_t total = 0;
+        for (uint32_t i = 0; i < w->nsegs; i++) {
+            if (w->segs[i].write)
+                return CKVM_NET_SLOW;
+            total += w->segs[i].len;
+        }
+        if (total < CKVM_NET_HDR_LEN + CKVM_ETH_HLEN || total > CKVM_NET_HDR_LEN + (uint64_t)l->max_frame
+            || total > l->tx_cap)
+            return CKVM_NET_SLOW;
+        uint64_t pos = 0;           /* one private copy: the guest cannot change the frame under libslirp */
+        for (uint32_t i = 0; i < w->nsegs; i++) {
+            memcpy(l->tx_buf + pos, ckvm_host(mem, w->segs[i].region, w->segs[i].gpa), w->segs[i].len);
+            pos += w->segs[i].len;
+        }
+        uint8_t flags = l->tx_buf[0], gso_type = l->tx_buf[1];
+        uint16_t csum_start, csum_offset;
+        memcpy(&csum_start, l->tx_buf + 6, 2);
+        memcpy(&csum_offset, l->tx_buf + 8, 2);
+        uint8_t *frame = l->tx_buf + CKVM_NET_HDR_LEN;
+        size_t frame_len = (size_t)(total - CKVM_NET_HDR_LEN);
+        if (gso_type != CKVM_NET_HDR_GSO_NONE)
+            return CKVM_NET_SLOW;
+        if (flags & CKVM_NET_HDR_F_NEEDS_CSUM) {
+            if (!l->csum || (size_t)csum_start + csum_offset + 2 > frame_len)
+                return CKVM_NET_SLOW;
+            ckvm_complete_checksum(frame, frame_len, csum_start, csum_offset);
+        }
+        ckvm_vq_used_elem(q, &r, 0, head, 0);       /* the device writes nothing into transmit buffers */
+        ckvm_vq_publish(q, &r, 1);
+        l->tx_frames++;
+        l->input(l->slirp, frame, (int)frame_len);
+    }
+}

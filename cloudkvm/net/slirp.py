@@ -9,9 +9,16 @@ Everything runs on the machine's I/O thread (`cloudkvm.iothread.IoThread`): the 
 sockets are a poll source (`slirp_pollfds_fill` before each wait, `slirp_pollfds_poll` after it), its timers are
 `call_later` timers, and frames for the guest go to the device's `deliver` (up to 256 are kept while the guest has
 no receive buffers). libslirp is not reentrant: a frame the guest sends while libslirp is calling us (the device
-answering inside `deliver`) is queued and fed in when that call returns."""
+answering inside `deliver`) is queued and fed in when that call returns.
+
+The frame path without Python: libslirp's send_packet is kvm/virtio_net.c `ckvm_net_link_send`, its opaque the
+backend's `struct ckvm_netlink`. A device that connects natively (`connect_native`, devices/virtio/net.py) arms the
+link inside the `section` it gives, which wraps every call into libslirp: frames then go straight into its receive
+queue, and `send_native` lets its C transmit path call slirp_input itself. Every frame C does not place comes to
+`_cb_send_packet` here and goes the Python way."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import itertools
@@ -31,6 +38,7 @@ from . import slirp_ffi
 from .backend import Deliver
 from .config import DEFAULT_NET, USER_NET_MTU, HostForward, UserNetConfig, user_net
 from .slirp_ffi import ffi
+from ..kvm.native import ffi as native_ffi, lib as native_lib
 
 log = logging.getLogger("cloudkvm.net.slirp")
 
@@ -58,11 +66,14 @@ def _to_slirp(revents: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------- callbacks
 # One set of C callbacks (ffi.callback: ABI mode has no extern "Python") for every instance, alive as long as the
-# module, so they outlive every Slirp. The `opaque` pointer is a small integer naming the backend in _LIVE, not a
-# Python handle: libslirp never holds a pointer to a Python object.
+# module, so they outlive every Slirp. The `opaque` pointer is the backend's struct ckvm_netlink (C memory), which
+# also names the backend in _LIVE: libslirp never holds a pointer to a Python object.
 
 _LIVE: dict = {}           # opaque pointer (cdata void *, hashed by address) -> SlirpBackend
-_keys = itertools.count(1)
+
+
+def _address(cdata, of_ffi=native_ffi) -> int:
+    return int(of_ffi.cast("uintptr_t", cdata))
 
 
 def _backend(opaque) -> "SlirpBackend | None":
@@ -75,10 +86,16 @@ def _onerror(exc_type, exc, tb) -> None:
 
 @ffi.callback("ssize_t(const void *, size_t, void *)", onerror=_onerror)
 def _cb_send_packet(buf, length, opaque):
+    # the link's fallback: every frame kvm/virtio_net.c did not place in the guest's receive queue
     backend = _backend(opaque)
     if backend is not None:
         backend._output(ffi.buffer(buf, length)[:])
     return length
+
+
+# libslirp's send_packet: the C frame path (its opaque is a struct ckvm_netlink), which falls back on the above
+_LINK_SEND = ffi.cast("SlirpWriteCb", _address(native_ffi.addressof(native_lib, "ckvm_net_link_send")))
+_FALLBACK_SEND = native_ffi.cast("ssize_t(*)(const void *, size_t, void *)", _address(_cb_send_packet, ffi))
 
 
 @ffi.callback("void(const char *, void *)", onerror=_onerror)
@@ -284,7 +301,10 @@ class SlirpBackend:
         self._timer_keys = itertools.count(1)
         self._guest_errors: set[str] = set()
         self._slirp = ffi.NULL
-        self._opaque = ffi.cast("void *", next(_keys))
+        self._link = native_ffi.new("struct ckvm_netlink *")   # unarmed: every frame goes to _cb_send_packet
+        self._link.fallback = _FALLBACK_SEND
+        self._section = contextlib.nullcontext()                # a natively connected device's (connect_native)
+        self._opaque = ffi.cast("void *", _address(self._link))
         _LIVE[self._opaque] = self
         try:
             self._create(ipv6, dns)
@@ -298,7 +318,7 @@ class SlirpBackend:
     def _create(self, ipv6: bool, dns: bool) -> None:
         version = self.config_version
         cb = ffi.new("SlirpCb *")
-        cb.send_packet = _cb_send_packet
+        cb.send_packet = _LINK_SEND
         cb.guest_error = _cb_guest_error
         cb.clock_get_ns = _cb_clock_get_ns
         cb.timer_new = _cb_timer_new
@@ -334,6 +354,9 @@ class SlirpBackend:
         if self._slirp == ffi.NULL:
             raise CloudkvmError(f"libslirp {self.version} refused the user network {self.network.net}",
                                 "check network.net in the profile")
+        self._link.input = native_ffi.cast("void(*)(void *, const uint8_t *, int)",
+                                           _address(self._lib.slirp_input, ffi))
+        self._link.slirp = native_ffi.cast("void *", _address(self._slirp, ffi))
 
     def _add_forward(self, fwd: HostForward) -> None:
         check_port_free(fwd)
@@ -347,6 +370,28 @@ class SlirpBackend:
     # --- NetBackend ---------------------------------------------------------------------------------------------
     def connect(self, deliver: Deliver) -> None:
         self._deliver = deliver
+
+    def connect_native(self, section):
+        """The frame path in C (module docstring): returns the `struct ckvm_netlink` libslirp calls with, for the
+        device to arm; `section` (a context manager) wraps every call into libslirp from now on."""
+        self._section = section
+        return self._link
+
+    def send_native(self, run):
+        """`run()` — C that calls the link's slirp_input itself (kvm/virtio_net.c ckvm_net_tx) — as a call into
+        libslirp, inside the section; returns what it returns. None (and `run` is not called) when libslirp is
+        busy or frames sent meanwhile wait: the caller sends through `send` then, behind them."""
+        if self._slirp == ffi.NULL or self._busy or self._inbox:
+            return None
+        self._changed = True
+        self._busy = True
+        try:
+            with self._section:
+                return run()
+        finally:
+            self._busy = False
+            if self._inbox:
+                self._drain_inbox()
 
     def attach(self, io) -> None:
         """Serve libslirp's sockets and timers on `io` (an `IoThread`)."""
@@ -416,6 +461,7 @@ class SlirpBackend:
                 timer.handle.cancel()
         self._timers.clear()
         self._held.clear()
+        self._link.held = 0
         self._inbox.clear()
         _LIVE.pop(self._opaque, None)
 
@@ -426,7 +472,8 @@ class SlirpBackend:
             return fn(*args)
         self._busy = True
         try:
-            return fn(*args)
+            with self._section:
+                return fn(*args)
         finally:
             self._busy = False
             if self._inbox:
@@ -436,12 +483,13 @@ class SlirpBackend:
         self._changed = True
         self._busy = True
         try:
-            inbox, slirp_input = self._inbox, self._lib.slirp_input
-            while inbox and self._slirp != ffi.NULL:
-                frame = inbox.popleft()
-                if type(frame) is not bytes:
-                    frame = ffi.from_buffer("char[]", frame)
-                slirp_input(self._slirp, frame, len(frame))
+            with self._section:
+                inbox, slirp_input = self._inbox, self._lib.slirp_input
+                while inbox and self._slirp != ffi.NULL:
+                    frame = inbox.popleft()
+                    if type(frame) is not bytes:
+                        frame = ffi.from_buffer("char[]", frame)
+                    slirp_input(self._slirp, frame, len(frame))
         finally:
             self._busy = False
 
@@ -459,6 +507,7 @@ class SlirpBackend:
                 return
         if not self._deliver(frame):
             self._held.append(frame)
+            self._link.held = 1     # C places nothing ahead of a kept frame
 
     def _flush_held(self) -> None:
         held, deliver = self._held, self._deliver
@@ -466,6 +515,7 @@ class SlirpBackend:
             if not deliver(held[0]):
                 return
             held.popleft()
+        self._link.held = len(held)
 
     # poll source
     def _fill(self):

@@ -11,25 +11,31 @@ for folder in (HERE.parent / "virtio", HERE):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from net_rig import RAM, FakeBackend, NetRig  # noqa: E402
+from net_rig import RAM, FakeBackend, LinkBackend, NetRig  # noqa: E402
 from virtio_fixtures import guest_memory_fixture, no_unexpected_exceptions  # noqa: E402,F401
 
 
 memory = guest_memory_fixture(RAM)
 
 
+@pytest.fixture(params=["python", "c", "link"])
+def path(request) -> str:
+    """Which way frames go: "python" (net.py alone), "c" (plain receive chains filled by kvm/virtio_net.c), "link"
+    (the backend's frames into C directly and transmitted frames out of C: the frame path net/slirp.py uses)."""
+    return request.param
+
+
 @pytest.fixture
-def backend():
-    return FakeBackend()
+def backend(path):
+    return LinkBackend() if path == "link" else FakeBackend()
 
 
-@pytest.fixture(params=["python", "c"])
-def make_net(request, memory, backend):
-    """make_net(mtu=None, accept=~0, queue_size=None, init=True) → NetRig; once receiving by net.py alone, once with
-    plain receive chains filled by kvm/virtio_net.c."""
+@pytest.fixture
+def make_net(path, memory, backend):
+    """make_net(mtu=None, accept=~0, queue_size=None, init=True) → NetRig on the `path` under test."""
     def make(**kwargs) -> NetRig:
         rig = NetRig(memory, backend, **kwargs)
-        rig.device.rx_in_c = request.param == "c"
+        rig.device.rx_in_c = path != "python"
         return rig
     return make
 

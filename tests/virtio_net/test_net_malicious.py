@@ -12,7 +12,7 @@ from cloudkvm.devices.virtio import mmio
 from cloudkvm.devices.virtio.queue import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTQ_DESC_F_INDIRECT,
                                            VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE)
 from cloudkvm.kvm.memory import GuestMemory
-from net_rig import HDR, HDR_SIZE, NEEDS_CSUM, FakeBackend, NetRig, arp_frame, ref_checksum
+from net_rig import HDR, HDR_SIZE, NEEDS_CSUM, FakeBackend, LinkBackend, NetRig, arp_frame, ref_checksum
 from virtio_fixtures import assert_only_changed, snapshot, used_area
 from virtio_driver import MiB
 
@@ -329,10 +329,12 @@ def allowed_writes(memory, table) -> list[tuple[int, int]]:
        ring_features=st.sets(st.sampled_from([VIRTIO_F_INDIRECT_DESC, VIRTIO_F_EVENT_IDX])),
        mergeable=st.booleans(), plausible=st.sampled_from([{"rx", "tx"}, {"rx", "tx"}, {"rx"}, {"tx"}, set()]),
        frames=st.lists(st.sampled_from([arp_frame(), arp_frame() * 30, arp_frame() * 36]) |
-                       st.binary(min_size=0, max_size=1600), min_size=1, max_size=4), rx_in_c=st.booleans())
-def test_random_descriptor_tables_never_raise(data, size, ring_features, mergeable, plausible, frames, rx_in_c):
+                       st.binary(min_size=0, max_size=1600), min_size=1, max_size=4),
+       path=st.sampled_from(["python", "c", "link"]))
+def test_random_descriptor_tables_never_raise(data, size, ring_features, mergeable, plausible, frames, path):
     memory = GuestMemory([(0, LOW_END), (HIGH, HIGH_END - HIGH)])
-    backend = FakeBackend()
+    backend = LinkBackend() if path == "link" else FakeBackend()
+    rx_in_c = path != "python"
     try:
         refuse = (1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX) & ~sum(1 << b for b in ring_features)
         if not mergeable:

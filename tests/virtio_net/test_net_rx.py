@@ -7,7 +7,7 @@ import pytest
 from cloudkvm.devices.virtio import mmio
 from cloudkvm.devices.virtio.net import (VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF, l4_checksum_valid)
 from cloudkvm.devices.virtio.queue import VIRTIO_F_EVENT_IDX
-from net_rig import DATA_VALID, HDR_SIZE, arp_frame, l4_frame
+from net_rig import DATA_VALID, HDR_SIZE, LinkBackend, arp_frame, l4_frame
 
 NO_MRG = ~(1 << VIRTIO_NET_F_MRG_RXBUF)
 
@@ -32,6 +32,7 @@ def test_frame_into_a_big_buffer_without_mrg_rxbuf(make_net, backend):
     assert hdr == (0, 0, 0, 0, 0, 0, 1)            # flags 0, GSO_NONE, num_buffers 1 (§5.1.6.4.1)
     assert used == 1
     assert rig.device.rx_frames_in_c == int(rig.device.rx_in_c)   # the C path placed it when it is on
+    assert rig.device.rx_frames_by_link == int(isinstance(backend, LinkBackend))   # straight from the backend
 
 
 @pytest.mark.parametrize("split", [[12], [10, 500], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 100]])
@@ -75,6 +76,7 @@ def test_mergeable_buffers(net, backend, buffer, frame_size, expected):
     assert [length for _, length in used[:-1]] == [buffer] * (expected - 1)
     assert sum(length for _, length in used) == HDR_SIZE + frame_size
     assert net.device.rx_frames_in_c == int(net.device.rx_in_c)
+    assert net.device.rx_frames_by_link == int(isinstance(backend, LinkBackend))
 
 
 def test_mergeable_buffers_of_several_descriptors(net, backend):

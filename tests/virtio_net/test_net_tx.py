@@ -8,7 +8,7 @@ import pytest
 from cloudkvm.devices.virtio import mmio
 from cloudkvm.devices.virtio.device import VIRTIO_F_VERSION_1
 from cloudkvm.devices.virtio.net import VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MRG_RXBUF, ones_complement_sum
-from net_rig import (HDR, NEEDS_CSUM, arp_frame, l4_checksum_ok, l4_frame, ref_checksum, ref_sum)
+from net_rig import (HDR, NEEDS_CSUM, LinkBackend, arp_frame, l4_checksum_ok, l4_frame, ref_checksum, ref_sum)
 
 
 @pytest.mark.parametrize("split, indirect", [
@@ -25,6 +25,7 @@ def test_simple_frame(net, backend, split, indirect):
     assert net.txq.get_used() == [(head, 0)]        # nothing written into a transmit buffer
     assert net.irqs == irqs + 1
     assert net.device.stats["tx_frames"] == 1
+    assert net.device.tx_frames_in_c == int(isinstance(backend, LinkBackend))   # sent by kvm/virtio_net.c
 
 
 def test_many_frames_in_one_notification(net, backend):
@@ -60,6 +61,7 @@ def test_partial_checksum_is_completed(net, backend, version, proto, size):
     else:
         assert ours == expected
     assert sent[:field] == full[:field] and sent[field + 2:] == full[field + 2:]
+    assert net.device.tx_frames_in_c == int(isinstance(backend, LinkBackend))
 
 
 def test_partial_checksum_behind_a_vlan_tag(net, backend):
@@ -182,6 +184,7 @@ def test_writable_buffers_in_a_transmit_chain_are_ignored(net, backend, caplog):
     assert "device-writable" in caplog.text
 
 
+@pytest.mark.parametrize("path", ["python", "c"])  # libslirp's slirp_input, the link's way out, cannot fail
 def test_backend_failure_drops_the_frame_only(net, backend, caplog):
     def boom(frame):
         raise OSError("host network is down")

@@ -364,14 +364,31 @@ class VirtioMmioTransport:
                 except Exception:
                     self._log_exception("queue notify")
 
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock every register access and all queue work hold (re-entrant): a device's own C path that works
+        on a queue outside `run_on_queue` (virtio-net's frames from libslirp) holds it too."""
+        return self._lock
+
+    def queue_live(self, index: int) -> bool:
+        """Whether queue `index` takes device work now: DRIVER_OK, no DEVICE_NEEDS_RESET, the queue ready. (Read
+        under `lock` for an answer that stays true.)"""
+        return bool(self.status & DRIVER_OK and not self.status & DEVICE_NEEDS_RESET and index < len(self.queues)
+                    and self.queues[index].ready)
+
+    def signal_used(self, index: int) -> None:
+        """The used-buffer interrupt for queue `index` if the driver wants one, after device work done outside
+        `run_on_queue` (C that pushed used buffers under `lock`)."""
+        with self._lock:
+            if self.queue_live(index):
+                self._interrupt_if_wanted(index)
+
     def run_on_queue(self, index: int, work):
         """Device-initiated work on queue `index` (e.g. a received frame): `work(queue)` runs under the transport's
         lock with the same error handling and interrupt decision as a notification. Returns its result, or None
         when the queue is not live (quietly: devices ask before the driver is ready)."""
         with self._lock:
-            live = (self.status & DRIVER_OK and not self.status & DEVICE_NEEDS_RESET and index < len(self.queues)
-                    and self.queues[index].ready)
-            if not live:
+            if not self.queue_live(index):
                 return None
             try:
                 return self._run(index, work)
@@ -407,14 +424,17 @@ class VirtioMmioTransport:
         except Exception:
             self._log_exception(f"processing queue {index}")
             self._need_reset(f"device error on queue {index}")
+        self._interrupt_if_wanted(index)
+        return result
+
+    def _interrupt_if_wanted(self, index: int) -> None:
         try:
-            if q.needs_interrupt():
+            if self.queues[index].needs_interrupt():
                 self._raise_interrupt(INT_VRING)
         except GuestMemoryError:
             self._need_reset(f"queue {index} rings are outside guest RAM")
         if self.device.needs_reset:
             self._need_reset("device error")
-        return result
 
     # ---- logging ---------------------------------------------------------------------------------------------------
 

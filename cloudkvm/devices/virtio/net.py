@@ -9,6 +9,12 @@ one VLAN tag), 1518 by default.
 Receiving: a frame whose chains are all plain (whole, device-writable only) is placed by kvm/virtio_net.c; any other
 case (and every one when `rx_in_c` is off) by `_receive` here, which also says what was wrong.
 
+The frame path without Python: with a backend that offers it (`connect_native`: net/slirp.py), libslirp hands its
+frames to kvm/virtio_net.c directly, which places them while the link is armed, and the transmit queue's plain
+chains go to libslirp from C (`send_native`, ckvm_net_tx). The link is armed only inside the backend's calls into
+libslirp, under the transport's lock, while the receive queue is live (`_LinkSection`); the used-buffer interrupt
+for what C placed is decided when that call returns. Whatever C leaves comes here by the paths below.
+
 Threads: queue processing runs under the transport's lock (the transport calls `process`). Frames for the guest
 arrive on the I/O thread through `deliver`, outside any transport call, yet a used buffer needs the lock and an
 interrupt: `deliver` places the frame through `transport.run_on_queue(0, ...)`, so the transport's lock, its
@@ -23,6 +29,7 @@ MRG_RXBUF) than the posted buffer, is dropped.
 import hashlib
 import string
 import struct
+import threading
 
 from ...errors import CloudkvmError
 from ...kvm.native import ffi as _ffi, lib as _lib
@@ -62,11 +69,7 @@ VLAN_HLEN = 4                             # IEEE 802.1Q tag
 ETH_DATA_LEN = 1500                       # the MTU when none is configured
 MIN_MTU, MAX_MTU = 68, 65535              # §5.1.4.1: "between 68 and 65535 inclusive"
 
-ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 ETH_P_8021Q, ETH_P_8021AD = 0x8100, 0x88A8
-IPPROTO_TCP, IPPROTO_UDP = 6, 17
-IPV6_EXT_HEADERS = (0, 60)                # hop-by-hop, destination options (a routing header changes the
-                                          # pseudo-header's destination: such frames are left unmarked)
 
 MAC_PREFIX = b"\x02"                      # locally administered (bit 1), unicast (bit 0 clear)
 
@@ -104,70 +107,18 @@ def ones_complement_sum(data) -> int:
 
 
 def complete_checksum(frame: bytearray, csum_start: int, csum_offset: int) -> None:
-    """Finish a partial checksum in place (§5.1.6.2): the field at csum_start+csum_offset holds the pseudo-header
-    sum; the ones' complement of the sum from csum_start to the end goes there. 0 becomes 0xFFFF (the same value in
-    ones' complement, and the only correct one for UDP, where 0 means "no checksum", RFC 768)."""
-    pos = csum_start + csum_offset
-    checksum = ~ones_complement_sum(memoryview(frame)[csum_start:]) & 0xFFFF
-    frame[pos:pos + 2] = (checksum or 0xFFFF).to_bytes(2, "big")
+    """Finish a partial checksum in place (§5.1.6.2; kvm/checksum.c): the field at csum_start+csum_offset holds the
+    pseudo-header sum; the ones' complement of the sum from csum_start to the end goes there (0 becomes 0xFFFF)."""
+    if csum_start + csum_offset + 2 > len(frame):
+        raise ValueError(f"checksum field at {csum_start}+{csum_offset} lies outside the {len(frame)}-byte frame")
+    _lib.ckvm_complete_checksum(_ffi.from_buffer(frame), len(frame), csum_start, csum_offset)
 
 
 def l4_checksum_valid(frame) -> bool:
     """Whether `frame` is TCP or UDP over IPv4/IPv6 (one optional VLAN tag, not a fragment) with a correct
-    transport checksum: what VIRTIO_NET_HDR_F_DATA_VALID promises (§5.1.6.4.1: the device MUST validate it)."""
-    n = len(frame)
-    l3 = ETH_HLEN
-    if n < l3:
-        return False
-    ethertype = frame[12] << 8 | frame[13]
-    if ethertype in (ETH_P_8021Q, ETH_P_8021AD):
-        if n < l3 + VLAN_HLEN:
-            return False
-        ethertype = frame[16] << 8 | frame[17]
-        l3 += VLAN_HLEN
-    if ethertype == ETH_P_IP:
-        if n < l3 + 20 or frame[l3] >> 4 != 4:
-            return False
-        ihl = (frame[l3] & 0xF) * 4
-        total = frame[l3 + 2] << 8 | frame[l3 + 3]
-        if ihl < 20 or total < ihl or l3 + total > n:
-            return False
-        if (frame[l3 + 6] << 8 | frame[l3 + 7]) & 0x3FFF:     # more fragments, or a fragment offset
-            return False
-        proto = frame[l3 + 9]
-        l4, end = l3 + ihl, l3 + total
-        pseudo = bytes(frame[l3 + 12:l3 + 20]) + bytes((0, proto)) + (end - l4).to_bytes(2, "big")
-    elif ethertype == ETH_P_IPV6:
-        if n < l3 + 40 or frame[l3] >> 4 != 6:
-            return False
-        end = l3 + 40 + (frame[l3 + 4] << 8 | frame[l3 + 5])
-        if end > n:
-            return False
-        proto, l4 = frame[l3 + 6], l3 + 40
-        for _ in range(4):
-            if proto not in IPV6_EXT_HEADERS:
-                break
-            if l4 + 8 > end:
-                return False
-            proto, l4 = frame[l4], l4 + (frame[l4 + 1] + 1) * 8
-        if l4 > end:
-            return False
-        pseudo = bytes(frame[l3 + 8:l3 + 40]) + (end - l4).to_bytes(4, "big") + bytes((0, 0, 0, proto))
-    else:
-        return False
-    if proto == IPPROTO_TCP:
-        if end - l4 < 20:
-            return False
-    elif proto == IPPROTO_UDP:
-        if end - l4 < 8:
-            return False
-        if ethertype == ETH_P_IP and frame[l4 + 6] == 0 and frame[l4 + 7] == 0:
-            return True                                       # IPv4 UDP without a checksum: nothing to check
-    else:
-        return False
-    # The pseudo-header has an even length, so the segment's words line up when the two sums are added.
-    total = ones_complement_sum(pseudo) + ones_complement_sum(memoryview(frame)[l4:end])
-    return total % 0xFFFF == 0
+    transport checksum: what VIRTIO_NET_HDR_F_DATA_VALID promises (§5.1.6.4.1: the device MUST validate it). In C
+    (kvm/checksum.c ckvm_l4_checksum_valid), the one implementation net.py and the C frame path share."""
+    return bool(_lib.ckvm_l4_checksum_valid(_ffi.from_buffer(frame), len(frame)))
 
 
 # ---- the device ----------------------------------------------------------------------------------------------------
@@ -178,6 +129,7 @@ class VirtioNet(VirtioDevice):
     device_id = VIRTIO_ID_NET
     name = "virtio-net"
     rx_in_c = True          # plain receive chains filled by kvm/virtio_net.c (off: all by _receive)
+    tx_in_c = True          # plain transmit chains sent to a native backend by kvm/virtio_net.c (off: by _transmit)
 
     def __init__(self, backend, mac: bytes, mtu: int | None = None):
         mac = bytes(mac)
@@ -203,10 +155,21 @@ class VirtioNet(VirtioDevice):
         self.stats = {"tx_frames": 0, "tx_dropped": 0, "rx_frames": 0, "rx_dropped": 0, "rx_no_buffer": 0}
         self._closed = False
         self.rx_frames_in_c = 0     # of stats["rx_frames"], those kvm/virtio_net.c placed
+        self.rx_frames_by_link = 0  # of rx_frames_in_c, those a native backend handed C directly (_LinkSection)
+        self.tx_frames_in_c = 0     # of stats["tx_frames"], those kvm/virtio_net.c sent to a native backend
         self._rx_chains = _ffi.new("struct ckvm_rx_chain[]", QUEUE_SIZE)
         self._rx_segs = _ffi.new("struct ckvm_seg[]", 4 * QUEUE_SIZE)
         self._rx_scratch = _ffi.new("struct ckvm_rx *", {"chains": self._rx_chains, "segs": self._rx_segs,
                                                          "max_chains": QUEUE_SIZE, "max_segs": 4 * QUEUE_SIZE})
+        self._link = None
+        self._rx_link_counted = self._tx_link_counted = 0
+        connect_native = getattr(backend, "connect_native", None)
+        if connect_native is not None:
+            self._tx_buf = _ffi.new("uint8_t[]", HDR_SIZE + self.max_frame)
+            self._link = connect_native(_LinkSection(self))
+            self._link.tx_buf, self._link.tx_cap = self._tx_buf, HDR_SIZE + self.max_frame
+            self._link.max_frame = self.max_frame
+            self._link.rx = self._rx_scratch
         backend.connect(self.deliver)
 
     # ---- link status ---------------------------------------------------------------------------------------------
@@ -228,7 +191,41 @@ class VirtioNet(VirtioDevice):
         """Close the backend (the machine closes its virtio devices when it closes)."""
         if not self._closed:
             self._closed = True
+            if self._link is not None:
+                self._link.armed = 0
             self.backend.close()
+
+    def activate(self, queues: list[Virtqueue]) -> None:
+        super().activate(queues)
+        link = self._link
+        if link is not None and len(queues) > RX_QUEUE:
+            rxq = queues[RX_QUEUE]
+            link.mem, link.rxq, link.rxwalk = rxq.memory.native, rxq._native_vq, rxq._native_walk
+            link.mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+            link.guest_csum = self.has_feature(VIRTIO_NET_F_GUEST_CSUM)
+            link.csum = self.has_feature(VIRTIO_NET_F_CSUM)
+
+    # ---- the frame path in C (module docstring) --------------------------------------------------------------------
+
+    def _arm_link(self) -> None:
+        """Under the transport's lock: let C place frames while the receive queue is live."""
+        queues, transport = self.queues, self.transport
+        rxq = queues[RX_QUEUE] if len(queues) > RX_QUEUE else None
+        self._link.armed = (self.rx_in_c and not self._closed and not self.needs_reset and rxq is not None
+                            and transport.queue_live(RX_QUEUE) and 1 <= rxq.size <= rxq.max_size
+                            and self._link.rxq == rxq._native_vq)
+
+    def _disarm_link(self) -> None:
+        """Still under the lock: C places nothing more; count what it placed and interrupt for it."""
+        link = self._link
+        link.armed = 0
+        placed = link.rx_frames - self._rx_link_counted
+        if placed:
+            self._rx_link_counted += placed
+            self.stats["rx_frames"] += placed
+            self.rx_frames_in_c += placed
+            self.rx_frames_by_link += placed
+            self.transport.signal_used(RX_QUEUE)
 
     def process(self, queue_index: int, queue: Virtqueue) -> bool:
         if queue_index == TX_QUEUE:
@@ -240,20 +237,53 @@ class VirtioNet(VirtioDevice):
     # ---- transmit --------------------------------------------------------------------------------------------------
 
     def _transmit(self, queue: Virtqueue) -> bool:
-        added = False
-        for chain in self.available_chains(queue):
-            frame = self._tx_frame(queue, chain)
-            queue.push(chain.head, 0)                # the device writes nothing into transmit buffers
-            added = True
-            if frame is None:
-                self.stats["tx_dropped"] += 1
-                continue
-            self.stats["tx_frames"] += 1
-            try:
-                self.backend.send(frame)
-            except Exception as e:                   # the backend's trouble is not the guest's: drop, go on
-                self.warn_once(f"backend-send-{type(e).__name__}", "%s: backend send failed: %r", self.name, e)
-        return added or self.completed_bad
+        """Send every available frame: plain chains by C into a native backend, the rest here (one chain each time
+        C stops at one, or all when C cannot run now)."""
+        added = bad = False
+        while not self.needs_reset:
+            in_c = self._transmit_in_c(queue)
+            if in_c is not None:
+                added |= in_c[1]
+                if in_c[0] == _lib.CKVM_NET_DONE:
+                    break
+            took = False
+            for chain in self.available_chains(queue):
+                took = added = True
+                self._transmit_chain(queue, chain)
+                if in_c is not None:
+                    break                            # C takes the next chain again
+            bad |= self.completed_bad
+            if in_c is None or not took:
+                break
+        return added or bad
+
+    def _transmit_in_c(self, queue: Virtqueue) -> tuple[int, bool] | None:
+        """kvm/virtio_net.c ckvm_net_tx through the backend: (its code, whether it returned chains); None when the
+        path is off or the backend cannot take it now."""
+        link = self._link
+        if link is None or not self.tx_in_c:
+            return None
+        used_before = queue.used_idx
+        code = self.backend.send_native(lambda: queue.run_native(_lib.ckvm_net_tx, link))
+        if code is None:
+            return None
+        sent = link.tx_frames - self._tx_link_counted
+        self._tx_link_counted += sent
+        self.stats["tx_frames"] += sent
+        self.tx_frames_in_c += sent
+        return code, queue.used_idx != used_before
+
+    def _transmit_chain(self, queue: Virtqueue, chain: Chain) -> None:
+        frame = self._tx_frame(queue, chain)
+        queue.push(chain.head, 0)                    # the device writes nothing into transmit buffers
+        if frame is None:
+            self.stats["tx_dropped"] += 1
+            return
+        self.stats["tx_frames"] += 1
+        try:
+            self.backend.send(frame)
+        except Exception as e:                       # the backend's trouble is not the guest's: drop, go on
+            self.warn_once(f"backend-send-{type(e).__name__}", "%s: backend send failed: %r", self.name, e)
 
     def _tx_frame(self, queue: Virtqueue, chain: Chain) -> bytes | None:
         """The Ethernet frame in a transmit chain, checksum completed; None (logged once per kind) when it is bad."""
@@ -438,3 +468,35 @@ class VirtioNet(VirtioDevice):
                 pos += take
                 written += take
             queue.push(chain.head, written)
+
+
+class _LinkSection:
+    """What a native backend wraps every call into libslirp in (re-entrant): the transport's lock held, and the link
+    armed for the outermost call while the receive queue is live; on leaving that call, C's frames are counted and
+    the used-buffer interrupt decided. Before the transport exists, nothing is armed."""
+
+    __slots__ = ("device", "depth", "locks", "_own")
+
+    def __init__(self, device: "VirtioNet"):
+        self.device = device
+        self.depth = 0
+        self.locks: list = []
+        self._own = threading.RLock()
+
+    def __enter__(self):
+        transport = self.device.transport
+        lock = transport.lock if transport is not None else self._own
+        lock.acquire()
+        self.locks.append(lock)
+        self.depth += 1
+        if self.depth == 1 and transport is not None:
+            self.device._arm_link()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.depth == 1 and self.device.transport is not None:
+                self.device._disarm_link()
+        finally:
+            self.depth -= 1
+            self.locks.pop().release()

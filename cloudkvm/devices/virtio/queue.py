@@ -106,11 +106,28 @@ class Chain:
         return sum(length for _, length, w in self.segments if w)
 
 
+def _in_native(field: str, doc: str) -> property:
+    """A queue attribute kept in the queue's `struct ckvm_vq` (kvm/virtq.c), the one copy Python and the device
+    paths in C (`run_native`, virtio-net's frame path from libslirp) both read and move."""
+    return property(lambda self: getattr(self._native_vq, field),
+                    lambda self, value: setattr(self._native_vq, field, value), doc=doc)
+
+
 class Virtqueue:
     """One split virtqueue. The transport sets `size`, the three addresses and `ready`; devices `pop`/`push`.
 
     Not thread-safe by itself: the transport serialises every use under its lock.
     """
+
+    size = _in_native("size", "the queue size the driver chose (validated by check_layout)")
+    desc_table = _in_native("desc_table", "Descriptor Area")
+    avail_ring = _in_native("avail_ring", "Driver Area")
+    used_ring = _in_native("used_ring", "Device Area")
+    event_idx = _in_native("event_idx", "VIRTIO_F_EVENT_IDX negotiated")
+    indirect = _in_native("indirect", "VIRTIO_F_INDIRECT_DESC negotiated")
+    last_avail = _in_native("last_avail", "the next avail ring entry we will consume (free-running u16)")
+    used_idx = _in_native("used_idx", "our copy of used->idx (free-running u16)")
+    _avail_idx = _in_native("avail_idx", "avail->idx as read at the start of the current batch")
 
     def __init__(self, memory: GuestMemory, max_size: int, index: int = 0):
         if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
@@ -118,25 +135,21 @@ class Virtqueue:
         self.memory = memory
         self.max_size = max_size
         self.index = index
-        self.event_idx = False      # VIRTIO_F_EVENT_IDX negotiated
-        self.indirect = False       # VIRTIO_F_INDIRECT_DESC negotiated
-        # the C walk's arguments and scratch, for the largest size the driver may choose
+        # the queue's state (see _in_native), and the C walk's arguments and scratch for the largest size the
+        # driver may choose
+        self._native_vq = _ffi.new("struct ckvm_vq *")
         self._native_segs = _ffi.new("struct ckvm_seg[]", max_size)
         self._native_visited = _ffi.new("uint32_t[]", max_size + 1)
         self._native_walk = _ffi.new("struct ckvm_walk *", {"segs": self._native_segs,
                                                             "visited": self._native_visited})
-        self._native_vq = _ffi.new("struct ckvm_vq *")
+        self.event_idx = self.indirect = False
         self.reset()
 
     def reset(self) -> None:
         self.size = self.max_size
-        self.desc_table = 0         # Descriptor Area
-        self.avail_ring = 0         # Driver Area
-        self.used_ring = 0          # Device Area
+        self.desc_table = self.avail_ring = self.used_ring = 0
         self.ready = False
-        self.last_avail = 0         # next avail ring entry we will consume (free-running u16)
-        self.used_idx = 0           # our copy of used->idx (free-running u16)
-        self._avail_idx = 0         # avail->idx as read at the start of the current batch
+        self.last_avail = self.used_idx = self._avail_idx = 0
         self._signalled_used = 0    # used_idx when needs_interrupt last decided
         self._avail = self._used = None  # the rings' region views and their offsets in them (activate)
         self._avail_at = self._used_at = 0
@@ -225,17 +238,11 @@ class Virtqueue:
 
     def run_native(self, fn, *args):
         """`fn(region table, struct ckvm_vq, struct ckvm_walk, *args)`: a device's C path (kvm/virtio_blk.c,
-        kvm/virtio_net.c) that pops and pushes in C. The queue's addresses and indices go to it in a struct ckvm_vq
-        and come back from it: C and this class take turns on the queue, never at once. Returns what `fn` returns."""
+        kvm/virtio_net.c) that pops and pushes in C, on the queue's own state (the struct ckvm_vq this class keeps
+        its addresses and indices in): C and this class take turns on the queue, never at once. Returns what `fn`
+        returns."""
         self._check_scratch()
-        vq = self._native_vq
-        vq.desc_table, vq.avail_ring, vq.used_ring = self.desc_table, self.avail_ring, self.used_ring
-        vq.size, vq.event_idx, vq.indirect = self.size, self.event_idx, self.indirect
-        vq.last_avail, vq.avail_idx, vq.used_idx = self.last_avail, self._avail_idx, self.used_idx
-        try:
-            return self.memory.call_native(fn, vq, self._native_walk, *args)
-        finally:
-            self.last_avail, self._avail_idx, self.used_idx = vq.last_avail, vq.avail_idx, vq.used_idx
+        return self.memory.call_native(fn, self._native_vq, self._native_walk, *args)
 
     def _check_scratch(self) -> None:
         if not 1 <= self.size <= self.max_size:  # the C walk's scratch holds max_size segments
