@@ -15,6 +15,7 @@ from .boards.base import CpuOptions
 from .console import ConsoleLog
 from .devices.bus import Bus
 from .devices.irq import IrqFd
+from .devices.virtio.notifier import Notifier
 from .errors import CloudkvmError
 from .fsutil import read_bounded
 from .iothread import IoThread
@@ -135,6 +136,7 @@ class Machine:
         self.samples: dict | None = None  # filled by vCPU threads while sample_pcs() waits
         self.ticks_due: set[int] = set()  # vCPUs that owe the board a `vcpu_tick` (see _tick)
         self.isr_table: IsrTable | None = None  # the virtio-mmio interrupt registers C completes (built by run)
+        self.notifier = Notifier()  # virtio notifications served in C (devices/virtio/notifier.py)
         self.result: VmResult | None = None
         self._result_lock = threading.Lock()
         # Port I/O only where the board has it (x86); the C run loop gets every port as "return to Python" otherwise.
@@ -189,13 +191,18 @@ class Machine:
         slot = self.board.virtio_slot(len(self.virtio))
         irq = IrqFd(self.vm, slot.irq)
         self._irqfds.append(irq)
-        transport = VirtioMmioTransport(device, self.memory, irq.trigger, name=f"{device.name}@0x{slot.base:x}")
+        transport = VirtioMmioTransport(device, self.memory, irq.trigger, name=f"{device.name}@0x{slot.base:x}",
+                                        interrupt_fd=irq.fd)
         self.mmio_bus.add(slot.base, slot.size, transport, transport.name)
         for queue in range(device.num_queues):
             efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._eventfds.append(efd)
             self.vm.ioeventfd(efd, slot.base + NOTIFY_OFFSET, 4, datamatch=queue)
-            self.io.add_reader(efd, functools.partial(_queue_kick, efd, transport, queue))
+            # a queue the device serves in C: its notifications go to the notifier's thread, and only those C
+            # cannot finish reach the I/O thread, through python_fd
+            python_fd = self.notifier.add(efd, transport, queue)
+            watched = python_fd if python_fd is not None else efd
+            self.io.add_reader(watched, functools.partial(_queue_kick, watched, transport, queue))
         self.virtio.append(transport)
 
     def virtio_slots(self) -> list:
@@ -278,6 +285,7 @@ class Machine:
             self.io.add_reader(self.spec.console_input_fd, self._console_input)
         self.io.start()
         self.isr_table = IsrTable(self.mmio_bus.c_isr_windows)  # every device is on the bus by now
+        self.notifier.start()
         self._threads = [threading.Thread(target=loop.run, name=f"vcpu{loop.vcpu.index}", daemon=True)
                          for loop in self.loops]
         for thread in self._threads:
@@ -293,6 +301,7 @@ class Machine:
             while thread.is_alive():
                 self._kick_all()
                 thread.join(0.05)
+        self.notifier.stop()
         self.io.stop()
         return self.result
 
@@ -309,7 +318,8 @@ class Machine:
     def close(self) -> None:
         """Release everything the machine holds (also after a build that stopped half-way); one release that
         fails is logged and the others still happen."""
-        steps = [functools.partial(os.close, efd) for efd in self._eventfds]
+        steps = [self.notifier.close]  # first: its thread polls the ioeventfds and reaches devices and RAM
+        steps += [functools.partial(os.close, efd) for efd in self._eventfds]
         steps += [irq.close for irq in self._irqfds]
         steps += [device.close for device in self.spec.virtio if hasattr(device, "close")]
         steps += [vcpu.close for vcpu in self.vcpus]

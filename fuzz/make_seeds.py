@@ -204,6 +204,8 @@ def net_seeds() -> None:
     seed("whole-buffers-vlan", 0x0E, 2, [(udp6, NEEDS_CSUM, start6, off6, True)], [1526, 1526],
          [arp_frame(), l4_frame(4, 6, b"x" * 1400)[0]])
     seed("small-mtu", 0x03, 1, [(arp_frame(), 0, 0, 0, False)], [128, 128], [arp_frame(), udp4_full], size_log2=2)
+    seed("mergeable-csum-link", 0x3F, 0, [(arp_frame(), 0, 0, 0, False), (tcp4, NEEDS_CSUM, start4, off4, False)],
+         [512] * 4, [udp4_full, tcp6_full])
 
 
 # ---- qcow2 ---------------------------------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from cffi import FFI
 
-# C kept in its own files, compiled into the same module, in this order: the virtqueue chain walk
-# (devices/virtio/queue.py), virtio-blk's data path over it (devices/virtio/blk.py), virtio-net's receive path and
-# the Internet checksum (devices/virtio/net.py)
+# C kept in its own files, compiled into the same module, in this order: the virtqueue chain walk and rings
+# (devices/virtio/queue.py), virtio-blk's data path over it (devices/virtio/blk.py), the Internet checksum and
+# virtio-net's frame paths (devices/virtio/net.py), notifications served in C (devices/virtio/notifier.py)
 VIRTQ_C_FILE = Path(__file__).with_name("virtq.c")
-C_FILES = tuple(Path(__file__).with_name(name) for name in ("virtq.c", "virtio_blk.c", "checksum.c", "virtio_net.c"))
+C_FILES = tuple(Path(__file__).with_name(name)
+                for name in ("virtq.c", "virtio_blk.c", "checksum.c", "virtio_net.c", "notify.c"))
 SOURCE_FILES = (Path(__file__), *C_FILES)  # what the compiled core is made from (a cache key for cross builds)
 
 COMMON_CDEF = r"""
@@ -189,7 +190,9 @@ struct ckvm_walk { uint64_t desc_table; uint32_t size; uint32_t indirect; int32_
     struct ckvm_seg *segs; uint32_t *visited; };
 void ckvm_walk_chain(const struct ckvm_mem *mem, struct ckvm_walk *w, uint32_t head);
 struct ckvm_vq { uint64_t desc_table; uint64_t avail_ring; uint64_t used_ring; uint32_t size; uint32_t event_idx;
-    uint32_t indirect; uint16_t last_avail; uint16_t avail_idx; uint16_t used_idx; ...; };
+    uint32_t indirect; uint32_t ready; uint16_t last_avail; uint16_t avail_idx; uint16_t used_idx;
+    uint16_t signalled_used; };
+int ckvm_vq_needs_interrupt(const struct ckvm_mem *mem, struct ckvm_vq *q);
 
 /* virtio_blk.c */
 #define CKVM_BLK_IDLE ...
@@ -222,6 +225,23 @@ struct ckvm_netlink { const struct ckvm_mem *mem; struct ckvm_vq *rxq; struct ck
     uint32_t csum; uint32_t tx_cap; uint8_t *tx_buf; uint64_t tx_frames; };
 ssize_t ckvm_net_link_send(const void *buf, size_t len, void *opaque);
 int ckvm_net_tx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk *w, struct ckvm_netlink *l);
+
+/* notify.c */
+#define CKVM_SERVE_BLK ...
+#define CKVM_MAX_NOTIFY ...
+struct ckvm_transport { uint32_t live; uint32_t *isr; int32_t irqfd; ...; };
+int ckvm_transport_init(struct ckvm_transport *t);
+void ckvm_transport_lock(struct ckvm_transport *t);
+void ckvm_transport_unlock(struct ckvm_transport *t);
+void ckvm_transport_destroy(struct ckvm_transport *t);
+struct ckvm_notify_queue { int32_t efd; int32_t python_fd; uint32_t kind; struct ckvm_transport *t;
+    const struct ckvm_mem *mem; struct ckvm_vq *q; struct ckvm_walk *w; void *ctx; uint64_t served;
+    uint64_t forwarded; };
+struct ckvm_notifier { uint32_t count; int32_t stop_fd; struct ckvm_notify_queue *queues[...]; uint32_t running;
+    ...; };
+int ckvm_notify_serve(struct ckvm_notify_queue *nq);
+int ckvm_notifier_start(struct ckvm_notifier *n);
+void ckvm_notifier_stop(struct ckvm_notifier *n);
 
 /* checksum.c */
 uint32_t ckvm_ones_complement_sum(const uint8_t *data, size_t n);

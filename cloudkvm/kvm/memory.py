@@ -63,7 +63,7 @@ class GuestMemory:
         if len(self.regions) > MAX_NATIVE_REGIONS:
             raise ValueError(f"{len(self.regions)} memory regions; the C helpers take {MAX_NATIVE_REGIONS}")
         # The region table the C chain walk (virtq.c) reads guest RAM through (`walk_chain`); emptied by close()
-        self._native_lock = threading.Lock()
+        self._native_lock = threading.RLock()  # re-entrant: C may call back into Python that reaches RAM again
         self.native = ffi.new("struct ckvm_mem *")
         self.native.count = len(self.regions)
         for i, r in enumerate(self.regions):

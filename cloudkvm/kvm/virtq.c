@@ -175,12 +175,12 @@ void ckvm_walk_chain(const struct ckvm_mem *mem, struct ckvm_walk *w, uint32_t h
     }
 }
 
-/* ---- the rings, for the device paths in C (virtio_blk.c, virtio_net.c) -------------------------------------------
- * A split virtqueue's addresses and indices, copied in from queue.py and back out (`Virtqueue.run_native`). */
+/* ---- the rings, for the device paths in C (virtio_blk.c, virtio_net.c, notify.c) ---------------------------------
+ * A split virtqueue's addresses, indices and state: the one copy, which queue.py reads and writes as properties. */
 struct ckvm_vq {
     uint64_t desc_table, avail_ring, used_ring;
-    uint32_t size, event_idx, indirect;
-    uint16_t last_avail, avail_idx, used_idx, pad;
+    uint32_t size, event_idx, indirect, ready;
+    uint16_t last_avail, avail_idx, used_idx, signalled_used;
 };
 
 /* The avail and used rings in host memory. */
@@ -191,8 +191,8 @@ static uint8_t *ckvm_host(const struct ckvm_mem *mem, uint8_t region, uint64_t g
     return mem->regions[region].host + (gpa - mem->regions[region].gpa);
 }
 
-/* Find `q`'s rings (each whole inside one region) and set the walk up for its table; 0, or -1 when the queue is not
- * usable (queue.py's own checks then say why). */
+/* Find `q`'s rings (each whole inside one region) and set the walk (if any) up for its table; 0, or -1 when the
+ * queue is not usable (queue.py's own checks then say why). */
 static int ckvm_vq_rings(const struct ckvm_mem *mem, const struct ckvm_vq *q, struct ckvm_walk *w,
                          struct ckvm_rings *r)
 {
@@ -206,9 +206,11 @@ static int ckvm_vq_rings(const struct ckvm_mem *mem, const struct ckvm_vq *q, st
     r->avail = ckvm_host(mem, (uint8_t)ar, q->avail_ring);
     r->used = ckvm_host(mem, (uint8_t)ur, q->used_ring);
     r->size = size;
-    w->desc_table = q->desc_table;
-    w->size = size;
-    w->indirect = q->indirect;
+    if (w != NULL) {
+        w->desc_table = q->desc_table;
+        w->size = size;
+        w->indirect = q->indirect;
+    }
     return 0;
 }
 
@@ -252,4 +254,26 @@ static void ckvm_vq_publish(struct ckvm_vq *q, const struct ckvm_rings *r, uint1
     q->last_avail = (uint16_t)(q->last_avail + n);
     q->used_idx = (uint16_t)(q->used_idx + n);
     __atomic_store_n((uint16_t *)(r->used + 2), q->used_idx, __ATOMIC_RELEASE);
+}
+
+/* Whether the driver wants a used buffer notification for the used elements published since the last decision
+ * (which this moves on): 1 yes, 0 no, -1 the rings are not usable. With VIRTIO_F_EVENT_IDX, when used idx passed
+ * used_event (§2.7.7.2: the wrap-safe test of used_event in [old, new), as the spec's vring_need_event); else
+ * unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.7.1). Read after used idx was published (a full fence), so
+ * a driver that re-enables interrupts meanwhile is either seen now or sees the new used idx itself. */
+int ckvm_vq_needs_interrupt(const struct ckvm_mem *mem, struct ckvm_vq *q)
+{
+    uint16_t now = q->used_idx, old = q->signalled_used;
+    if (now == old)
+        return 0;
+    q->signalled_used = now;
+    struct ckvm_rings r;
+    if (ckvm_vq_rings(mem, q, NULL, &r) < 0)
+        return -1;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (q->event_idx) {
+        uint16_t used_event = __atomic_load_n((uint16_t *)(r.avail + 4 + 2 * (uint64_t)r.size), __ATOMIC_RELAXED);
+        return (uint16_t)(now - used_event - 1) < (uint16_t)(now - old);
+    }
+    return !(__atomic_load_n((uint16_t *)r.avail, __ATOMIC_RELAXED) & 1);
 }

@@ -5,7 +5,8 @@ Input: a 4-byte header, the frames the backend delivers to the guest, then the f
 area 0x200; transmitq1 (queue 1) at 0x300, 0x400, 0x500 (room for 16 entries each); the rings' contents and every
 buffer come from the input. Header:
   byte 0  features the driver accepts: bit 0 MRG_RXBUF, bit 1 CSUM, bit 2 GUEST_CSUM, bit 3 INDIRECT_DESC,
-          bit 4 EVENT_IDX, bit 7 refuse VERSION_1
+          bit 4 EVENT_IDX, bit 7 refuse VERSION_1; bit 5: the backend takes the frame path in C, as libslirp does
+          (frames in through kvm/virtio_net.c ckvm_net_link_send, transmitted ones out of ckvm_net_tx)
   byte 1  bits 0-3: log2 of the receive queue size, bits 4-7: of the transmit queue size (each 0..4)
   byte 2  the MTU: bits 0-1 pick none (1500) / 68 / 1500 / 9000
   byte 3  how many frames follow (0..7), each a little-endian u16 length and its bytes
@@ -26,6 +27,7 @@ from cloudkvm.devices.virtio.net import (ETH_DATA_LEN, ETH_HLEN, VIRTIO_NET_F_CS
                                          VIRTIO_NET_F_MRG_RXBUF, VLAN_HLEN, VirtioNet)
 from cloudkvm.devices.virtio.queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 from cloudkvm.kvm.memory import GuestMemory
+from cloudkvm.kvm.native import ffi, lib
 
 from .oracle import Crash, no_swallowed_exceptions, start_device
 
@@ -89,6 +91,44 @@ class FuzzBackend:
         pass
 
 
+class FuzzLinkBackend(FuzzBackend):
+    """FuzzBackend on the C frame path: what libslirp hands over goes through ckvm_net_link_send inside the
+    device's section (FuzzBackend's delivery is the fallback for what C leaves); what C transmits arrives through
+    the link's `input`."""
+
+    def __init__(self):
+        super().__init__()
+        self.section = None
+        self.link = ffi.new("struct ckvm_netlink *")
+        self._callbacks = (ffi.callback(ffi.typeof(self.link.fallback), self._fallback),
+                           ffi.callback(ffi.typeof(self.link.input), self._input))
+        self.link.fallback, self.link.input = self._callbacks
+
+    def connect_native(self, section):
+        self.section = section
+        return self.link
+
+    def send_native(self, run):
+        with self.section:
+            return run()
+
+    def inject(self, frame: bytes) -> None:
+        with self.section:
+            lib.ckvm_net_link_send(ffi.from_buffer(frame), len(frame), self.link)
+
+    def rx_ready(self) -> None:
+        super().rx_ready()
+        self.link.held = len(self.held)
+
+    def _fallback(self, buf, length, opaque) -> int:
+        FuzzBackend.inject(self, bytes(ffi.buffer(buf, length)))
+        self.link.held = len(self.held)
+        return length
+
+    def _input(self, slirp, pkt, length) -> None:
+        self.sent.append(bytes(ffi.buffer(pkt, length)))
+
+
 def _frames(data: bytes, count: int) -> tuple[list[bytes], int]:
     frames, pos = [], HEADER.size
     for _ in range(count):
@@ -110,7 +150,7 @@ def one_input(data: bytes) -> str:
     mem.write(0, data[ram_at:ram_at + RAM])
     mtu = MTUS[mtu_bits & 3]
     max_frame = (mtu or ETH_DATA_LEN) + ETH_HLEN + VLAN_HLEN
-    backend = FuzzBackend()
+    backend = FuzzLinkBackend() if accept_bits & 0x20 else FuzzBackend()
     device = VirtioNet(backend, MAC, mtu)
     transport = VirtioMmioTransport(device, mem, lambda: None, name="virtio-net-fuzz")
     accept = ~0

@@ -10,6 +10,7 @@ class GuestRun:
     result: VmResult
     console: str
     isr_served: int = 0     # virtio-mmio interrupt register accesses the C run loop completed
+    notified_in_c: int = 0  # queue notifications served whole in C (devices/virtio/notifier.py)
 
 
 def run_guest(binary, cpus: int = 1, timeout: float = 60, setup=None, **spec_args) -> GuestRun:
@@ -19,4 +20,4 @@ def run_guest(binary, cpus: int = 1, timeout: float = 60, setup=None, **spec_arg
         if setup is not None:
             setup(machine)
         result = machine.run(timeout=timeout)
-        return GuestRun(result, machine.console.text(), machine.isr_table.served)
+        return GuestRun(result, machine.console.text(), machine.isr_table.served, machine.notifier.served)

@@ -37,6 +37,7 @@ def test_guest_driver_reads_and_writes_a_qcow2_disk(guest_binary, tmp_path):
     assert interrupts >= 1  # the guest slept in hlt until the irqfd woke it
     # every interrupt's InterruptStatus read and InterruptACK write completed by the C run loop (kvm/fastpath.py)
     assert run.isr_served >= 2 * interrupts
+    assert run.notified_in_c >= 1   # the reads and writes were notified to C's thread, served and interrupted there
 
     check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
     assert check.returncode == 0 and "No errors were found" in check.stdout, check.stdout

@@ -15,25 +15,36 @@ RAM = 4 * MiB
 memory = guest_memory_fixture(RAM)
 
 
-@pytest.fixture(params=["python", "c"])
-def disk(request):
-    """A 1 MiB fake disk, once served by blk.py alone and once with reads and writes on the C data path."""
-    d = FakeDisk(1 * MiB, native=request.param == "c")
+@pytest.fixture(params=["python", "c", "notifier"])
+def path(request) -> str:
+    """How requests are served: "python" (blk.py alone), "c" (reads and writes on the C data path), "notifier"
+    (the C data path behind notifications served in C, devices/virtio/notifier.py)."""
+    return request.param
+
+
+@pytest.fixture
+def disk(path):
+    """A 1 MiB fake disk on the `path` under test."""
+    d = FakeDisk(1 * MiB, native=path != "python")
     yield d
     assert d.violations == []
     d.close()
 
 
 @pytest.fixture
-def make_rig(memory):
+def make_rig(memory, request):
+    """make_rig(device) → Rig; on the "notifier" path when the test runs on one (through the `disk` fixture)."""
+    on_notifier = "path" in request.fixturenames and request.getfixturevalue("path") == "notifier"
+
     def make(device) -> Rig:
-        return Rig(memory, device)
+        return Rig(memory, device, notifier=on_notifier)
     return make
 
 
 @pytest.fixture
 def blk(make_rig, disk) -> Rig:
-    """A virtio-blk over a 1 MiB fake disk, initialised by the driver with every offered feature."""
+    """A virtio-blk over a 1 MiB fake disk on the `path` under test, initialised by the driver with every offered
+    feature."""
     rig = make_rig(VirtioBlk(disk, serial="ckvm-serial-0001"))
     rig.driver.init()
     return rig

@@ -321,10 +321,11 @@ request_header = st.tuples(st.sampled_from([VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, 4
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(data=st.data(), device_kind=st.sampled_from(["blk", "rng"]), size=st.sampled_from([1, 2, 4, 8, 16]),
-       ring_features=st.sets(st.sampled_from([VIRTIO_F_INDIRECT_DESC, VIRTIO_F_EVENT_IDX])), c_path=st.booleans())
-def test_random_descriptor_tables_never_raise_out_of_queue_notify(data, device_kind, size, ring_features, c_path):
+       ring_features=st.sets(st.sampled_from([VIRTIO_F_INDIRECT_DESC, VIRTIO_F_EVENT_IDX])),
+       path=st.sampled_from(["python", "c", "notifier"]))
+def test_random_descriptor_tables_never_raise_out_of_queue_notify(data, device_kind, size, ring_features, path):
     memory = GuestMemory([(0, LOW_END), (HIGH, HIGH_END - HIGH)])
-    disk = FakeDisk(MiB, native=c_path)
+    disk = FakeDisk(MiB, native=path != "python")
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -332,7 +333,7 @@ def test_random_descriptor_tables_never_raise_out_of_queue_notify(data, device_k
     logger.addHandler(handler)
     try:
         device = VirtioBlk(disk) if device_kind == "blk" else VirtioRng(max_per_request=4096)
-        rig = Rig(memory, device, alloc_end=BUFFERS)
+        rig = Rig(memory, device, alloc_end=BUFFERS, notifier=path == "notifier")
         accept = ~((1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX) & ~sum(1 << b for b in ring_features))
         rig.driver.init(accept=accept, queue_size=size)
         q = rig.queue
@@ -366,7 +367,7 @@ def test_random_descriptor_tables_never_raise_out_of_queue_notify(data, device_k
         q.set_avail_idx(avail_idx)
         before = snapshot(memory)
         irqs = rig.irqs
-        rig.transport.queue_notify(0)
+        rig.notify(0)
         rig.driver.write(mmio.QUEUE_NOTIFY, 0)
         rig.transport.notify_all()
 
@@ -403,19 +404,20 @@ blk_request = st.tuples(
                                                                    HealthCheck.too_slow])
 @given(requests=st.lists(blk_request, min_size=1, max_size=6), pattern=st.binary(min_size=16, max_size=16),
        ranges=st.lists(st.tuples(st.integers(0, 2100) | st.integers(0, 2**64 - 1), st.integers(0, 64) |
-                                 st.integers(0, 2**32 - 1), st.integers(0, 3)), max_size=4), c_path=st.booleans())
-def test_random_blk_requests_in_well_formed_chains(requests, pattern, ranges, c_path):
+                                 st.integers(0, 2**32 - 1), st.integers(0, 3)), max_size=4),
+       path=st.sampled_from(["python", "c", "notifier"]))
+def test_random_blk_requests_in_well_formed_chains(requests, pattern, ranges, path):
     """Chains the queue accepts structurally, with hostile contents: every request completes with a status (on
     blk.py alone, and with the C data path serving what it can)."""
     memory = GuestMemory([(0, LOW_END), (HIGH, HIGH_END - HIGH)])
-    disk = FakeDisk(MiB, native=c_path)
+    disk = FakeDisk(MiB, native=path != "python")
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
     logger = logging.getLogger("cloudkvm.virtio")
     logger.addHandler(handler)
     try:
-        rig = Rig(memory, VirtioBlk(disk, serial="fuzz"), alloc_end=BUFFERS)
+        rig = Rig(memory, VirtioBlk(disk, serial="fuzz"), alloc_end=BUFFERS, notifier=path == "notifier")
         rig.driver.init(queue_size=64)
         q = rig.queue
         memory.write(BUFFERS, pattern * 4096)

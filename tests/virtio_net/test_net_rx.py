@@ -221,6 +221,17 @@ def test_reply_sent_from_inside_transmit_reaches_the_guest(net, backend):
     assert net.driver.read(mmio.INTERRUPT_STATUS) & mmio.INT_VRING
 
 
+def test_reply_from_inside_transmit_without_buffers_is_kept_then_delivered(net, backend):
+    """The same answer while no receive buffer is posted: C leaves it (on the link path, from inside the C transmit
+    path's call into the backend) to net.py, which the backend keeps it for; posted buffers bring it in."""
+    backend.on_send = lambda frame: backend.inject(b"\x02" * 6 + frame[6:])
+    net.transmit(arp_frame())
+    assert len(backend.held) == 1 and net.device.stats["rx_frames"] == 0
+    posted = net.post_rx(1526)
+    assert [g[:6] for _, g in net.received(posted)] == [b"\x02" * 6]
+    assert backend.held == []
+
+
 def test_interrupt_suppressed_when_the_driver_asks(make_net, backend):
     rig = make_net(accept=~(1 << VIRTIO_F_EVENT_IDX))
     posted = rig.post_rx(1526, count=2)

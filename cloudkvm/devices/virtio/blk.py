@@ -14,6 +14,7 @@ A request that is wrong (out of range, a write to a read-only disk, a bad length
 unknown type VIRTIO_BLK_S_UNSUPP, and the device goes on. A chain without a status byte cannot be completed:
 the device then needs a reset.
 """
+import contextlib
 import struct
 
 from ...errors import CloudkvmError, GuestMemoryError
@@ -147,12 +148,20 @@ class VirtioBlk(VirtioDevice):
             else None
 
     def close(self) -> None:
-        """Stop the C path, then close the disk (the device owns it: metadata reaches the image when the VM ends)."""
+        """Stop the C path, then close the disk (the device owns it: metadata reaches the image when the VM ends).
+        The C path's descriptors are closed under the transport's lock, which notifications served in C hold."""
         if self.data_path is not None:
-            self.data_path.close()
+            with self.transport.lock if self.transport is not None else contextlib.nullcontext():
+                self.data_path.close()
         close = getattr(self.disk, "close", None)
         if callable(close):
             close()
+
+    def native_serve(self, queue_index: int):
+        """The request queue's C path for notifications served in C (notifier.py): (CKVM_SERVE_BLK, its state)."""
+        if self.data_path is None:
+            return None
+        return lib.CKVM_SERVE_BLK, self.data_path.native
 
     # ---- queue processing --------------------------------------------------------------------------------------
 

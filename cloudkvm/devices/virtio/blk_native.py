@@ -62,6 +62,11 @@ class BlkDataPath:
         return code
 
     @property
+    def native(self):
+        """The `struct ckvm_blk` C serves from (kvm/virtio_blk.c), for notifications served in C."""
+        return self._blk
+
+    @property
     def miss(self) -> tuple[int, int]:
         return self._blk.miss_offset, self._blk.miss_length
 

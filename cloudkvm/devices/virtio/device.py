@@ -74,6 +74,11 @@ class VirtioDevice:
     def process(self, queue_index: int, queue: Virtqueue) -> bool:
         raise NotImplementedError
 
+    def native_serve(self, queue_index: int):
+        """(CKVM_SERVE_* kind, C state) when a C path serves this queue's notifications by itself (notifier.py),
+        else None (every notification is `process`)."""
+        return None
+
     # ---- errors ----------------------------------------------------------------------------------------------------
 
     def fail(self, reason: str) -> None:

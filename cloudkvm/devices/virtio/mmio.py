@@ -2,17 +2,17 @@
 
 A bus device (`read(offset, size)` / `write(offset, size, value)`) in a 0x200-byte (or larger) MMIO window.
 vCPU threads access the registers while the I/O thread processes queues (ioeventfd notifications): one lock per
-transport serialises both, and no exception from a device or a bad driver ever leaves `read`, `write` or
-`queue_notify`.
+transport serialises both (a recursive mutex in C, `TransportState`, which notifications served in C hold as well:
+notifier.py), and no exception from a device or a bad driver ever leaves `read`, `write` or `queue_notify`.
 """
 import logging
-import threading
 from typing import Callable
 
 from ...errors import GuestMemoryError
 from ...kvm.memory import GuestMemory
 from ...kvm.native import ffi as _ffi, lib as _lib
 from .device import VIRTIO_F_VERSION_1, VirtioDevice
+from .notifier import TransportState
 from .queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, Virtqueue, VirtqueueError
 
 log = logging.getLogger("cloudkvm.virtio")
@@ -83,7 +83,8 @@ class VirtioMmioTransport:
     IsrTable; the bus lists the cell in `c_isr_windows`).
     """
 
-    def __init__(self, device: VirtioDevice, memory: GuestMemory, interrupt: Callable[[], None], name: str = ""):
+    def __init__(self, device: VirtioDevice, memory: GuestMemory, interrupt: Callable[[], None], name: str = "",
+                 interrupt_fd: int | None = None):
         self.device = device
         self.memory = memory
         self.interrupt = interrupt
@@ -92,7 +93,10 @@ class VirtioMmioTransport:
         self.queues = [Virtqueue(memory, size, i) for i, size in enumerate(device.queue_max_sizes)]
         self.config_generation = 0
         self.c_isr = _ffi.new("uint32_t *")
-        self._lock = threading.RLock()
+        # the lock, and what notifications served in C (notifier.py) read under it; `interrupt_fd` is the eventfd
+        # `interrupt` writes (the slot's irqfd), which C may write itself
+        self.state = TransportState(self.c_isr, interrupt_fd)
+        self._lock = self.state
         self._logged: set[tuple] = set()
         device.on_config_change = self._config_changed
         device.transport = self  # devices with their own events (virtio-net receive) call back through it
@@ -107,6 +111,16 @@ class VirtioMmioTransport:
         self.queue_sel = 0
         self.shm_sel = 0
         self.acked_features = 0
+
+    @property
+    def status(self) -> int:
+        """Device Status (§2.1)."""
+        return self._status
+
+    @status.setter
+    def status(self, value: int) -> None:
+        self._status = value
+        self.state.set_live(bool(value & DRIVER_OK and not value & DEVICE_NEEDS_RESET))
 
     @property
     def interrupt_status(self) -> int:
@@ -365,7 +379,7 @@ class VirtioMmioTransport:
                     self._log_exception("queue notify")
 
     @property
-    def lock(self) -> threading.RLock:
+    def lock(self) -> TransportState:
         """The lock every register access and all queue work hold (re-entrant): a device's own C path that works
         on a queue outside `run_on_queue` (virtio-net's frames from libslirp) holds it too."""
         return self._lock

@@ -7,6 +7,7 @@ device sees it; a chain we cannot accept raises `BadChain`, a ring we cannot tru
 import struct
 from dataclasses import dataclass, field
 
+from ...errors import GuestMemoryError
 from ...kvm.memory import GuestMemory
 from ...kvm.native import ffi as _ffi, lib as _lib
 
@@ -128,6 +129,8 @@ class Virtqueue:
     last_avail = _in_native("last_avail", "the next avail ring entry we will consume (free-running u16)")
     used_idx = _in_native("used_idx", "our copy of used->idx (free-running u16)")
     _avail_idx = _in_native("avail_idx", "avail->idx as read at the start of the current batch")
+    ready = _in_native("ready", "QueueReady: the driver enabled the queue (activate checked its layout)")
+    _signalled_used = _in_native("signalled_used", "used_idx when needs_interrupt last decided")
 
     def __init__(self, memory: GuestMemory, max_size: int, index: int = 0):
         if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
@@ -149,8 +152,7 @@ class Virtqueue:
         self.size = self.max_size
         self.desc_table = self.avail_ring = self.used_ring = 0
         self.ready = False
-        self.last_avail = self.used_idx = self._avail_idx = 0
-        self._signalled_used = 0    # used_idx when needs_interrupt last decided
+        self.last_avail = self.used_idx = self._avail_idx = self._signalled_used = 0
         self._avail = self._used = None  # the rings' region views and their offsets in them (activate)
         self._avail_at = self._used_at = 0
 
@@ -284,17 +286,13 @@ class Virtqueue:
         _U16.pack_into(self._used, self._used_at + 2, self.used_idx)
 
     def needs_interrupt(self) -> bool:
-        """Whether the driver wants a used buffer notification for what was pushed since the last call."""
-        new, old = self.used_idx, self._signalled_used
-        if new == old:
-            return False
-        self._signalled_used = new
-        if self.event_idx:
-            # virtio 1.2 §2.7.7.2: notify when used idx passes used_event; the wrap-safe test of whether
-            # used_event lies in [old, new) (the same comparison the spec's virtio_ring.h helper makes).
-            used_event = _U16.unpack_from(self._avail, self._avail_at + 4 + 2 * self.size)[0]
-            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not _U16.unpack_from(self._avail, self._avail_at)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        """Whether the driver wants a used buffer notification for what was pushed since the last call (§2.7.7:
+        EVENT_IDX's used_event, else VIRTQ_AVAIL_F_NO_INTERRUPT): kvm/virtq.c ckvm_vq_needs_interrupt, the one
+        decision Python and the notifications served in C (devices/virtio/notifier.py) share."""
+        wanted = self.memory.call_native(_lib.ckvm_vq_needs_interrupt, self._native_vq)
+        if wanted < 0:
+            raise GuestMemoryError(f"queue {self.index}: its rings are not inside guest RAM")
+        return bool(wanted)
 
     def __repr__(self) -> str:
         return (f"Virtqueue(index={self.index}, size={self.size}, ready={self.ready}, desc=0x{self.desc_table:x}, "

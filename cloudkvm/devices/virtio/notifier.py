@@ -1,0 +1,116 @@
+"""Available buffer notifications served in C (virtio 1.2 §2.7.13; kvm/notify.c): a thread that polls the
+ioeventfds of the queues a device serves in C, runs that path under the transport's lock and raises the used
+buffer notification itself, and hands every notification it cannot finish to Python through an eventfd the I/O
+thread watches (where the transport handles it as before).
+
+`TransportState` is a transport's share of it: the lock (a recursive mutex both sides take: mmio.py's one lock),
+whether the transport is live, its InterruptStatus cell and irqfd."""
+from __future__ import annotations
+
+import os
+
+from ...kvm.native import ffi, lib
+
+
+class TransportState:
+    """A transport's `struct ckvm_transport`: `acquire`/`release` (also `with`) take its recursive mutex with the GIL
+    released, so a C thread holding it never waits for Python; `live` and `irqfd` are what C reads under it."""
+
+    def __init__(self, isr_cell, irqfd: int | None):
+        self.native = ffi.new("struct ckvm_transport *")
+        rc = lib.ckvm_transport_init(self.native)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        self.native.isr = isr_cell
+        self.native.irqfd = -1 if irqfd is None else irqfd
+
+    def acquire(self) -> bool:
+        lib.ckvm_transport_lock(self.native)
+        return True
+
+    def release(self) -> None:
+        lib.ckvm_transport_unlock(self.native)
+
+    def __enter__(self) -> "TransportState":
+        lib.ckvm_transport_lock(self.native)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        lib.ckvm_transport_unlock(self.native)
+
+    def set_live(self, live: bool) -> None:
+        self.native.live = live
+
+    def __del__(self):
+        native = getattr(self, "native", None)
+        if native is not None:
+            lib.ckvm_transport_destroy(native)
+
+
+class Notifier:
+    """The C thread for one machine's queues. `add` each queue whose device serves it in C (before `start`);
+    `serve(queue)` runs one notification synchronously as the thread would (tests)."""
+
+    def __init__(self):
+        self.native = ffi.new("struct ckvm_notifier *")
+        self.native.stop_fd = -1
+        self._fds: list[int] = []       # the eventfds this made (closed by close)
+        self.queues: list = []          # struct ckvm_notify_queue, in registration order
+        self._keep: list = []           # what the C structs point to: transports, queues, devices' contexts
+
+    def add(self, efd: int, transport, index: int) -> int | None:
+        """Serve queue `index` of `transport` from its ioeventfd `efd`. Returns the eventfd through which the
+        notifications C cannot finish reach Python (the caller watches it as it would have watched `efd`), or None
+        when the device has no C path for the queue, the transport no irqfd, or the table is full."""
+        native = transport.device.native_serve(index)
+        if native is None or transport.state.native.irqfd < 0 or len(self.queues) >= lib.CKVM_MAX_NOTIFY:
+            return None
+        if self.native.running:
+            raise RuntimeError("queues are added before the notifier starts")
+        kind, ctx = native
+        queue = transport.queues[index]
+        python_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fds.append(python_fd)
+        nq = ffi.new("struct ckvm_notify_queue *", {
+            "efd": efd, "python_fd": python_fd, "kind": kind, "t": transport.state.native,
+            "mem": transport.memory.native, "q": queue._native_vq, "w": queue._native_walk, "ctx": ctx})
+        self.native.queues[len(self.queues)] = nq
+        self.queues.append(nq)
+        self.native.count = len(self.queues)
+        self._keep.append((transport, queue, native))
+        return python_fd
+
+    def start(self) -> None:
+        if self.queues and not self.native.running:
+            if self.native.stop_fd < 0:
+                self.native.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._fds.append(self.native.stop_fd)
+            rc = lib.ckvm_notifier_start(self.native)
+            if rc < 0:
+                raise OSError(-rc, f"cannot start the notification thread: {os.strerror(-rc)}")
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it; call without any transport's lock held."""
+        lib.ckvm_notifier_stop(self.native)
+
+    def close(self) -> None:
+        """Stop the thread, then close the eventfds this made."""
+        self.stop()
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+    @staticmethod
+    def serve(nq) -> bool:
+        """One notification for `nq` as the thread serves it: True when it went on to Python (`python_fd`)."""
+        return bool(lib.ckvm_notify_serve(nq))
+
+    @property
+    def served(self) -> int:
+        """Notifications C finished, every queue's."""
+        return sum(nq.served for nq in self.queues)
+
+    @property
+    def forwarded(self) -> int:
+        """Notifications handed on to Python."""
+        return sum(nq.forwarded for nq in self.queues)

@@ -1,0 +1,146 @@
+/* Available buffer notifications served without Python (virtio 1.2 §2.7.13 the driver's notification, §4.2.3.4 a
+ * virtio-mmio QueueNotify write, delivered by KVM as an ioeventfd), for devices/virtio/notifier.py.
+ *
+ * A thread polls the ioeventfds of the queues a device serves in C (virtio-blk's requests: virtio_blk.c). For a
+ * notification it takes the transport's lock (`struct ckvm_transport`: the same recursive mutex mmio.py holds for
+ * every register access and all queue work), and while the transport is live (DRIVER_OK, no DEVICE_NEEDS_RESET) and
+ * the queue ready it runs the device's C path, decides the used buffer notification (`ckvm_vq_needs_interrupt`) and
+ * raises it: InterruptStatus bit 0 set, the slot's irqfd written. Whenever the C path stops short (a request it
+ * leaves to Python, a map miss, a queue it cannot use, a transport not live), the notification goes on to Python
+ * through the queue's `python_fd`, an eventfd the I/O thread watches, where mmio.py handles it as any other. */
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+
+/* The transport's share: its lock, whether it is live, its InterruptStatus cell and irqfd (-1: none). */
+struct ckvm_transport {
+    pthread_mutex_t lock;
+    uint32_t live;
+    uint32_t *isr;
+    int32_t irqfd;
+};
+
+int ckvm_transport_init(struct ckvm_transport *t)
+{
+    pthread_mutexattr_t attr;
+    int rc = pthread_mutexattr_init(&attr);
+    if (rc == 0)
+        rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+    if (rc == 0)
+        rc = pthread_mutex_init(&t->lock, &attr);
+    pthread_mutexattr_destroy(&attr);
+    t->irqfd = -1;
+    return -rc;
+}
+
+/* Python takes and leaves the lock with the GIL released (cffi releases it around every call). */
+void ckvm_transport_lock(struct ckvm_transport *t) { pthread_mutex_lock(&t->lock); }
+void ckvm_transport_unlock(struct ckvm_transport *t) { pthread_mutex_unlock(&t->lock); }
+void ckvm_transport_destroy(struct ckvm_transport *t) { pthread_mutex_destroy(&t->lock); }
+
+enum { CKVM_SERVE_BLK = 1 };               /* which C path serves a queue: virtio_blk.c's ckvm_blk_serve */
+#define CKVM_MAX_NOTIFY 64
+#define CKVM_INT_VRING 1                   /* §4.2.2 InterruptStatus: used buffer notification */
+
+struct ckvm_notify_queue {
+    int32_t efd, python_fd;
+    uint32_t kind;
+    struct ckvm_transport *t;
+    const struct ckvm_mem *mem;
+    struct ckvm_vq *q;
+    struct ckvm_walk *w;
+    void *ctx;                             /* CKVM_SERVE_BLK: struct ckvm_blk */
+    uint64_t served, forwarded;            /* notifications served whole here, handed on to Python */
+};
+
+struct ckvm_notifier {
+    uint32_t count;
+    int32_t stop_fd;                       /* an eventfd: written to stop the thread */
+    struct ckvm_notify_queue *queues[CKVM_MAX_NOTIFY];
+    uint32_t running;
+    pthread_t thread;
+};
+
+static void ckvm_eventfd_signal(int fd)
+{
+    uint64_t one = 1;
+    ssize_t n = write(fd, &one, sizeof(one));
+    (void)n;                               /* EAGAIN: the counter is already non-zero, the reader wakes anyway */
+}
+
+/* One notification for `nq`, as the thread serves it (the tests call it directly). 1 when it went on to Python. */
+int ckvm_notify_serve(struct ckvm_notify_queue *nq)
+{
+    struct ckvm_transport *t = nq->t;
+    int forward = 1;
+    pthread_mutex_lock(&t->lock);
+    if (t->live && nq->q->ready && t->irqfd >= 0) {
+        int code = -1;
+        if (nq->kind == CKVM_SERVE_BLK)
+            code = ckvm_blk_serve(nq->mem, nq->q, nq->w, nq->ctx);
+        int wanted = ckvm_vq_needs_interrupt(nq->mem, nq->q);
+        if (wanted > 0) {
+            ckvm_isr_set(t->isr, CKVM_INT_VRING);
+            ckvm_eventfd_signal(t->irqfd);
+        }
+        forward = code != 0 || wanted < 0;
+    }
+    pthread_mutex_unlock(&t->lock);
+    if (forward) {
+        nq->forwarded++;
+        ckvm_eventfd_signal(nq->python_fd);
+    } else {
+        nq->served++;
+    }
+    return forward;
+}
+
+static void *ckvm_notify_thread(void *arg)
+{
+    struct ckvm_notifier *n = arg;
+    struct pollfd fds[CKVM_MAX_NOTIFY + 1];
+    uint32_t count = n->count < CKVM_MAX_NOTIFY ? n->count : CKVM_MAX_NOTIFY;
+    for (uint32_t i = 0; i < count; i++)
+        fds[i] = (struct pollfd){ .fd = n->queues[i]->efd, .events = POLLIN };
+    fds[count] = (struct pollfd){ .fd = n->stop_fd, .events = POLLIN };
+    for (;;) {
+        if (poll(fds, count + 1, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return NULL;
+        }
+        if (fds[count].revents)
+            return NULL;
+        for (uint32_t i = 0; i < count; i++) {
+            if (fds[i].revents & (POLLERR | POLLNVAL | POLLHUP))
+                return NULL;               /* an ioeventfd closed under us: the machine is going away */
+            uint64_t value;
+            if (fds[i].revents & POLLIN && read(fds[i].fd, &value, sizeof(value)) == sizeof(value))
+                ckvm_notify_serve(n->queues[i]);
+        }
+    }
+}
+
+/* Start the thread on the queues registered so far (none may be added later), every signal blocked in it: they
+ * belong to the vCPU threads (the kick) and to Python's main thread. 0 or -errno. */
+int ckvm_notifier_start(struct ckvm_notifier *n)
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&n->thread, NULL, ckvm_notify_thread, n);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc == 0)
+        n->running = 1;
+    return -rc;
+}
+
+/* Stop the thread and wait for it. Called without any transport's lock held: the thread may be waiting for one. */
+void ckvm_notifier_stop(struct ckvm_notifier *n)
+{
+    if (!n->running)
+        return;
+    ckvm_eventfd_signal(n->stop_fd);
+    pthread_join(n->thread, NULL);
+    n->running = 0;
+}

@@ -1,0 +1,111 @@
+"""Notifications served in C (devices/virtio/notifier.py, kvm/notify.c) by the real thread: a virtio-blk read
+notified through an eventfd (as KVM's ioeventfd would) is served and interrupted by C alone; what C leaves (a flush,
+a transport that is not live) reaches Python through the queue's python_fd; the lock is the transport's."""
+import os
+import select
+import threading
+import time
+
+from cloudkvm.devices.virtio import mmio
+from cloudkvm.devices.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VirtioBlk
+from cloudkvm.devices.virtio.notifier import Notifier
+from cloudkvm.devices.virtio.queue import VIRTIO_F_EVENT_IDX
+from virtio_driver import MiB, FakeDisk, Rig
+
+
+class Threaded:
+    """A blk rig whose QueueNotify writes go to an eventfd the notifier's thread polls; each kick waits until the
+    thread has answered (served in C, or handed on through python_fd, which is then notified to the transport here,
+    as the I/O thread does)."""
+
+    def __init__(self, memory):
+        self.disk = FakeDisk(MiB, native=True)
+        self.disk.data[:4096] = bytes(range(256)) * 16
+        self.rig = Rig(memory, VirtioBlk(self.disk), notifier=True)   # the irqfd; its synchronous path unused
+        self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.notifier = Notifier()
+        self.python_fd = self.notifier.add(self.efd, self.rig.transport, 0)
+        self.rig.driver.on_notify = self.kick
+        self.handed_on = 0
+
+    def kick(self, index: int) -> None:
+        answered = self.notifier.served + self.notifier.forwarded
+        os.eventfd_write(self.efd, 1)
+        deadline = time.monotonic() + 10
+        while self.notifier.served + self.notifier.forwarded == answered:
+            assert time.monotonic() < deadline, "the notifier's thread answered nothing in 10 s"
+            time.sleep(0.001)
+        if select.select([self.python_fd], [], [], 0)[0]:
+            os.eventfd_read(self.python_fd)
+            self.handed_on += 1
+            self.rig.transport.queue_notify(index)
+
+    def close(self) -> None:
+        self.notifier.close()
+        os.close(self.efd)
+        self.disk.close()
+
+
+def test_a_read_is_served_and_interrupted_by_the_thread_alone(memory):
+    t = Threaded(memory)
+    try:
+        t.rig.driver.init(accept=~(1 << VIRTIO_F_EVENT_IDX))   # every used buffer interrupts (§2.7.7.1)
+        t.notifier.start()
+        irqs = t.rig.irqs
+        status, data, used_len = t.rig.blk(VIRTIO_BLK_T_IN, 0, in_len=4096)   # (the rig's map knows the disk)
+        assert status == VIRTIO_BLK_S_OK and data == bytes(range(256)) * 16 and used_len == 4097
+        assert t.notifier.served == 1 and t.handed_on == 0
+        assert t.rig.irqs == irqs + 1                                   # C wrote the irqfd
+        assert t.rig.transport.interrupt_status & mmio.INT_VRING         # and set InterruptStatus before it
+    finally:
+        t.close()
+
+
+def test_what_c_leaves_reaches_python_through_python_fd(memory):
+    t = Threaded(memory)
+    try:
+        t.rig.driver.init()
+        t.notifier.start()
+        status, _, _ = t.rig.blk(VIRTIO_BLK_T_FLUSH)                  # not a plain read or write: blk.py's
+        assert status == VIRTIO_BLK_S_OK
+        assert t.handed_on == 1 and t.notifier.forwarded == 1 and t.notifier.served == 0
+    finally:
+        t.close()
+
+
+def test_a_notification_before_driver_ok_goes_to_python(memory, caplog):
+    t = Threaded(memory)
+    try:
+        t.notifier.start()
+        t.rig.driver.on_notify(0)                                         # nothing set up: not live
+        assert t.handed_on == 1 and t.notifier.served == 0
+        assert "not live" in caplog.text                                  # and mmio.py said so, as before
+    finally:
+        t.close()
+
+
+def test_the_thread_waits_for_the_transport_lock(memory):
+    t = Threaded(memory)
+    try:
+        t.rig.driver.init()
+        t.notifier.start()
+        done = threading.Event()
+        with t.rig.transport.lock:                                        # a register access in progress
+            worker = threading.Thread(target=lambda: (t.rig.blk(VIRTIO_BLK_T_IN, 0, in_len=512), done.set()))
+            worker.start()
+            assert not done.wait(0.3)                                     # C waits behind the lock
+        worker.join(10)
+        assert done.is_set() and t.notifier.served == 1
+    finally:
+        t.close()
+
+
+def test_stop_ends_the_thread_and_close_is_idempotent(memory):
+    t = Threaded(memory)
+    t.rig.driver.init()
+    t.notifier.start()
+    assert t.notifier.native.running
+    t.notifier.stop()
+    assert not t.notifier.native.running
+    t.close()
+    t.notifier.close()
