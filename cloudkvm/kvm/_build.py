@@ -231,6 +231,7 @@ int ckvm_net_tx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk 
 #define CKVM_MAX_NOTIFY ...
 struct ckvm_transport { uint32_t live; uint32_t *isr; int32_t irqfd; ...; };
 int ckvm_transport_init(struct ckvm_transport *t);
+int ckvm_transport_trylock(struct ckvm_transport *t);
 void ckvm_transport_lock(struct ckvm_transport *t);
 void ckvm_transport_unlock(struct ckvm_transport *t);
 void ckvm_transport_destroy(struct ckvm_transport *t);

@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..errors import GuestMemoryError
-from .native import ffi, lib
+from .native import address, ffi, lib
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -65,6 +65,7 @@ class GuestMemory:
         # The region table the C chain walk (virtq.c) reads guest RAM through (`walk_chain`); emptied by close()
         self._native_lock = threading.RLock()  # re-entrant: C may call back into Python that reaches RAM again
         self.native = ffi.new("struct ckvm_mem *")
+        self._native_address = address(self.native)
         self.native.count = len(self.regions)
         for i, r in enumerate(self.regions):
             self.native.regions[i].gpa, self.native.regions[i].size = r.gpa, r.size
@@ -106,6 +107,11 @@ class GuestMemory:
         while close() unmaps it (C holds no view that would keep a mapping in place)."""
         with self._native_lock:
             return fn(self.native, *args)
+
+    def call_quick(self, fn, *args):
+        """`call_native` for a `kvm.native.quick` helper (the GIL kept): it takes the region table's address."""
+        with self._native_lock:
+            return fn(self._native_address, *args)
 
     def region_view(self, gpa: int, length: int) -> tuple[memoryview, int]:
         """The whole view of the region holding [gpa, gpa+length) and gpa's offset in it, for a caller that

@@ -1,4 +1,10 @@
-"""Loads the compiled cffi KVM core, building it in place on first use from a never-installed source tree."""
+"""Loads the compiled cffi KVM core, building it in place on first use from a never-installed source tree.
+
+`quick` calls a few of the core's short, never-blocking helpers (a lock tried, an interrupt decided) without
+releasing the GIL: cffi releases it around every call, and on a busy host each release may hand the GIL to another
+thread until its next switch (milliseconds on an emulated host), which is what these calls are made to avoid. They
+take addresses (`address(cdata)`), not cdata."""
+import ctypes
 import importlib
 
 
@@ -22,3 +28,24 @@ def _load():
 _mod = _load()
 ffi = _mod.ffi
 lib = _mod.lib
+
+
+def address(cdata) -> int:
+    """The address a `quick` helper takes for `cdata` (a pointer)."""
+    return int(ffi.cast("uintptr_t", cdata))
+
+
+def _quick():
+    dll = ctypes.PyDLL(_mod.__file__)   # PyDLL: the GIL stays held during the call
+    for name, restype, argtypes in (
+            ("ckvm_transport_trylock", ctypes.c_int, [ctypes.c_void_p]),
+            ("ckvm_transport_unlock", None, [ctypes.c_void_p]),
+            ("ckvm_isr_set", None, [ctypes.c_void_p, ctypes.c_uint32]),
+            ("ckvm_isr_clear", None, [ctypes.c_void_p, ctypes.c_uint32]),
+            ("ckvm_vq_needs_interrupt", ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p])):
+        fn = getattr(dll, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return dll
+
+
+quick = _quick()

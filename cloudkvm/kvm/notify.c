@@ -33,7 +33,9 @@ int ckvm_transport_init(struct ckvm_transport *t)
     return -rc;
 }
 
-/* Python takes and leaves the lock with the GIL released (cffi releases it around every call). */
+/* Python tries the lock first holding the GIL (kvm/native.py `quick`), and waits for it only with the GIL released
+ * (cffi releases it around every call): a thread that waits for the lock never holds what the owner may need. */
+int ckvm_transport_trylock(struct ckvm_transport *t) { return pthread_mutex_trylock(&t->lock) == 0; }
 void ckvm_transport_lock(struct ckvm_transport *t) { pthread_mutex_lock(&t->lock); }
 void ckvm_transport_unlock(struct ckvm_transport *t) { pthread_mutex_unlock(&t->lock); }
 void ckvm_transport_destroy(struct ckvm_transport *t) { pthread_mutex_destroy(&t->lock); }

@@ -10,7 +10,7 @@ from typing import Callable
 
 from ...errors import GuestMemoryError
 from ...kvm.memory import GuestMemory
-from ...kvm.native import ffi as _ffi, lib as _lib
+from ...kvm.native import address, ffi as _ffi, quick as _quick
 from .device import VIRTIO_F_VERSION_1, VirtioDevice
 from .notifier import TransportState
 from .queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, Virtqueue, VirtqueueError
@@ -93,6 +93,7 @@ class VirtioMmioTransport:
         self.queues = [Virtqueue(memory, size, i) for i, size in enumerate(device.queue_max_sizes)]
         self.config_generation = 0
         self.c_isr = _ffi.new("uint32_t *")
+        self._isr_address = address(self.c_isr)
         # the lock, and what notifications served in C (notifier.py) read under it; `interrupt_fd` is the eventfd
         # `interrupt` writes (the slot's irqfd), which C may write itself
         self.state = TransportState(self.c_isr, interrupt_fd)
@@ -203,7 +204,7 @@ class VirtioMmioTransport:
         elif offset == QUEUE_NOTIFY:
             self._notify(value & 0xFFFF)   # without VIRTIO_F_NOTIFICATION_DATA the value is the queue index
         elif offset == INTERRUPT_ACK:
-            _lib.ckvm_isr_clear(self.c_isr, value)
+            _quick.ckvm_isr_clear(self._isr_address, value)
         elif offset == STATUS:
             self._write_status(value & 0xFF)
         elif offset in (QUEUE_NUM, QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW,
@@ -334,7 +335,7 @@ class VirtioMmioTransport:
                 self._raise_interrupt(INT_CONFIG)
 
     def _raise_interrupt(self, bit: int) -> None:
-        _lib.ckvm_isr_set(self.c_isr, bit)
+        _quick.ckvm_isr_set(self._isr_address, bit)
         try:
             self.interrupt()
         except Exception:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 
-from ...kvm.native import ffi, lib
+from ...kvm.native import address, ffi, lib, quick
+
+_trylock, _unlock = quick.ckvm_transport_trylock, quick.ckvm_transport_unlock
 
 
 class TransportState:
-    """A transport's `struct ckvm_transport`: `acquire`/`release` (also `with`) take its recursive mutex with the GIL
-    released, so a C thread holding it never waits for Python; `live` and `irqfd` are what C reads under it."""
+    """A transport's `struct ckvm_transport`: `acquire`/`release` (also `with`) take its recursive mutex — tried
+    first with the GIL held, waited for only with it released (kvm/native.py `quick`), so neither a C thread nor
+    another Python thread ever waits for what the owner holds; `live` and `irqfd` are what C reads under it."""
 
     def __init__(self, isr_cell, irqfd: int | None):
         self.native = ffi.new("struct ckvm_transport *")
@@ -23,20 +26,23 @@ class TransportState:
             raise OSError(-rc, os.strerror(-rc))
         self.native.isr = isr_cell
         self.native.irqfd = -1 if irqfd is None else irqfd
+        self._address = address(self.native)
 
     def acquire(self) -> bool:
-        lib.ckvm_transport_lock(self.native)
+        if not _trylock(self._address):
+            lib.ckvm_transport_lock(self.native)
         return True
 
     def release(self) -> None:
-        lib.ckvm_transport_unlock(self.native)
+        _unlock(self._address)
 
     def __enter__(self) -> "TransportState":
-        lib.ckvm_transport_lock(self.native)
+        if not _trylock(self._address):
+            lib.ckvm_transport_lock(self.native)
         return self
 
     def __exit__(self, *exc) -> None:
-        lib.ckvm_transport_unlock(self.native)
+        _unlock(self._address)
 
     def set_live(self, live: bool) -> None:
         self.native.live = live

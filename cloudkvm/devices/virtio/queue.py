@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from ...errors import GuestMemoryError
 from ...kvm.memory import GuestMemory
-from ...kvm.native import ffi as _ffi, lib as _lib
+from ...kvm.native import address, ffi as _ffi, lib as _lib, quick as _quick
 
 # virtio 1.2 §2.7.5 struct virtq_desc flags.
 VIRTQ_DESC_F_NEXT = 1
@@ -141,6 +141,7 @@ class Virtqueue:
         # the queue's state (see _in_native), and the C walk's arguments and scratch for the largest size the
         # driver may choose
         self._native_vq = _ffi.new("struct ckvm_vq *")
+        self._native_vq_address = address(self._native_vq)
         self._native_segs = _ffi.new("struct ckvm_seg[]", max_size)
         self._native_visited = _ffi.new("uint32_t[]", max_size + 1)
         self._native_walk = _ffi.new("struct ckvm_walk *", {"segs": self._native_segs,
@@ -289,7 +290,7 @@ class Virtqueue:
         """Whether the driver wants a used buffer notification for what was pushed since the last call (§2.7.7:
         EVENT_IDX's used_event, else VIRTQ_AVAIL_F_NO_INTERRUPT): kvm/virtq.c ckvm_vq_needs_interrupt, the one
         decision Python and the notifications served in C (devices/virtio/notifier.py) share."""
-        wanted = self.memory.call_native(_lib.ckvm_vq_needs_interrupt, self._native_vq)
+        wanted = self.memory.call_quick(_quick.ckvm_vq_needs_interrupt, self._native_vq_address)
         if wanted < 0:
             raise GuestMemoryError(f"queue {self.index}: its rings are not inside guest RAM")
         return bool(wanted)
