@@ -27,7 +27,7 @@ from cloudkvm.devices.virtio.net import (ETH_DATA_LEN, ETH_HLEN, VIRTIO_NET_F_CS
                                          VIRTIO_NET_F_MRG_RXBUF, VLAN_HLEN, VirtioNet)
 from cloudkvm.devices.virtio.queue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 from cloudkvm.kvm.memory import GuestMemory
-from cloudkvm.kvm.native import ffi, lib
+from cloudkvm.net.backend import PythonFramePath
 
 from .oracle import Crash, no_swallowed_exceptions, start_device
 
@@ -91,42 +91,28 @@ class FuzzBackend:
         pass
 
 
-class FuzzLinkBackend(FuzzBackend):
-    """FuzzBackend on the C frame path: what libslirp hands over goes through ckvm_net_link_send inside the
-    device's section (FuzzBackend's delivery is the fallback for what C leaves); what C transmits arrives through
-    the link's `input`."""
+class FuzzLinkBackend(PythonFramePath, FuzzBackend):
+    """FuzzBackend on the C frame path, as libslirp uses it: frames for the guest go through ckvm_net_link_send
+    inside the device's section (FuzzBackend's delivery is the fallback for what C leaves); what C transmits
+    arrives through the link's `input`."""
 
     def __init__(self):
-        super().__init__()
-        self.section = None
-        self.link = ffi.new("struct ckvm_netlink *")
-        self._callbacks = (ffi.callback(ffi.typeof(self.link.fallback), self._fallback),
-                           ffi.callback(ffi.typeof(self.link.input), self._input))
-        self.link.fallback, self.link.input = self._callbacks
-
-    def connect_native(self, section):
-        self.section = section
-        return self.link
-
-    def send_native(self, run):
-        with self.section:
-            return run()
+        FuzzBackend.__init__(self)
+        PythonFramePath.__init__(self)
 
     def inject(self, frame: bytes) -> None:
-        with self.section:
-            lib.ckvm_net_link_send(ffi.from_buffer(frame), len(frame), self.link)
+        self.emit(frame)
 
     def rx_ready(self) -> None:
-        super().rx_ready()
-        self.link.held = len(self.held)
+        FuzzBackend.rx_ready(self)
+        self._held_changed(len(self.held))
 
-    def _fallback(self, buf, length, opaque) -> int:
-        FuzzBackend.inject(self, bytes(ffi.buffer(buf, length)))
-        self.link.held = len(self.held)
-        return length
+    def _for_guest(self, frame: bytes) -> None:
+        FuzzBackend.inject(self, frame)
+        self._held_changed(len(self.held))
 
-    def _input(self, slirp, pkt, length) -> None:
-        self.sent.append(bytes(ffi.buffer(pkt, length)))
+    def _from_guest(self, frame: bytes) -> None:
+        self.sent.append(frame)
 
 
 def _frames(data: bytes, count: int) -> tuple[list[bytes], int]:

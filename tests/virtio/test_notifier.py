@@ -6,6 +6,8 @@ import select
 import threading
 import time
 
+import pytest
+
 from cloudkvm.devices.virtio import mmio
 from cloudkvm.devices.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VirtioBlk
 from cloudkvm.devices.virtio.notifier import Notifier
@@ -46,66 +48,61 @@ class Threaded:
         self.disk.close()
 
 
-def test_a_read_is_served_and_interrupted_by_the_thread_alone(memory):
+@pytest.fixture
+def threaded(memory):
     t = Threaded(memory)
-    try:
-        t.rig.driver.init(accept=~(1 << VIRTIO_F_EVENT_IDX))   # every used buffer interrupts (§2.7.7.1)
-        t.notifier.start()
-        irqs = t.rig.irqs
-        status, data, used_len = t.rig.blk(VIRTIO_BLK_T_IN, 0, in_len=4096)   # (the rig's map knows the disk)
-        assert status == VIRTIO_BLK_S_OK and data == bytes(range(256)) * 16 and used_len == 4097
-        assert t.notifier.served == 1 and t.handed_on == 0
-        assert t.rig.irqs == irqs + 1                                   # C wrote the irqfd
-        assert t.rig.transport.interrupt_status & mmio.INT_VRING         # and set InterruptStatus before it
-    finally:
-        t.close()
+    yield t
+    t.close()
 
 
-def test_what_c_leaves_reaches_python_through_python_fd(memory):
-    t = Threaded(memory)
-    try:
-        t.rig.driver.init()
-        t.notifier.start()
-        status, _, _ = t.rig.blk(VIRTIO_BLK_T_FLUSH)                  # not a plain read or write: blk.py's
-        assert status == VIRTIO_BLK_S_OK
-        assert t.handed_on == 1 and t.notifier.forwarded == 1 and t.notifier.served == 0
-    finally:
-        t.close()
+def test_a_read_is_served_and_interrupted_by_the_thread_alone(threaded):
+    t = threaded
+    t.rig.driver.init(accept=~(1 << VIRTIO_F_EVENT_IDX))   # every used buffer interrupts (§2.7.7.1)
+    t.notifier.start()
+    irqs = t.rig.irqs
+    status, data, used_len = t.rig.blk(VIRTIO_BLK_T_IN, 0, in_len=4096)   # (the rig's map knows the disk)
+    assert status == VIRTIO_BLK_S_OK and data == bytes(range(256)) * 16 and used_len == 4097
+    assert t.notifier.served == 1 and t.handed_on == 0
+    assert t.rig.irqs == irqs + 1                                   # C wrote the irqfd
+    assert t.rig.transport.interrupt_status & mmio.INT_VRING         # and set InterruptStatus before it
 
 
-def test_a_notification_before_driver_ok_goes_to_python(memory, caplog):
-    t = Threaded(memory)
-    try:
-        t.notifier.start()
-        t.rig.driver.on_notify(0)                                         # nothing set up: not live
-        assert t.handed_on == 1 and t.notifier.served == 0
-        assert "not live" in caplog.text                                  # and mmio.py said so, as before
-    finally:
-        t.close()
+def test_what_c_leaves_reaches_python_through_python_fd(threaded):
+    t = threaded
+    t.rig.driver.init()
+    t.notifier.start()
+    status, _, _ = t.rig.blk(VIRTIO_BLK_T_FLUSH)                  # not a plain read or write: blk.py's
+    assert status == VIRTIO_BLK_S_OK
+    assert t.handed_on == 1 and t.notifier.forwarded == 1 and t.notifier.served == 0
 
 
-def test_the_thread_waits_for_the_transport_lock(memory):
-    t = Threaded(memory)
-    try:
-        t.rig.driver.init()
-        t.notifier.start()
-        done = threading.Event()
-        with t.rig.transport.lock:                                        # a register access in progress
-            worker = threading.Thread(target=lambda: (t.rig.blk(VIRTIO_BLK_T_IN, 0, in_len=512), done.set()))
-            worker.start()
-            assert not done.wait(0.3)                                     # C waits behind the lock
-        worker.join(10)
-        assert done.is_set() and t.notifier.served == 1
-    finally:
-        t.close()
+def test_a_notification_before_driver_ok_goes_to_python(threaded, caplog):
+    t = threaded
+    t.notifier.start()
+    t.rig.driver.on_notify(0)                                         # nothing set up: not live
+    assert t.handed_on == 1 and t.notifier.served == 0
+    assert "not live" in caplog.text                                  # and mmio.py said so, as before
 
 
-def test_stop_ends_the_thread_and_close_is_idempotent(memory):
-    t = Threaded(memory)
+def test_the_thread_waits_for_the_transport_lock(threaded):
+    t = threaded
+    t.rig.driver.init()
+    t.notifier.start()
+    done = threading.Event()
+    with t.rig.transport.lock:                                        # a register access in progress
+        worker = threading.Thread(target=lambda: (t.rig.blk(VIRTIO_BLK_T_IN, 0, in_len=512), done.set()))
+        worker.start()
+        assert not done.wait(0.3)                                     # C waits behind the lock
+    worker.join(10)
+    assert done.is_set() and t.notifier.served == 1
+
+
+def test_stop_ends_the_thread_and_close_is_idempotent(threaded):
+    t = threaded
     t.rig.driver.init()
     t.notifier.start()
     assert t.notifier.native.running
     t.notifier.stop()
     assert not t.notifier.native.running
-    t.close()
+    t.notifier.close()
     t.notifier.close()

@@ -4,7 +4,7 @@ import struct
 
 from cloudkvm.devices.virtio import mmio
 from cloudkvm.devices.virtio.net import VirtioNet
-from cloudkvm.kvm.native import ffi, lib
+from cloudkvm.net.backend import PythonFramePath
 from virtio_driver import MiB, Rig
 
 RAM = 4 * MiB
@@ -64,51 +64,34 @@ class FakeBackend:
         self.closed += 1
 
 
-class LinkBackend(FakeBackend):
-    """A FakeBackend that offers the frame path in C the way net/slirp.py does: frames for the guest go in through
-    kvm/virtio_net.c ckvm_net_link_send (what libslirp calls), inside the device's section, with the Python
-    delivery above as the fallback for what C leaves; frames from the guest come out of ckvm_net_tx through the
-    link's `input` (libslirp's slirp_input there, a recorder here)."""
+class LinkBackend(PythonFramePath, FakeBackend):
+    """A FakeBackend on the frame path in C, the way net/slirp.py uses it: frames for the guest go in through
+    kvm/virtio_net.c ckvm_net_link_send (what libslirp calls) inside the device's section, with FakeBackend's
+    delivery as the fallback for what C leaves; frames from the guest come out of ckvm_net_tx through the link's
+    `input` (libslirp's slirp_input there, a recorder here)."""
 
     def __init__(self, limit: int = 64):
-        super().__init__(limit)
-        self.section = None
-        self.link = ffi.new("struct ckvm_netlink *")
+        FakeBackend.__init__(self, limit)
+        PythonFramePath.__init__(self)
         self.fell_back = 0           # frames C handed to the fallback
-        self.via_input = 0           # frames C sent through `input`
         self._result = False
-        self._callbacks = (ffi.callback(ffi.typeof(self.link.fallback), self._fallback),
-                           ffi.callback(ffi.typeof(self.link.input), self._input))
-        self.link.fallback, self.link.input = self._callbacks
-
-    def connect_native(self, section):
-        self.section = section
-        return self.link
-
-    def send_native(self, run):
-        with self.section:
-            return run()
 
     def inject(self, frame: bytes) -> bool:
         self._result = True
-        buf = ffi.from_buffer(frame)
-        with self.section:
-            lib.ckvm_net_link_send(buf, len(frame), self.link)
+        self.emit(frame)
         return self._result
 
     def rx_ready(self) -> None:
-        super().rx_ready()
-        self.link.held = len(self.held)
+        FakeBackend.rx_ready(self)
+        self._held_changed(len(self.held))
 
-    def _fallback(self, buf, length, opaque) -> int:
+    def _for_guest(self, frame: bytes) -> None:
         self.fell_back += 1
-        self._result = FakeBackend.inject(self, bytes(ffi.buffer(buf, length)))
-        self.link.held = len(self.held)
-        return length
+        self._result = FakeBackend.inject(self, frame)
+        self._held_changed(len(self.held))
 
-    def _input(self, slirp, pkt, length) -> None:
-        self.via_input += 1
-        FakeBackend.send(self, bytes(ffi.buffer(pkt, length)))
+    def _from_guest(self, frame: bytes) -> None:
+        FakeBackend.send(self, frame)
 
 
 class NetRig(Rig):
