@@ -40,7 +40,10 @@ void ckvm_transport_lock(struct ckvm_transport *t) { pthread_mutex_lock(&t->lock
 void ckvm_transport_unlock(struct ckvm_transport *t) { pthread_mutex_unlock(&t->lock); }
 void ckvm_transport_destroy(struct ckvm_transport *t) { pthread_mutex_destroy(&t->lock); }
 
-enum { CKVM_SERVE_BLK = 1 };               /* which C path serves a queue: virtio_blk.c's ckvm_blk_serve */
+/* Which C path serves a queue: virtio_blk.c's ckvm_blk_serve (ctx: struct ckvm_blk); virtio-net's receive queue,
+ * where a notification only means "buffers posted", which matters only when the backend keeps frames for the guest
+ * (ctx: struct ckvm_netlink, `held`): then net.py retries them, else there is nothing to do. */
+enum { CKVM_SERVE_BLK = 1, CKVM_SERVE_NET_RX = 2 };
 #define CKVM_MAX_NOTIFY 64
 #define CKVM_INT_VRING 1                   /* §4.2.2 InterruptStatus: used buffer notification */
 
@@ -51,7 +54,7 @@ struct ckvm_notify_queue {
     const struct ckvm_mem *mem;
     struct ckvm_vq *q;
     struct ckvm_walk *w;
-    void *ctx;                             /* CKVM_SERVE_BLK: struct ckvm_blk */
+    void *ctx;                             /* the C path's state (CKVM_SERVE_*) */
     uint64_t served, forwarded;            /* notifications served whole here, handed on to Python */
 };
 
@@ -80,6 +83,8 @@ int ckvm_notify_serve(struct ckvm_notify_queue *nq)
         int code = -1;
         if (nq->kind == CKVM_SERVE_BLK)
             code = ckvm_blk_serve(nq->mem, nq->q, nq->w, nq->ctx);
+        else if (nq->kind == CKVM_SERVE_NET_RX)
+            code = ((const struct ckvm_netlink *)nq->ctx)->held != 0;
         int wanted = ckvm_vq_needs_interrupt(nq->mem, nq->q);
         if (wanted > 0) {
             ckvm_isr_set(t->isr, CKVM_INT_VRING);

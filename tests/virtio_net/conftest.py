@@ -18,23 +18,24 @@ from virtio_fixtures import guest_memory_fixture, no_unexpected_exceptions  # no
 memory = guest_memory_fixture(RAM)
 
 
-@pytest.fixture(params=["python", "c", "link"])
+@pytest.fixture(params=["python", "c", "link", "notifier"])
 def path(request) -> str:
     """Which way frames go: "python" (net.py alone), "c" (plain receive chains filled by kvm/virtio_net.c), "link"
-    (the backend's frames into C directly and transmitted frames out of C: the frame path net/slirp.py uses)."""
+    (the backend's frames into C directly and transmitted frames out of C: the frame path net/slirp.py uses),
+    "notifier" (the link, and receive notifications served in C: devices/virtio/notifier.py)."""
     return request.param
 
 
 @pytest.fixture
 def backend(path):
-    return LinkBackend() if path == "link" else FakeBackend()
+    return LinkBackend() if path in ("link", "notifier") else FakeBackend()
 
 
 @pytest.fixture
 def make_net(path, memory, backend):
     """make_net(mtu=None, accept=~0, queue_size=None, init=True) → NetRig on the `path` under test."""
     def make(**kwargs) -> NetRig:
-        rig = NetRig(memory, backend, **kwargs)
+        rig = NetRig(memory, backend, notifier=path == "notifier", **kwargs)
         rig.device.rx_in_c = path != "python"
         return rig
     return make

@@ -98,9 +98,9 @@ class NetRig(Rig):
     """A VirtioNet behind the virtio-mmio transport; the driver sets up receiveq1 (0) and transmitq1 (1)."""
 
     def __init__(self, memory, backend, mtu=None, accept: int = ~0, queue_size=None, init: bool = True,
-                 mac: bytes = GUEST_MAC, alloc_end: int | None = None):
+                 mac: bytes = GUEST_MAC, alloc_end: int | None = None, notifier: bool = False):
         self.backend = backend
-        super().__init__(memory, VirtioNet(backend, mac, mtu), alloc_end=alloc_end)
+        super().__init__(memory, VirtioNet(backend, mac, mtu), alloc_end=alloc_end, notifier=notifier)
         self.features = 0
         self.last_used: list[tuple[int, int]] = []
         if init:

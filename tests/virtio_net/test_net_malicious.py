@@ -330,16 +330,17 @@ def allowed_writes(memory, table) -> list[tuple[int, int]]:
        mergeable=st.booleans(), plausible=st.sampled_from([{"rx", "tx"}, {"rx", "tx"}, {"rx"}, {"tx"}, set()]),
        frames=st.lists(st.sampled_from([arp_frame(), arp_frame() * 30, arp_frame() * 36]) |
                        st.binary(min_size=0, max_size=1600), min_size=1, max_size=4),
-       path=st.sampled_from(["python", "c", "link"]))
+       path=st.sampled_from(["python", "c", "link", "notifier"]))
 def test_random_descriptor_tables_never_raise(data, size, ring_features, mergeable, plausible, frames, path):
     memory = GuestMemory([(0, LOW_END), (HIGH, HIGH_END - HIGH)])
-    backend = LinkBackend() if path == "link" else FakeBackend()
+    backend = LinkBackend() if path in ("link", "notifier") else FakeBackend()
     rx_in_c = path != "python"
     try:
         refuse = (1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX) & ~sum(1 << b for b in ring_features)
         if not mergeable:
             refuse |= 1 << 15
-        rig = NetRig(memory, backend, accept=~refuse, queue_size=size, alloc_end=BUFFERS)
+        rig = NetRig(memory, backend, accept=~refuse, queue_size=size, alloc_end=BUFFERS,
+                     notifier=path == "notifier")
         rig.device.rx_in_c = rx_in_c
         memory.write(BUFFERS, data.draw(st.binary(min_size=64, max_size=64)) * 1024)
         for i, fields in enumerate(data.draw(st.lists(header_fields, max_size=4))):
@@ -372,7 +373,7 @@ def test_random_descriptor_tables_never_raise(data, size, ring_features, mergeab
         for frame in frames:
             backend.inject(frame)
         rig.rxq.set_avail_idx(rx_idx)
-        rig.transport.queue_notify(0)
+        rig.notify(0)
         for frame in frames:
             backend.inject(frame)
         rig.driver.write(mmio.QUEUE_NOTIFY, 0)

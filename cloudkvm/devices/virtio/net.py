@@ -195,6 +195,13 @@ class VirtioNet(VirtioDevice):
                 self._link.armed = 0
             self.backend.close()
 
+    def native_serve(self, queue_index: int):
+        """With a native backend, the receive queue's notifications are served in C (notifier.py): nothing to do
+        unless the backend keeps frames (`held`), which then come to `_rx_buffers_posted`."""
+        if queue_index == RX_QUEUE and self._link is not None:
+            return _lib.CKVM_SERVE_NET_RX, self._link
+        return None
+
     def activate(self, queues: list[Virtqueue]) -> None:
         super().activate(queues)
         link = self._link
