@@ -137,6 +137,7 @@ class Machine:
         self.ticks_due: set[int] = set()  # vCPUs that owe the board a `vcpu_tick` (see _tick)
         self.isr_table: IsrTable | None = None  # the virtio-mmio interrupt registers C completes (built by run)
         self.notifier = Notifier()  # virtio notifications served in C (devices/virtio/notifier.py)
+        self._notifier_replaced = False  # its thread ended by itself and the I/O thread took its queues over
         self.result: VmResult | None = None
         self._result_lock = threading.Lock()
         # Port I/O only where the board has it (x86); the C run loop gets every port as "return to Python" otherwise.
@@ -201,9 +202,22 @@ class Machine:
             # a queue the device serves in C: its notifications go to the notifier's thread, and only those C
             # cannot finish reach the I/O thread, through python_fd
             python_fd = self.notifier.add(efd, transport, queue)
-            watched = python_fd if python_fd is not None else efd
-            self.io.add_reader(watched, functools.partial(_queue_kick, watched, transport, queue))
+            if python_fd is not None:
+                self.io.add_reader(python_fd, functools.partial(self._handed_on, python_fd, transport, queue))
+            else:
+                self.io.add_reader(efd, functools.partial(_queue_kick, efd, transport, queue))
         self.virtio.append(transport)
+
+    def _handed_on(self, python_fd: int, transport, queue: int) -> None:
+        """I/O thread: a notification the notifier's C thread handed on. Should that thread have ended by itself,
+        the I/O thread watches its ioeventfds from now on (it woke every queue on its way out)."""
+        _queue_kick(python_fd, transport, queue)
+        if self.notifier.failed and not self._notifier_replaced:
+            self._notifier_replaced = True
+            log.warning("the virtio notification thread stopped (%s); the I/O thread serves its queues",
+                        os.strerror(self.notifier.failed) if self.notifier.failed > 0 else "unknown error")
+            for efd, t, index in self.notifier.watched:
+                self.io.add_reader(efd, functools.partial(_queue_kick, efd, t, index))
 
     def virtio_slots(self) -> list:
         return [self.board.virtio_slot(i) for i in range(len(self.virtio))]

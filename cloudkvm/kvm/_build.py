@@ -219,7 +219,7 @@ struct ckvm_rx { struct ckvm_rx_chain *chains; struct ckvm_seg *segs; uint32_t m
     uint32_t nchains; };
 int ckvm_net_rx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk *w, uint8_t *hdr, uint32_t hdr_len,
                 const uint8_t *frame, uint32_t frame_len, uint32_t mergeable, struct ckvm_rx *rx);
-struct ckvm_netlink { const struct ckvm_mem *mem; struct ckvm_vq *rxq; struct ckvm_walk *rxwalk; struct ckvm_rx *rx;
+struct ckvm_netlink { const uint32_t *live; const struct ckvm_mem *mem; struct ckvm_vq *rxq; struct ckvm_walk *rxwalk; struct ckvm_rx *rx;
     uint32_t armed; uint32_t held; uint32_t mergeable; uint32_t guest_csum; uint32_t max_frame; uint64_t rx_frames;
     ssize_t (*fallback)(const void *, size_t, void *); void (*input)(void *, const uint8_t *, int); void *slirp;
     uint32_t csum; uint32_t tx_cap; uint8_t *tx_buf; uint64_t tx_frames; };
@@ -240,7 +240,7 @@ struct ckvm_notify_queue { int32_t efd; int32_t python_fd; uint32_t kind; struct
     const struct ckvm_mem *mem; struct ckvm_vq *q; struct ckvm_walk *w; void *ctx; uint64_t served;
     uint64_t forwarded; };
 struct ckvm_notifier { uint32_t count; int32_t stop_fd; struct ckvm_notify_queue *queues[...]; uint32_t running;
-    ...; };
+    int32_t failed; ...; };
 int ckvm_notify_serve(struct ckvm_notify_queue *nq);
 int ckvm_notifier_start(struct ckvm_notifier *n);
 void ckvm_notifier_stop(struct ckvm_notifier *n);

@@ -63,6 +63,7 @@ struct ckvm_notifier {
     int32_t stop_fd;                       /* an eventfd: written to stop the thread */
     struct ckvm_notify_queue *queues[CKVM_MAX_NOTIFY];
     uint32_t running;
+    int32_t failed;                        /* the thread ended by itself: errno (or -1); Python takes over */
     pthread_t thread;
 };
 
@@ -102,6 +103,16 @@ int ckvm_notify_serve(struct ckvm_notify_queue *nq)
     return forward;
 }
 
+/* The thread cannot go on (poll failed, an ioeventfd went bad): say so, and wake Python on every queue, which then
+ * watches the ioeventfds itself (notifier.py). */
+static void *ckvm_notify_give_up(struct ckvm_notifier *n, uint32_t count, int err)
+{
+    __atomic_store_n(&n->failed, err ? err : -1, __ATOMIC_SEQ_CST);
+    for (uint32_t i = 0; i < count; i++)
+        ckvm_eventfd_signal(n->queues[i]->python_fd);
+    return NULL;
+}
+
 static void *ckvm_notify_thread(void *arg)
 {
     struct ckvm_notifier *n = arg;
@@ -114,13 +125,13 @@ static void *ckvm_notify_thread(void *arg)
         if (poll(fds, count + 1, -1) < 0) {
             if (errno == EINTR)
                 continue;
-            return NULL;
+            return ckvm_notify_give_up(n, count, errno);
         }
         if (fds[count].revents)
             return NULL;
         for (uint32_t i = 0; i < count; i++) {
             if (fds[i].revents & (POLLERR | POLLNVAL | POLLHUP))
-                return NULL;               /* an ioeventfd closed under us: the machine is going away */
+                return ckvm_notify_give_up(n, count, EBADF);
             uint64_t value;
             if (fds[i].revents & POLLIN && read(fds[i].fd, &value, sizeof(value)) == sizeof(value))
                 ckvm_notify_serve(n->queues[i]);

@@ -109,6 +109,9 @@ typedef ssize_t (*ckvm_send_fn)(const void *buf, size_t len, void *opaque);
 typedef void (*ckvm_input_fn)(void *slirp, const uint8_t *pkt, int len);
 
 struct ckvm_netlink {
+    /* the transport's `live` (DRIVER_OK, no DEVICE_NEEDS_RESET), looked at for every frame and chain: a frame left
+     * to Python may put the device into DEVICE_NEEDS_RESET in the middle of a call into libslirp */
+    const uint32_t *live;
     /* receive: set by net.py while armed */
     const struct ckvm_mem *mem;
     struct ckvm_vq *rxq;
@@ -137,7 +140,8 @@ ssize_t ckvm_net_link_send(const void *buf, size_t len, void *opaque)
 {
     struct ckvm_netlink *l = opaque;
     const uint8_t *frame = buf;
-    if (l->armed && !l->held && len >= CKVM_ETH_HLEN && len <= ckvm_net_rx_limit(frame, len, l->max_frame)) {
+    if (l->armed && !l->held && l->live != NULL && *l->live && l->rxq->ready && len >= CKVM_ETH_HLEN
+        && len <= ckvm_net_rx_limit(frame, len, l->max_frame)) {
         uint8_t hdr[CKVM_NET_HDR_LEN] = {0};
         if (l->guest_csum && ckvm_l4_checksum_valid(frame, len))
             hdr[0] = CKVM_NET_HDR_F_DATA_VALID;
@@ -162,6 +166,8 @@ int ckvm_net_tx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk 
     if (ckvm_vq_rings(mem, q, w, &r) < 0 || l->tx_cap < CKVM_NET_HDR_LEN + CKVM_ETH_HLEN)
         return CKVM_NET_BADQUEUE;
     for (;;) {
+        if (l->input == NULL || l->live == NULL || !*l->live || !q->ready)
+            return CKVM_NET_SLOW;   /* libslirp gone, or the device no longer live: net.py's rules */
         int available = ckvm_vq_available(q, &r, q->last_avail);
         if (available <= 0)
             return available < 0 ? CKVM_NET_BADQUEUE : CKVM_NET_DONE;

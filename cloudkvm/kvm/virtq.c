@@ -266,10 +266,10 @@ int ckvm_vq_needs_interrupt(const struct ckvm_mem *mem, struct ckvm_vq *q)
     uint16_t now = q->used_idx, old = q->signalled_used;
     if (now == old)
         return 0;
-    q->signalled_used = now;
     struct ckvm_rings r;
     if (ckvm_vq_rings(mem, q, NULL, &r) < 0)
-        return -1;
+        return -1;              /* decided nothing: Python's call meets the same and says why */
+    q->signalled_used = now;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (q->event_idx) {
         uint16_t used_event = __atomic_load_n((uint16_t *)(r.avail + 4 + 2 * (uint64_t)r.size), __ATOMIC_RELAXED);

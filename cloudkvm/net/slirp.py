@@ -380,8 +380,9 @@ class SlirpBackend:
     def send_native(self, run):
         """`run()` — C that calls the link's slirp_input itself (kvm/virtio_net.c ckvm_net_tx) — as a call into
         libslirp, inside the section; returns what it returns. None (and `run` is not called) when libslirp is
-        busy or frames sent meanwhile wait: the caller sends through `send` then, behind them."""
-        if self._slirp == ffi.NULL or self._busy or self._inbox:
+        busy, frames sent meanwhile wait, or the caller is not the I/O thread: the caller sends through `send`
+        then, behind them."""
+        if self._slirp == ffi.NULL or self._busy or self._inbox or self._foreign_thread():
             return None
         self._changed = True
         self._busy = True
@@ -403,15 +404,28 @@ class SlirpBackend:
             self._schedule(timer)
 
     def send(self, frame: bytes) -> None:
-        """A frame from the guest (on the I/O thread)."""
+        """A frame from the guest. libslirp is used from the I/O thread only: a frame sent from another thread (a
+        vCPU's QueueNotify write that no ioeventfd caught) is passed to it."""
         if self._slirp == ffi.NULL:
+            return
+        if self._foreign_thread():
+            frame = bytes(frame)
+            self._io.call_soon(lambda: self.send(frame))
             return
         self._inbox.append(frame)
         if not self._busy:
             self._drain_inbox()
 
     def rx_ready(self) -> None:
+        if self._foreign_thread():
+            self._io.call_soon(self._flush_held)
+            return
         self._flush_held()
+
+    def _foreign_thread(self) -> bool:
+        """Attached, and called from a thread other than the I/O thread (which alone calls into libslirp)."""
+        io = self._io
+        return io is not None and io.running and not io.in_thread()
 
     @property
     def pending(self) -> int:
@@ -454,6 +468,7 @@ class SlirpBackend:
             self._io.remove_poll_source(self._source)
             self._source = None
         slirp, self._slirp = self._slirp, ffi.NULL
+        self._link.input, self._link.slirp = native_ffi.NULL, native_ffi.NULL
         if slirp != ffi.NULL:
             self._lib.slirp_cleanup(slirp)   # closes its sockets; frees its timers through our callbacks
         for timer in self._timers.values():

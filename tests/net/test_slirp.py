@@ -96,6 +96,19 @@ def round_trip_through_forward(port: int, guest: ScriptedGuest, guest_port: int 
 
 # --- DHCP and ARP ---------------------------------------------------------------------------------------------
 
+def test_a_frame_sent_from_another_thread_reaches_libslirp_on_the_io_thread(make_net, io, monkeypatch):
+    """libslirp is used from the I/O thread only: a frame sent from another thread (a vCPU's QueueNotify write that
+    no ioeventfd caught) is handed to it, never fed in there."""
+    backend, guest = make_net()
+    fed_here = []
+    real = backend._drain_inbox
+    monkeypatch.setattr(backend, "_drain_inbox", lambda: (fed_here.append(io.in_thread()), real()))
+    monkeypatch.setattr(guest, "transmit", backend.send)         # straight from this (test) thread
+    assert guest.arp(backend.host_addr) == guest.gateway_mac
+    assert fed_here and all(fed_here)
+    assert backend.send_native(lambda: pytest.fail("C ran off the I/O thread")) is None
+
+
 def test_dhcp_lease_is_qemus(make_net):
     backend, guest = make_net(dhcp=False)
     lease = guest.dhcp()

@@ -106,3 +106,30 @@ def test_stop_ends_the_thread_and_close_is_idempotent(threaded):
     assert not t.notifier.native.running
     t.notifier.close()
     t.notifier.close()
+
+
+def test_a_thread_that_cannot_go_on_says_so_and_wakes_python_on_every_queue(memory):
+    """An ioeventfd going bad (here a pipe whose writer closed: POLLHUP) ends the thread; it records why and writes
+    every python_fd once, so the I/O thread takes its queues over (Machine._handed_on)."""
+    rig = Rig(memory, VirtioBlk(FakeDisk(MiB, native=True)), notifier=True)
+    reader, writer = os.pipe()
+    notifier = Notifier()
+    try:
+        python_fd = notifier.add(reader, rig.transport, 0)
+        notifier.start()
+        os.close(writer)
+        assert select.select([python_fd], [], [], 10)[0] == [python_fd]
+        assert notifier.failed != 0 and notifier.watched == [(reader, rig.transport, 0)]
+    finally:
+        notifier.close()
+        os.close(reader)
+
+
+def test_the_interrupt_decision_moves_nothing_when_the_rings_are_unusable(memory):
+    from cloudkvm.devices.virtio.queue import Virtqueue
+    from cloudkvm.kvm.native import quick
+    q = Virtqueue(memory, 8)
+    q.size, q.avail_ring, q.used_ring = 8, memory.size + 0x1000, 0x2000   # the driver area outside RAM
+    q.used_idx = 3
+    assert memory.call_quick(quick.ckvm_vq_needs_interrupt, q._native_vq_address) == -1
+    assert q._signalled_used == 0                                         # decided nothing

@@ -277,3 +277,16 @@ def test_backend_failing_in_rx_ready(net, backend, caplog):
     net.post_rx(1526)
     assert not net.needs_reset
     assert caplog.text.count("rx_ready failed") == 1
+
+
+@pytest.mark.parametrize("path", ["link"])
+def test_the_c_path_stops_placing_frames_when_the_device_needs_a_reset_mid_call(net, backend):
+    """A frame left to Python may put the device into DEVICE_NEEDS_RESET while libslirp is still handing over
+    frames: C looks at the transport for every frame, so the later ones go the Python way (which keeps them)."""
+    posted = net.post_rx(1526, count=4)
+    with backend.section:                                     # one call into libslirp
+        assert backend.inject(frame_of(100)) is True          # placed by C
+        net.transport._need_reset("a test")                   # as a failing frame would
+        assert backend.inject(frame_of(101)) is False         # not by C: kept
+    assert net.device.rx_frames_by_link == 1 and backend.held == [frame_of(101)]
+    assert len(net.received(posted)) == 1

@@ -207,6 +207,8 @@ class VirtioNet(VirtioDevice):
         link = self._link
         if link is not None and len(queues) > RX_QUEUE:
             rxq = queues[RX_QUEUE]
+            link.live = _ffi.addressof(self.transport.state.native, "live") if self.transport is not None \
+                else _ffi.NULL
             link.mem, link.rxq, link.rxwalk = rxq.memory.native, rxq._native_vq, rxq._native_walk
             link.mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
             link.guest_csum = self.has_feature(VIRTIO_NET_F_GUEST_CSUM)
@@ -497,7 +499,12 @@ class _LinkSection:
         self.locks.append(lock)
         self.depth += 1
         if self.depth == 1 and transport is not None:
-            self.device._arm_link()
+            try:
+                self.device._arm_link()
+            except BaseException:
+                self.depth -= 1
+                self.locks.pop().release()
+                raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -62,6 +62,7 @@ class Notifier:
         self.native.stop_fd = -1
         self._fds: list[int] = []       # the eventfds this made (closed by close)
         self.queues: list = []          # struct ckvm_notify_queue, in registration order
+        self.watched: list = []         # (ioeventfd, transport, queue index) of each, for a caller taking over
         self._keep: list = []           # what the C structs point to: transports, queues, devices' contexts
 
     def add(self, efd: int, transport, index: int) -> int | None:
@@ -84,7 +85,14 @@ class Notifier:
         self.queues.append(nq)
         self.native.count = len(self.queues)
         self._keep.append((transport, queue, native))
+        self.watched.append((efd, transport, index))
         return python_fd
+
+    @property
+    def failed(self) -> int:
+        """Non-zero when the thread ended by itself (an errno, or -1): its queues' ioeventfds are no longer read,
+        and the caller must watch them (`watched`) itself; every python_fd was written once to say so."""
+        return self.native.failed
 
     def start(self) -> None:
         if self.queues and not self.native.running:
