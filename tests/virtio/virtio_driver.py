@@ -308,9 +308,9 @@ class MmioDriver:
         return status
 
 
-def _close_notifier(notifier, irqfd: int) -> None:
-    notifier.close()
-    os.close(irqfd)
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 class Rig:
@@ -341,7 +341,9 @@ class Rig:
                 if python_fd is not None:
                     self.native_queues[index] = (self.notifier.queues[-1], python_fd)
             self.driver.on_notify = self.notify
-            weakref.finalize(self, _close_notifier, self.notifier, self.irqfd)
+            # (the finalizer holds only the descriptors: holding the notifier would keep this rig alive through
+            # the transport it refers to and the transport's interrupt callback)
+            weakref.finalize(self, _close_fds, [self.irqfd, *self.notifier.fds])
 
     def notify(self, index: int) -> None:
         """The guest notified queue `index`: through C when it serves the queue, else (and for what C hands on)

@@ -37,8 +37,7 @@ class TransportState:
         _unlock(self._address)
 
     def __enter__(self) -> "TransportState":
-        if not _trylock(self._address):
-            lib.ckvm_transport_lock(self.native)
+        self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -87,6 +86,11 @@ class Notifier:
         self._keep.append((transport, queue, native))
         self.watched.append((efd, transport, index))
         return python_fd
+
+    @property
+    def fds(self) -> list[int]:
+        """The eventfds this made (python_fds, the stop eventfd), which `close` closes."""
+        return list(self._fds)
 
     @property
     def failed(self) -> int:
