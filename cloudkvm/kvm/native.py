@@ -30,9 +30,10 @@ ffi = _mod.ffi
 lib = _mod.lib
 
 
-def address(cdata) -> int:
-    """The address a `quick` helper takes for `cdata` (a pointer)."""
-    return int(ffi.cast("uintptr_t", cdata))
+def address(cdata, of_ffi=ffi) -> int:
+    """The address of `cdata` (a pointer of this module's ffi, or of `of_ffi`): what a `quick` helper takes, and how
+    a pointer passes between two cffi modules."""
+    return int(of_ffi.cast("uintptr_t", cdata))
 
 
 def _quick():

@@ -229,15 +229,10 @@ int ckvm_blk_serve(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_wa
     if (ckvm_vq_rings(mem, q, w, &r) < 0)
         return CKVM_BLK_BADQUEUE;
     for (;;) {
-        int available = ckvm_vq_available(q, &r, q->last_avail);
-        if (available <= 0)
-            return available < 0 ? CKVM_BLK_BADQUEUE : CKVM_BLK_IDLE;
-        uint16_t head = ckvm_vq_head(&r, q->last_avail);
-        if (head >= r.size)
-            return CKVM_BLK_SLOW;
-        ckvm_walk_chain(mem, w, head);
-        if (w->error || w->problem)
-            return CKVM_BLK_SLOW;
+        uint16_t head;
+        int next = ckvm_vq_walk_next(mem, q, &r, w, q->last_avail, &head);
+        if (next != CKVM_VQ_CHAIN)
+            return next == CKVM_VQ_EMPTY ? CKVM_BLK_IDLE : next == CKVM_VQ_BROKEN ? CKVM_BLK_BADQUEUE : CKVM_BLK_SLOW;
         uint32_t used_len = 0;
         int code = ckvm_blk_request(mem, w, b, &used_len);
         if (code != CKVM_BLK_IDLE)

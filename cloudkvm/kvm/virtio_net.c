@@ -36,16 +36,13 @@ int ckvm_net_rx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk 
     uint16_t next = q->last_avail;
     /* the chains, looked at and kept aside; nothing is consumed yet */
     while (room < total) {
-        int available = ckvm_vq_available(q, &r, next);
-        if (available <= 0)     /* not enough buffers: net.py keeps or drops the frame */
-            return available < 0 ? CKVM_NET_BADQUEUE : CKVM_NET_SLOW;
         if (nchains == rx->max_chains || (!mergeable && nchains == 1))
             return CKVM_NET_SLOW;
-        uint16_t head = ckvm_vq_head(&r, next);
-        if (head >= r.size)
-            return CKVM_NET_SLOW;
-        ckvm_walk_chain(mem, w, head);
-        if (w->error || w->problem || w->nsegs == 0 || nsegs + w->nsegs > rx->max_segs)
+        uint16_t head;
+        int walked = ckvm_vq_walk_next(mem, q, &r, w, next, &head);
+        if (walked != CKVM_VQ_CHAIN)    /* not enough buffers, or a chain net.py judges: it keeps or drops the frame */
+            return walked == CKVM_VQ_BROKEN ? CKVM_NET_BADQUEUE : CKVM_NET_SLOW;
+        if (w->nsegs == 0 || nsegs + w->nsegs > rx->max_segs)
             return CKVM_NET_SLOW;
         uint64_t capacity = 0;
         for (uint32_t i = 0; i < w->nsegs; i++) {
@@ -168,15 +165,10 @@ int ckvm_net_tx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk 
     for (;;) {
         if (l->input == NULL || l->live == NULL || !*l->live || !q->ready)
             return CKVM_NET_SLOW;   /* libslirp gone, or the device no longer live: net.py's rules */
-        int available = ckvm_vq_available(q, &r, q->last_avail);
-        if (available <= 0)
-            return available < 0 ? CKVM_NET_BADQUEUE : CKVM_NET_DONE;
-        uint16_t head = ckvm_vq_head(&r, q->last_avail);
-        if (head >= r.size)
-            return CKVM_NET_SLOW;
-        ckvm_walk_chain(mem, w, head);
-        if (w->error || w->problem)
-            return CKVM_NET_SLOW;
+        uint16_t head;
+        int next = ckvm_vq_walk_next(mem, q, &r, w, q->last_avail, &head);
+        if (next != CKVM_VQ_CHAIN)
+            return next == CKVM_VQ_EMPTY ? CKVM_NET_DONE : next == CKVM_VQ_BROKEN ? CKVM_NET_BADQUEUE : CKVM_NET_SLOW;
         uint64_t total = 0;
         for (uint32_t i = 0; i < w->nsegs; i++) {
             if (w->segs[i].write)

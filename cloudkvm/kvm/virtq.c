@@ -239,6 +239,24 @@ static uint16_t ckvm_vq_head(const struct ckvm_rings *r, uint16_t next)
     return __atomic_load_n((uint16_t *)(r->avail + 4 + 2 * (uint64_t)(next % r->size)), __ATOMIC_RELAXED);
 }
 
+enum { CKVM_VQ_BROKEN = -1, CKVM_VQ_EMPTY = 0, CKVM_VQ_CHAIN = 1, CKVM_VQ_PYTHON = 2 };
+
+/* Avail ring entry `next`, its chain walked into `w`: CKVM_VQ_CHAIN when the entry is available and its chain whole
+ * and valid (`*head` set), CKVM_VQ_EMPTY when the driver has not made it available yet, CKVM_VQ_PYTHON when its head
+ * or its chain is wrong (queue.py's pop says why), CKVM_VQ_BROKEN when avail idx moved too far (§2.7.6). */
+static int ckvm_vq_walk_next(const struct ckvm_mem *mem, struct ckvm_vq *q, const struct ckvm_rings *r,
+                             struct ckvm_walk *w, uint16_t next, uint16_t *head)
+{
+    int available = ckvm_vq_available(q, r, next);
+    if (available <= 0)
+        return available < 0 ? CKVM_VQ_BROKEN : CKVM_VQ_EMPTY;
+    *head = ckvm_vq_head(r, next);
+    if (*head >= r->size)
+        return CKVM_VQ_PYTHON;
+    ckvm_walk_chain(mem, w, *head);
+    return w->error || w->problem ? CKVM_VQ_PYTHON : CKVM_VQ_CHAIN;
+}
+
 /* Used ring element `k` after used_idx: (head, len); used->idx is published separately (ckvm_vq_publish). */
 static void ckvm_vq_used_elem(const struct ckvm_vq *q, const struct ckvm_rings *r, uint32_t k, uint32_t head,
                               uint32_t len)

@@ -38,7 +38,7 @@ from . import slirp_ffi
 from .backend import Deliver
 from .config import DEFAULT_NET, USER_NET_MTU, HostForward, UserNetConfig, user_net
 from .slirp_ffi import ffi
-from ..kvm.native import ffi as native_ffi, lib as native_lib
+from ..kvm.native import address, ffi as native_ffi, lib as native_lib
 
 log = logging.getLogger("cloudkvm.net.slirp")
 
@@ -72,10 +72,6 @@ def _to_slirp(revents: int) -> int:
 _LIVE: dict = {}           # opaque pointer (cdata void *, hashed by address) -> SlirpBackend
 
 
-def _address(cdata, of_ffi=native_ffi) -> int:
-    return int(of_ffi.cast("uintptr_t", cdata))
-
-
 def _backend(opaque) -> "SlirpBackend | None":
     return _LIVE.get(opaque)
 
@@ -94,8 +90,8 @@ def _cb_send_packet(buf, length, opaque):
 
 
 # libslirp's send_packet: the C frame path (its opaque is a struct ckvm_netlink), which falls back on the above
-_LINK_SEND = ffi.cast("SlirpWriteCb", _address(native_ffi.addressof(native_lib, "ckvm_net_link_send")))
-_FALLBACK_SEND = native_ffi.cast("ssize_t(*)(const void *, size_t, void *)", _address(_cb_send_packet, ffi))
+_LINK_SEND = ffi.cast("SlirpWriteCb", address(native_ffi.addressof(native_lib, "ckvm_net_link_send")))
+_FALLBACK_SEND = native_ffi.cast("ssize_t(*)(const void *, size_t, void *)", address(_cb_send_packet, ffi))
 
 
 @ffi.callback("void(const char *, void *)", onerror=_onerror)
@@ -304,7 +300,7 @@ class SlirpBackend:
         self._link = native_ffi.new("struct ckvm_netlink *")   # unarmed: every frame goes to _cb_send_packet
         self._link.fallback = _FALLBACK_SEND
         self._section = contextlib.nullcontext()                # a natively connected device's (connect_native)
-        self._opaque = ffi.cast("void *", _address(self._link))
+        self._opaque = ffi.cast("void *", address(self._link))
         _LIVE[self._opaque] = self
         try:
             self._create(ipv6, dns)
@@ -355,8 +351,8 @@ class SlirpBackend:
             raise CloudkvmError(f"libslirp {self.version} refused the user network {self.network.net}",
                                 "check network.net in the profile")
         self._link.input = native_ffi.cast("void(*)(void *, const uint8_t *, int)",
-                                           _address(self._lib.slirp_input, ffi))
-        self._link.slirp = native_ffi.cast("void *", _address(self._slirp, ffi))
+                                           address(self._lib.slirp_input, ffi))
+        self._link.slirp = native_ffi.cast("void *", address(self._slirp, ffi))
 
     def _add_forward(self, fwd: HostForward) -> None:
         check_port_free(fwd)

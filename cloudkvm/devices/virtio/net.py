@@ -217,12 +217,10 @@ class VirtioNet(VirtioDevice):
     # ---- the frame path in C (module docstring) --------------------------------------------------------------------
 
     def _arm_link(self) -> None:
-        """Under the transport's lock: let C place frames while the receive queue is live."""
-        queues, transport = self.queues, self.transport
-        rxq = queues[RX_QUEUE] if len(queues) > RX_QUEUE else None
-        self._link.armed = (self.rx_in_c and not self._closed and not self.needs_reset and rxq is not None
-                            and transport.queue_live(RX_QUEUE) and 1 <= rxq.size <= rxq.max_size
-                            and self._link.rxq == rxq._native_vq)
+        """Under the transport's lock: let C place frames (C itself looks at the transport's live flag and the
+        receive queue's `ready` for every frame; `activate` pointed the link at them)."""
+        link = self._link
+        link.armed = self.rx_in_c and not self._closed and not self.needs_reset and link.rxq != _ffi.NULL
 
     def _disarm_link(self) -> None:
         """Still under the lock: C places nothing more; count what it placed and interrupt for it."""
