@@ -4,7 +4,11 @@ timers, queued calls and poll sources (libslirp's sockets).
 Each turn of the loop: every poll source's `fill()` says which fds it wants watched (and how long it may wait at
 most); the loop blocks in `poll()` until an fd is ready, the nearest timer or source timeout is due, or
 `call_soon` wakes it (an eventfd); then it runs the ready fd callbacks, every poll source's `dispatch(revents)`,
-the due timers and the queued calls. Nothing spins: an idle loop sleeps in `poll()`."""
+the due timers and the queued calls. Nothing spins: an idle loop sleeps in `poll()`.
+
+Work that needs no Python is done while waiting, in C (kvm/iowait.py, kvm/ioloop.c): the notifications of queues
+handed over with `serve_in_c`, and the sockets of one libslirp (`add_slirp`: net/slirp.py). The wait then returns
+only when one of the fds above is ready or a timer is due."""
 from __future__ import annotations
 
 import heapq
@@ -84,6 +88,10 @@ class IoThread:
         self._closed = False
         self._closing = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._native = None                          # kvm/iowait.py NativeWait, once something is served in C
+        self._native_stale = True                    # Python's fds changed since the native wait last had them
+        self._native_waiting = False                 # the loop is in the native wait (a new timer must wake it)
+        self._slirp = None                           # the libslirp (net/slirp.py backend) the native wait serves
 
     # --- fds ------------------------------------------------------------------------------------------------
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
@@ -147,6 +155,48 @@ class IoThread:
             self._watch_version += 1
         self.now_or_soon(remove)
 
+    # --- work served in C ----------------------------------------------------------------------------------------
+    def _native_wait(self):
+        if self._native is None:
+            from .kvm.iowait import NativeWait  # noqa: PLC0415  (machines without C-served work never load it)
+            self._native = NativeWait()
+        return self._native
+
+    @property
+    def native(self):
+        """The wait in C (kvm/iowait.py NativeWait, its counters), or None while nothing is served in C."""
+        return self._native
+
+    def serve_in_c(self, nq) -> bool:
+        """Serve a queue's notifications in the wait (`nq`: a `struct ckvm_notify_queue`, kvm/notify.c), before the
+        loop starts. False when no more fit: the caller watches its ioeventfd itself."""
+        if self._running:
+            raise RuntimeError("queues are handed to the I/O thread before it starts")
+        return self._native_wait().add_queue(nq)
+
+    def add_slirp(self, owner) -> None:
+        """Serve a libslirp in the wait: `owner.hook` (a `struct ckvm_slirp_hook *`), with `owner.before_wait()` and
+        `owner.after_wait()` run around each wait. One libslirp is served so; another owner's is polled the Python
+        way, as a poll source of its `fill` and `dispatch`."""
+        def add():
+            if self._slirp is None:
+                self._slirp = owner
+                self._native_wait().set_slirp(owner.hook)
+            else:
+                owner.source = self.add_poll_source(owner.fill, owner.dispatch)
+        self.now_or_soon(add)
+
+    def remove_slirp(self, owner) -> None:
+        """Stop serving `owner`'s libslirp (at once on the I/O thread)."""
+        def remove():
+            if self._slirp is owner:
+                self._slirp = None
+                self._native.set_slirp(None)
+            elif getattr(owner, "source", None) is not None:
+                self.remove_poll_source(owner.source)
+                owner.source = None
+        self.now_or_soon(remove)
+
     # --- calls and timers ---------------------------------------------------------------------------------------
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the I/O thread (queued until it starts); once the loop has ended, run it here and now
@@ -163,7 +213,7 @@ class IoThread:
         handle = TimerHandle(time.monotonic() + max(0.0, delay), fn, self)
         with self._timer_lock:
             heapq.heappush(self._timers, (handle.when, next(self._timer_seq), handle))
-        if not self.in_thread():
+        if self._native_waiting or not self.in_thread():
             os.eventfd_write(self._wake, 1)  # the loop may be sleeping past the new deadline
         return handle
 
@@ -231,6 +281,7 @@ class IoThread:
         try:
             self._poll.register(fd, events)
             self._registered[fd] = events
+            self._native_stale = True
         except (OSError, ValueError, TypeError):
             log.exception("cannot watch fd %r", fd)
 
@@ -253,6 +304,7 @@ class IoThread:
 
     def _unregister(self, fd: int) -> None:
         self._registered.pop(fd, None)
+        self._native_stale = True
         try:
             self._poll.unregister(fd)
         except (KeyError, ValueError, OSError):
@@ -295,6 +347,34 @@ class IoThread:
         if limit is None:
             return -1
         return max(0, min(MAX_POLL_MS, math.ceil(limit * 1000)))
+
+    def _wait_in_c(self, native, timeout: int) -> list[tuple[int, int]]:
+        """The turn's wait, with what is served in C served meanwhile (kvm/iowait.py). A libslirp owner whose hooks
+        fail is logged and polled the Python way from then on; a wait that fails is logged and this turn's wait
+        made by Python."""
+        if self._native_stale:
+            native.set_fds(self._registered)
+            self._native_stale = False
+        owner = self._slirp
+        try:
+            if owner is not None:
+                owner.before_wait()
+            self._native_waiting = True
+            try:
+                return native.wait(timeout)
+            finally:
+                self._native_waiting = False
+                if owner is not None:
+                    owner.after_wait()
+        except OSError:
+            log.exception("the I/O thread's wait in C failed; this turn waits in Python")
+        except Exception:
+            log.exception("libslirp's hooks around the wait in C failed; it is polled the Python way from now on")
+            if owner is not None:
+                self._slirp = None
+                native.set_slirp(None)
+                owner.source = self.add_poll_source(owner.fill, owner.dispatch)
+        return self._poll.poll(0)
 
     def _run_readers(self, revents: dict[int, int]) -> None:
         """The ready fds' reader callbacks, then their writer callbacks (each looked up when its turn comes: an
@@ -355,7 +435,9 @@ class IoThread:
     def _loop(self) -> None:
         while self._running:
             timeout = self._prepare()
-            events = self._poll.poll(timeout)
+            native = self._native
+            events = self._wait_in_c(native, timeout) if native is not None and native.active \
+                else self._poll.poll(timeout)
             revents: dict[int, int] = {}
             for fd, ev in events:
                 if fd == self._wake:

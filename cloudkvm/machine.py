@@ -199,9 +199,10 @@ class Machine:
             efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._eventfds.append(efd)
             self.vm.ioeventfd(efd, slot.base + NOTIFY_OFFSET, 4, datamatch=queue)
-            # a queue the device serves in C: its notifications go to the notifier's thread, and only those C
-            # cannot finish reach the I/O thread, through python_fd
-            python_fd = self.notifier.add(efd, transport, queue)
+            # a queue the device serves in C: its notifications go to the notifier's thread (or, for a transmit
+            # queue into libslirp, the I/O thread's wait in C), and only those C cannot finish reach the I/O
+            # thread's Python, through python_fd
+            python_fd = self.notifier.add(efd, transport, queue, io=self.io)
             if python_fd is not None:
                 self.io.add_reader(python_fd, functools.partial(self._handed_on, python_fd, transport, queue))
             else:

@@ -10,10 +10,11 @@ from cffi import FFI
 
 # C kept in its own files, compiled into the same module, in this order: the virtqueue chain walk and rings
 # (devices/virtio/queue.py), virtio-blk's data path over it (devices/virtio/blk.py), the Internet checksum and
-# virtio-net's frame paths (devices/virtio/net.py), notifications served in C (devices/virtio/notifier.py)
+# virtio-net's frame paths (devices/virtio/net.py), notifications served in C (devices/virtio/notifier.py), the
+# I/O thread's wait in C (kvm/iowait.py)
 VIRTQ_C_FILE = Path(__file__).with_name("virtq.c")
 C_FILES = tuple(Path(__file__).with_name(name)
-                for name in ("virtq.c", "virtio_blk.c", "checksum.c", "virtio_net.c", "notify.c"))
+                for name in ("virtq.c", "virtio_blk.c", "checksum.c", "virtio_net.c", "notify.c", "ioloop.c"))
 SOURCE_FILES = (Path(__file__), *C_FILES)  # what the compiled core is made from (a cache key for cross builds)
 
 COMMON_CDEF = r"""
@@ -219,7 +220,8 @@ struct ckvm_rx { struct ckvm_rx_chain *chains; struct ckvm_seg *segs; uint32_t m
     uint32_t nchains; };
 int ckvm_net_rx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk *w, uint8_t *hdr, uint32_t hdr_len,
                 const uint8_t *frame, uint32_t frame_len, uint32_t mergeable, struct ckvm_rx *rx);
-struct ckvm_netlink { const uint32_t *live; const struct ckvm_mem *mem; struct ckvm_vq *rxq; struct ckvm_walk *rxwalk; struct ckvm_rx *rx;
+struct ckvm_netlink { const uint32_t *live; struct ckvm_transport *t; uint32_t arm_ok; uint32_t tx_open;
+    uint32_t back_to_python; const struct ckvm_mem *mem; struct ckvm_vq *rxq; struct ckvm_walk *rxwalk; struct ckvm_rx *rx;
     uint32_t armed; uint32_t held; uint32_t mergeable; uint32_t guest_csum; uint32_t max_frame; uint64_t rx_frames;
     ssize_t (*fallback)(const void *, size_t, void *); void (*input)(void *, const uint8_t *, int); void *slirp;
     uint32_t csum; uint32_t tx_cap; uint8_t *tx_buf; uint64_t tx_frames; };
@@ -229,6 +231,7 @@ int ckvm_net_tx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk 
 /* notify.c */
 #define CKVM_SERVE_BLK ...
 #define CKVM_SERVE_NET_RX ...
+#define CKVM_SERVE_NET_TX ...
 #define CKVM_MAX_NOTIFY ...
 struct ckvm_transport { uint32_t live; uint32_t *isr; int32_t irqfd; ...; };
 int ckvm_transport_init(struct ckvm_transport *t);
@@ -244,6 +247,19 @@ struct ckvm_notifier { uint32_t count; int32_t stop_fd; struct ckvm_notify_queue
 int ckvm_notify_serve(struct ckvm_notify_queue *nq);
 int ckvm_notifier_start(struct ckvm_notifier *n);
 void ckvm_notifier_stop(struct ckvm_notifier *n);
+
+/* ioloop.c */
+#define CKVM_IOWAIT_MAX_QUEUES ...
+struct pollfd { int fd; short events; short revents; };
+struct ckvm_slirp_hook { void *slirp; void (*fill)(void *, uint32_t *, int (*)(int, int, void *), void *);
+    void (*poll)(void *, int, int (*)(int, void *), void *); struct ckvm_netlink *link; };
+struct ckvm_iowait { struct pollfd *fds; uint32_t cap; uint32_t n_py; uint32_t nqueues;
+    struct ckvm_notify_queue *queues[...]; struct ckvm_slirp_hook *slirp; uint32_t n_slirp; uint64_t waits;
+    uint64_t turns; uint64_t slirp_calls; int32_t failed_queue; };
+int ckvm_io_wait(struct ckvm_iowait *w, int timeout_ms);
+int64_t ckvm_clock_ns(void *opaque);
+void ckvm_slirp_no_op(void *opaque);
+void ckvm_slirp_fd_no_op(int fd, void *opaque);
 
 /* checksum.c */
 uint32_t ckvm_ones_complement_sum(const uint8_t *data, size_t n);

@@ -42,8 +42,10 @@ void ckvm_transport_destroy(struct ckvm_transport *t) { pthread_mutex_destroy(&t
 
 /* Which C path serves a queue: virtio_blk.c's ckvm_blk_serve (ctx: struct ckvm_blk); virtio-net's receive queue,
  * where a notification only means "buffers posted", which matters only when the backend keeps frames for the guest
- * (ctx: struct ckvm_netlink, `held`): then net.py retries them, else there is nothing to do. */
-enum { CKVM_SERVE_BLK = 1, CKVM_SERVE_NET_RX = 2 };
+ * (ctx: struct ckvm_netlink, `held`): then net.py retries them, else there is nothing to do; virtio-net's transmit
+ * queue (ctx: struct ckvm_netlink): its plain chains into libslirp (ckvm_net_tx) while the backend lets C call it
+ * (`tx_open`: only on the thread that owns libslirp, the I/O thread, in its wait in C: ioloop.c). */
+enum { CKVM_SERVE_BLK = 1, CKVM_SERVE_NET_RX = 2, CKVM_SERVE_NET_TX = 3 };
 #define CKVM_MAX_NOTIFY 64
 #define CKVM_INT_VRING 1                   /* §4.2.2 InterruptStatus: used buffer notification */
 
@@ -74,6 +76,58 @@ static void ckvm_eventfd_signal(int fd)
     (void)n;                               /* EAGAIN: the counter is already non-zero, the reader wakes anyway */
 }
 
+/* The used buffer notification for `q` when the driver wants one (the caller holds t's lock): 1 raised, 0 not
+ * wanted or not C's to decide (no irqfd: Python decides), -1 the rings are not usable. */
+static int ckvm_raise_used(struct ckvm_transport *t, const struct ckvm_mem *mem, struct ckvm_vq *q)
+{
+    if (t->irqfd < 0)
+        return 0;
+    int wanted = ckvm_vq_needs_interrupt(mem, q);
+    if (wanted > 0) {
+        ckvm_isr_set(t->isr, CKVM_INT_VRING);
+        ckvm_eventfd_signal(t->irqfd);
+    }
+    return wanted;
+}
+
+/* A call into libslirp that C makes itself, as net.py's _LinkSection is for Python's: the transport's lock held,
+ * the link armed while net.py allows (`arm_ok`); leaving, the receive queue's used buffer notification for the
+ * frames C placed meanwhile (net.py counts them when it next looks). Re-entrant: the lock is recursive, and the
+ * link is left as it was found. */
+struct ckvm_link_call { uint64_t rx_frames; uint32_t armed; };
+
+static struct ckvm_link_call ckvm_link_enter(struct ckvm_netlink *l)
+{
+    if (l->t != NULL)
+        pthread_mutex_lock(&l->t->lock);
+    struct ckvm_link_call call = { l->rx_frames, l->armed };
+    l->armed = l->armed || (l->t != NULL && l->arm_ok && l->rxq != NULL);
+    return call;
+}
+
+static void ckvm_link_leave(struct ckvm_netlink *l, struct ckvm_link_call call)
+{
+    l->armed = call.armed;
+    if (l->t == NULL)
+        return;
+    if (l->rx_frames != call.rx_frames && l->rxq != NULL && l->live != NULL && *l->live && l->rxq->ready)
+        ckvm_raise_used(l->t, l->mem, l->rxq);
+    pthread_mutex_unlock(&l->t->lock);
+}
+
+/* The transmit queue's plain chains into libslirp (virtio_net.c ckvm_net_tx) inside a link call: 0 the queue is
+ * empty, 1 net.py must go on (a chain it judges, C may not call libslirp now, the rings are not usable). */
+static int ckvm_net_tx_serve(struct ckvm_notify_queue *nq)
+{
+    struct ckvm_netlink *l = nq->ctx;
+    if (!l->tx_open || l->back_to_python)
+        return 1;
+    struct ckvm_link_call call = ckvm_link_enter(l);
+    int code = ckvm_net_tx(nq->mem, nq->q, nq->w, l);
+    ckvm_link_leave(l, call);
+    return code != CKVM_NET_DONE;
+}
+
 /* One notification for `nq`, as the thread serves it (the tests call it directly). 1 when it went on to Python. */
 int ckvm_notify_serve(struct ckvm_notify_queue *nq)
 {
@@ -86,11 +140,9 @@ int ckvm_notify_serve(struct ckvm_notify_queue *nq)
             code = ckvm_blk_serve(nq->mem, nq->q, nq->w, nq->ctx);
         else if (nq->kind == CKVM_SERVE_NET_RX)
             code = ((const struct ckvm_netlink *)nq->ctx)->held != 0;
-        int wanted = ckvm_vq_needs_interrupt(nq->mem, nq->q);
-        if (wanted > 0) {
-            ckvm_isr_set(t->isr, CKVM_INT_VRING);
-            ckvm_eventfd_signal(t->irqfd);
-        }
+        else if (nq->kind == CKVM_SERVE_NET_TX)
+            code = ckvm_net_tx_serve(nq);
+        int wanted = ckvm_raise_used(t, nq->mem, nq->q);
         forward = code != 0 || wanted < 0;
     }
     pthread_mutex_unlock(&t->lock);

@@ -105,10 +105,17 @@ int ckvm_net_rx(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk 
 typedef ssize_t (*ckvm_send_fn)(const void *buf, size_t len, void *opaque);
 typedef void (*ckvm_input_fn)(void *slirp, const uint8_t *pkt, int len);
 
+struct ckvm_transport;
+
 struct ckvm_netlink {
     /* the transport's `live` (DRIVER_OK, no DEVICE_NEEDS_RESET), looked at for every frame and chain: a frame left
      * to Python may put the device into DEVICE_NEEDS_RESET in the middle of a call into libslirp */
     const uint32_t *live;
+    /* for calls into libslirp C makes itself (notify.c ckvm_link_enter, ioloop.c): the transport whose lock they
+     * take, whether net.py lets C place frames at all (`arm_ok`), whether the backend's owner is in C now so C may
+     * call libslirp (`tx_open`), and `back_to_python`, which Python sets when it must run before C goes on */
+    struct ckvm_transport *t;
+    uint32_t arm_ok, tx_open, back_to_python;
     /* receive: set by net.py while armed */
     const struct ckvm_mem *mem;
     struct ckvm_vq *rxq;

@@ -47,6 +47,7 @@ class PythonFramePath:
         self._callbacks = (ffi.callback(ffi.typeof(self.link.fallback), self._c_fallback),
                            ffi.callback(ffi.typeof(self.link.input), self._c_input))
         self.link.fallback, self.link.input = self._callbacks
+        self.link.tx_open = 1       # `input` may be called whenever the device serves its transmit queue
 
     def connect_native(self, section):
         self.section = section

@@ -6,16 +6,20 @@ forwards queries to the host's resolver from /etc/resolv.conf), the DHCP server 
 Host forwards listen on 127.0.0.1 unless a forward names another host address.
 
 Everything runs on the machine's I/O thread (`cloudkvm.iothread.IoThread`): the device calls `send`, libslirp's
-sockets are a poll source (`slirp_pollfds_fill` before each wait, `slirp_pollfds_poll` after it), its timers are
-`call_later` timers, and frames for the guest go to the device's `deliver` (up to 256 are kept while the guest has
-no receive buffers). libslirp is not reentrant: a frame the guest sends while libslirp is calling us (the device
-answering inside `deliver`) is queued and fed in when that call returns.
+sockets are polled in the I/O thread's wait in C (`add_slirp`, kvm/ioloop.c: `slirp_pollfds_fill` before each
+poll, `slirp_pollfds_poll` after it, no Python in between; with `poll_in_c` off, or for a second backend on the same
+I/O thread, they are a Python poll source doing the same), its timers are `call_later` timers, and frames for the
+guest go to the device's `deliver` (up to 256 are kept while the guest has no receive buffers). libslirp is not
+reentrant: a frame the guest sends while libslirp is calling us (the device answering inside `deliver`) is queued
+and fed in when that call returns.
 
 The frame path without Python: libslirp's send_packet is kvm/virtio_net.c `ckvm_net_link_send`, its opaque the
 backend's `struct ckvm_netlink`. A device that connects natively (`connect_native`, devices/virtio/net.py) arms the
 link inside the `section` it gives, which wraps every call into libslirp: frames then go straight into its receive
 queue, and `send_native` lets its C transmit path call slirp_input itself. Every frame C does not place comes to
-`_cb_send_packet` here and goes the Python way."""
+`_cb_send_packet` here and goes the Python way. While the I/O thread waits in C, the link is open to C (`tx_open`):
+the device's transmit notifications are served there too (kvm/notify.c CKVM_SERVE_NET_TX), so a guest's ACK and
+libslirp's next segment for it need no Python at all."""
 from __future__ import annotations
 
 import contextlib
@@ -104,11 +108,6 @@ def _cb_guest_error(msg, opaque):
         log.warning("guest network error: %s", text)
 
 
-@ffi.callback("int64_t(void *)", onerror=_onerror)
-def _cb_clock_get_ns(opaque):
-    return time.monotonic_ns()
-
-
 @ffi.callback("void *(SlirpTimerCb, void *, void *)", onerror=_onerror)
 def _cb_timer_new(cb, cb_opaque, opaque):
     backend = _backend(opaque)
@@ -135,18 +134,16 @@ def _cb_timer_mod(timer, expire_ms, opaque):
         backend._timer_mod(int(ffi.cast("uintptr_t", timer)), expire_ms)
 
 
-@ffi.callback("void(int, void *)", onerror=_onerror)
-def _cb_poll_fd(fd, opaque):
-    pass  # the fds are collected anew by slirp_pollfds_fill before every wait
+# Callbacks with nothing for Python to do, in C (kvm/ioloop.c): the clock (CLOCK_MONOTONIC, as time.monotonic_ns),
+# notify (libslirp is only called on the I/O thread, which fills anew before every wait) and fd (un)registration
+# (the fds are collected anew by slirp_pollfds_fill before every wait).
+def _native_fn(name: str, ctype: str):
+    return ffi.cast(ctype, address(native_ffi.addressof(native_lib, name)))
 
 
-@ffi.callback("void(void *)", onerror=_onerror)
-def _cb_notify(opaque):
-    # libslirp can take more data from its sockets: the next turn of the loop fills anew. Only a call from
-    # another thread needs to wake the loop.
-    backend = _backend(opaque)
-    if backend is not None and backend._io is not None and not backend._io.in_thread():
-        backend._io.call_soon(lambda: None)
+_CLOCK_NS = _native_fn("ckvm_clock_ns", "int64_t(*)(void *)")
+_NOTIFY = _native_fn("ckvm_slirp_no_op", "void(*)(void *)")
+_POLL_FD = _native_fn("ckvm_slirp_fd_no_op", "void(*)(int, void *)")
 
 
 @ffi.callback("void(Slirp *, void *)", onerror=_onerror)
@@ -266,6 +263,8 @@ class SlirpBackend:
     of this host, privileged port) raises `CloudkvmError` naming it, and nothing created so far is left open.
     A missing or too old libslirp is a `CloudkvmError` too. `close()` (or `with`) releases everything."""
 
+    poll_in_c = True   # libslirp's sockets polled in the I/O thread's wait in C (off: a Python poll source)
+
     def __init__(self, config: UserNetConfig | None = None, *, net: str = DEFAULT_NET, forwards: Iterable = (),
                  restrict: bool = False, mtu: int = USER_NET_MTU, ipv6: bool = True, dns: bool = True):
         self.network = _config(config, net, forwards, restrict, mtu)
@@ -283,7 +282,6 @@ class SlirpBackend:
         self._inbox: deque[bytes] = deque()
         self._busy = False
         self._io = None
-        self._source = None
         self._poll_fds: list[int] = []
         self._poll_pairs: list[tuple[int, int]] = []
         self._revents: dict[int, int] = {}
@@ -299,6 +297,9 @@ class SlirpBackend:
         self._slirp = ffi.NULL
         self._link = native_ffi.new("struct ckvm_netlink *")   # unarmed: every frame goes to _cb_send_packet
         self._link.fallback = _FALLBACK_SEND
+        self.hook = native_ffi.new("struct ckvm_slirp_hook *")   # for the I/O thread's wait in C (attach)
+        self.source = None                                       # the Python poll source, when polled that way
+        self._rx_seen = 0                                        # the link's rx_frames after the last wait in C
         self._section = contextlib.nullcontext()                # a natively connected device's (connect_native)
         self._opaque = ffi.cast("void *", address(self._link))
         _LIVE[self._opaque] = self
@@ -316,13 +317,13 @@ class SlirpBackend:
         cb = ffi.new("SlirpCb *")
         cb.send_packet = _LINK_SEND
         cb.guest_error = _cb_guest_error
-        cb.clock_get_ns = _cb_clock_get_ns
+        cb.clock_get_ns = _CLOCK_NS
         cb.timer_new = _cb_timer_new
         cb.timer_free = _cb_timer_free
         cb.timer_mod = _cb_timer_mod
-        cb.register_poll_fd = _cb_poll_fd
-        cb.unregister_poll_fd = _cb_poll_fd
-        cb.notify = _cb_notify
+        cb.register_poll_fd = _POLL_FD
+        cb.unregister_poll_fd = _POLL_FD
+        cb.notify = _NOTIFY
         if version >= 4:
             cb.init_completed = _cb_init_completed
             cb.timer_new_opaque = _cb_timer_new_opaque
@@ -353,6 +354,10 @@ class SlirpBackend:
         self._link.input = native_ffi.cast("void(*)(void *, const uint8_t *, int)",
                                            address(self._lib.slirp_input, ffi))
         self._link.slirp = native_ffi.cast("void *", address(self._slirp, ffi))
+        hook = self.hook
+        hook.slirp, hook.link = self._link.slirp, self._link
+        hook.fill = native_ffi.cast(native_ffi.typeof(hook.fill), address(self._lib.slirp_pollfds_fill, ffi))
+        hook.poll = native_ffi.cast(native_ffi.typeof(hook.poll), address(self._lib.slirp_pollfds_poll, ffi))
 
     def _add_forward(self, fwd: HostForward) -> None:
         check_port_free(fwd)
@@ -395,9 +400,33 @@ class SlirpBackend:
         if self._slirp == ffi.NULL:
             raise RuntimeError("the slirp backend is closed")
         self._io = io
-        self._source = io.add_poll_source(self._fill, self._dispatch)
+        if self.poll_in_c:
+            io.add_slirp(self)
+        else:
+            self.source = io.add_poll_source(self.fill, self.dispatch)
         for timer in self._timers.values():
             self._schedule(timer)
+
+    def before_wait(self) -> None:
+        """The I/O thread waits in C (kvm/ioloop.c): libslirp is C's until `after_wait` (we count as inside it:
+        frames sent meanwhile are queued, and C goes back to Python for them)."""
+        if self._inbox:
+            self._drain_inbox()
+        self._busy = True
+        self._link.back_to_python = 0
+        self._link.tx_open = 1
+
+    def after_wait(self) -> None:
+        self._link.tx_open = 0
+        self._busy = False
+        if self._inbox:
+            self._drain_inbox()
+        if self._link.rx_frames != self._rx_seen:
+            # frames C placed while waiting: the device counts them and decides their interrupt (C did, when the
+            # transport has an irqfd: then this finds nothing more to raise)
+            self._rx_seen = self._link.rx_frames
+            with self._section:
+                pass
 
     def send(self, frame: bytes) -> None:
         """A frame from the guest. libslirp is used from the I/O thread only: a frame sent from another thread (a
@@ -411,6 +440,8 @@ class SlirpBackend:
         self._inbox.append(frame)
         if not self._busy:
             self._drain_inbox()
+        else:
+            self._link.back_to_python = 1   # C, waiting, goes back to Python, which feeds it in
 
     def rx_ready(self) -> None:
         if self._foreign_thread():
@@ -460,11 +491,12 @@ class SlirpBackend:
             self._lib.free(text)
 
     def _destroy(self) -> None:
-        if self._source is not None:
-            self._io.remove_poll_source(self._source)
-            self._source = None
+        if self._io is not None:
+            self._io.remove_slirp(self)
         slirp, self._slirp = self._slirp, ffi.NULL
         self._link.input, self._link.slirp = native_ffi.NULL, native_ffi.NULL
+        self._link.tx_open = 0
+        self.hook.slirp = native_ffi.NULL
         if slirp != ffi.NULL:
             self._lib.slirp_cleanup(slirp)   # closes its sockets; frees its timers through our callbacks
         for timer in self._timers.values():
@@ -528,8 +560,8 @@ class SlirpBackend:
             held.popleft()
         self._link.held = len(held)
 
-    # poll source
-    def _fill(self):
+    # the Python poll source (poll_in_c off, or a second backend on one I/O thread)
+    def fill(self):
         if self._slirp == ffi.NULL:
             return (), None
         now = time.monotonic()
@@ -545,7 +577,7 @@ class SlirpBackend:
         self._deadline = math.inf if timeout == _UINT32_MAX else now + timeout / 1000.0
         return self._poll_pairs, None if timeout == _UINT32_MAX else timeout / 1000.0
 
-    def _dispatch(self, revents: dict[int, int]) -> None:
+    def dispatch(self, revents: dict[int, int]) -> None:
         """After a wait: libslirp's poll when one of its fds fired, something called into it, or its time-out
         (its TCP timers run from this poll) has passed; otherwise nothing can have changed for it."""
         if self._slirp == ffi.NULL:

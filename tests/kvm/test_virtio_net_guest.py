@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from cloudkvm.devices.virtio.net import VirtioNet, mac_for
+from cloudkvm.kvm.native import lib
 from cloudkvm.machine import FlatBinary, Machine, MachineSpec
 
 slirp = pytest.importorskip("cloudkvm.net.slirp")
@@ -40,6 +41,8 @@ def test_udp_echo_through_a_forward_and_the_virtio_net_device(guest_binary):
         threading.Thread(target=host_side, daemon=True).start()
         result = machine.run(timeout=90)
         console = machine.console.text()
+        tx_served = [nq.served for nq in machine.notifier.queues if nq.kind == lib.CKVM_SERVE_NET_TX]
+        slirp_in_c = machine.io.native.slirp_calls
     assert result.reason == "poweroff", (result, console)
     assert "virtio_net: mac 02:" in console  # our locally administered MAC reached the guest's config space
     assert "virtio_net: gateway 10.0.2.2 is at 52:55:0a:00:02:02" in console  # libslirp's gateway MAC
@@ -49,3 +52,6 @@ def test_udp_echo_through_a_forward_and_the_virtio_net_device(guest_binary):
     # every frame went between libslirp and the queues in C (kvm/virtio_net.c: the guest's chains are all plain)
     assert net.rx_frames_by_link == net.stats["rx_frames"] >= 3
     assert net.tx_frames_in_c == net.stats["tx_frames"] >= 3
+    # the transmit notifications were served in the I/O thread's wait in C, where libslirp's sockets were polled
+    assert tx_served and tx_served[0] >= 1
+    assert slirp_in_c >= 2

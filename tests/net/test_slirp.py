@@ -50,8 +50,15 @@ def tcp_listeners(port: int) -> list[str]:
     return out
 
 
+@pytest.fixture(params=["c", "python"])
+def poll_path(request, monkeypatch) -> str:
+    """How the I/O thread polls libslirp's sockets: in its wait in C (kvm/ioloop.c), or as a Python poll source."""
+    monkeypatch.setattr(SlirpBackend, "poll_in_c", request.param == "c")
+    return request.param
+
+
 @pytest.fixture
-def io():
+def io(poll_path):
     t = IoThread(name="net-io")
     t.start()
     yield t
@@ -467,20 +474,26 @@ def test_no_ipv6_means_no_timer(make_net):
     assert all(t.expire_ms is None for t in backend._timers.values())
 
 
-def test_an_idle_backend_does_not_spin(io):
+def test_an_idle_backend_does_not_spin(io, poll_path):
     backend = SlirpBackend(forwards=[f"tcp:127.0.0.1:{free_port()}-:22"])
     try:
         calls = []
-        fill = backend._fill
+        fill = backend.fill
 
         def counting_fill():
             calls.append(time.monotonic())
             return fill()
-        backend._fill = counting_fill          # before attach: the poll source takes this one
+        backend.fill = counting_fill          # before attach: the poll source takes this one
         backend.attach(io)
+        time.sleep(0.1)
+        turns = io.run_sync(lambda: io.native.turns) if poll_path == "c" else 0
         time.sleep(1.2)
-        # libslirp asks to be woken at least every second (0.5 s with TCP connections, 2 ms with a delayed ACK)
-        assert 1 <= len(calls) <= 6
+        if poll_path == "c":
+            # libslirp asks to be woken at least every second (0.5 s with TCP connections, 2 ms with a delayed ACK)
+            assert 1 <= io.run_sync(lambda: io.native.turns) - turns <= 6
+            assert not calls                  # polled in C: the Python poll source is not there
+        else:
+            assert 1 <= len(calls) <= 6
     finally:
         backend.close()
 
@@ -505,23 +518,23 @@ def test_loop_turns_that_concern_nothing_of_libslirp_skip_its_fill_and_poll():
     port = free_port()
     backend = SlirpBackend(forwards=[f"tcp:127.0.0.1:{port}-:22"])
     try:
-        pairs, _ = backend._fill()
+        pairs, _ = backend.fill()
         calls = backend.slirp_polls
         listener = next(fd for fd, _ in pairs)
-        assert backend._fill()[0] is pairs  # the same answer, libslirp not asked
-        backend._dispatch({})
+        assert backend.fill()[0] is pairs  # the same answer, libslirp not asked
+        backend.dispatch({})
         assert backend.slirp_polls == calls  # nothing for libslirp: neither call was made
         with socket.create_connection(("127.0.0.1", port)):  # a real connection: its accept() does not block
-            backend._dispatch({listener: select.POLLIN})
+            backend.dispatch({listener: select.POLLIN})
         assert backend.slirp_polls == calls + 1  # its fd fired: polled
-        backend._fill()
+        backend.fill()
         calls = backend.slirp_polls
         backend.send(bytes(60))  # a frame from the guest went in: the next fill asks again
-        backend._fill()
+        backend.fill()
         assert backend.slirp_polls == calls + 1
         backend._deadline = time.monotonic() - 1  # its time-out passed: polled for its timers
         calls = backend.slirp_polls
-        backend._dispatch({})
+        backend.dispatch({})
         assert backend.slirp_polls == calls + 1
     finally:
         backend.close()

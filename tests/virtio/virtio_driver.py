@@ -337,13 +337,18 @@ class Rig:
                 getattr(device.disk, "calls", []).clear()   # (the rig's doing, not the test's)
             self.notifier = Notifier()
             for index in range(device.num_queues):
-                python_fd = self.notifier.add(self.irqfd, self.transport, index)   # (the thread is never started)
+                # (the thread is never started; the queues for the I/O thread's wait are served here too)
+                python_fd = self.notifier.add(self.irqfd, self.transport, index, io=self)
                 if python_fd is not None:
                     self.native_queues[index] = (self.notifier.queues[-1], python_fd)
             self.driver.on_notify = self.notify
             # (the finalizer holds only the descriptors: holding the notifier would keep this rig alive through
             # the transport it refers to and the transport's interrupt callback)
             weakref.finalize(self, _close_fds, [self.irqfd, *self.notifier.fds])
+
+    def serve_in_c(self, nq) -> bool:
+        """As the I/O thread takes a queue into its wait in C (iothread.py): here served by `notify`."""
+        return True
 
     def notify(self, index: int) -> None:
         """The guest notified queue `index`: through C when it serves the queue, else (and for what C hands on)

@@ -128,7 +128,7 @@ class VirtioNet(VirtioDevice):
 
     device_id = VIRTIO_ID_NET
     name = "virtio-net"
-    rx_in_c = True          # plain receive chains filled by kvm/virtio_net.c (off: all by _receive)
+    _rx_in_c = True         # plain receive chains filled by kvm/virtio_net.c (off: all by _receive): rx_in_c
     tx_in_c = True          # plain transmit chains sent to a native backend by kvm/virtio_net.c (off: by _transmit)
 
     def __init__(self, backend, mac: bytes, mtu: int | None = None):
@@ -152,17 +152,16 @@ class VirtioNet(VirtioDevice):
         self.mtu = mtu
         # The largest frame either way: the MTU plus the Ethernet header and one VLAN tag (§5.1.4.1).
         self.max_frame = (mtu if mtu is not None else ETH_DATA_LEN) + ETH_HLEN + VLAN_HLEN
-        self.stats = {"tx_frames": 0, "tx_dropped": 0, "rx_frames": 0, "rx_dropped": 0, "rx_no_buffer": 0}
+        # what Python counted; the link's own counts (C's frames) are added when `stats` is read
+        self._stats = {"tx_frames": 0, "tx_dropped": 0, "rx_frames": 0, "rx_dropped": 0, "rx_no_buffer": 0}
         self._closed = False
-        self.rx_frames_in_c = 0     # of stats["rx_frames"], those kvm/virtio_net.c placed
-        self.rx_frames_by_link = 0  # of rx_frames_in_c, those a native backend handed C directly (_LinkSection)
-        self.tx_frames_in_c = 0     # of stats["tx_frames"], those kvm/virtio_net.c sent to a native backend
+        self._rx_placed_by_call = 0     # frames kvm/virtio_net.c placed when _receive called it
         self._rx_chains = _ffi.new("struct ckvm_rx_chain[]", QUEUE_SIZE)
         self._rx_segs = _ffi.new("struct ckvm_seg[]", 4 * QUEUE_SIZE)
         self._rx_scratch = _ffi.new("struct ckvm_rx *", {"chains": self._rx_chains, "segs": self._rx_segs,
                                                          "max_chains": QUEUE_SIZE, "max_segs": 4 * QUEUE_SIZE})
         self._link = None
-        self._rx_link_counted = self._tx_link_counted = 0
+        self._rx_link_signalled = 0     # the link's rx_frames when net.py last decided their interrupt
         connect_native = getattr(backend, "connect_native", None)
         if connect_native is not None:
             self._tx_buf = _ffi.new("uint8_t[]", HDR_SIZE + self.max_frame)
@@ -170,7 +169,43 @@ class VirtioNet(VirtioDevice):
             self._link.tx_buf, self._link.tx_cap = self._tx_buf, HDR_SIZE + self.max_frame
             self._link.max_frame = self.max_frame
             self._link.rx = self._rx_scratch
+            self._link.arm_ok = self._rx_in_c
         backend.connect(self.deliver)
+
+    # ---- counters ------------------------------------------------------------------------------------------------
+
+    @property
+    def rx_in_c(self) -> bool:
+        return self._rx_in_c
+
+    @rx_in_c.setter
+    def rx_in_c(self, on: bool) -> None:
+        self._rx_in_c = on
+        if self._link is not None:
+            self._link.arm_ok = on and not self._closed
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Frames sent, received, dropped, and receive attempts that found no buffer (C's frames included)."""
+        stats = dict(self._stats)
+        stats["rx_frames"] += self.rx_frames_by_link
+        stats["tx_frames"] += self.tx_frames_in_c
+        return stats
+
+    @property
+    def rx_frames_in_c(self) -> int:
+        """Of stats["rx_frames"], those kvm/virtio_net.c placed."""
+        return self._rx_placed_by_call + self.rx_frames_by_link
+
+    @property
+    def rx_frames_by_link(self) -> int:
+        """Of rx_frames_in_c, those a native backend handed C directly (the link)."""
+        return self._link.rx_frames if self._link is not None else 0
+
+    @property
+    def tx_frames_in_c(self) -> int:
+        """Of stats["tx_frames"], those kvm/virtio_net.c sent to a native backend."""
+        return self._link.tx_frames if self._link is not None else 0
 
     # ---- link status ---------------------------------------------------------------------------------------------
 
@@ -192,14 +227,20 @@ class VirtioNet(VirtioDevice):
         if not self._closed:
             self._closed = True
             if self._link is not None:
-                self._link.armed = 0
+                self._link.armed = self._link.arm_ok = 0
             self.backend.close()
 
     def native_serve(self, queue_index: int):
-        """With a native backend, the receive queue's notifications are served in C (notifier.py): nothing to do
-        unless the backend keeps frames (`held`), which then come to `_rx_buffers_posted`."""
-        if queue_index == RX_QUEUE and self._link is not None:
+        """With a native backend, both queues' notifications are served in C (notifier.py): the receive queue's
+        need nothing unless the backend keeps frames (`held`), which then come to `_rx_buffers_posted`; the
+        transmit queue's plain chains go to the backend's libslirp while it lets C call it (on the I/O thread,
+        waiting in C: kvm/notify.c CKVM_SERVE_NET_TX), the rest to `_transmit`."""
+        if self._link is None:
+            return None
+        if queue_index == RX_QUEUE:
             return _lib.CKVM_SERVE_NET_RX, self._link
+        if queue_index == TX_QUEUE and self.tx_in_c:
+            return _lib.CKVM_SERVE_NET_TX, self._link
         return None
 
     def activate(self, queues: list[Virtqueue]) -> None:
@@ -207,8 +248,9 @@ class VirtioNet(VirtioDevice):
         link = self._link
         if link is not None and len(queues) > RX_QUEUE:
             rxq = queues[RX_QUEUE]
-            link.live = _ffi.addressof(self.transport.state.native, "live") if self.transport is not None \
-                else _ffi.NULL
+            state = self.transport.state.native if self.transport is not None else _ffi.NULL
+            link.live = _ffi.addressof(state, "live") if state != _ffi.NULL else _ffi.NULL
+            link.t = state
             link.mem, link.rxq, link.rxwalk = rxq.memory.native, rxq._native_vq, rxq._native_walk
             link.mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
             link.guest_csum = self.has_feature(VIRTIO_NET_F_GUEST_CSUM)
@@ -220,18 +262,14 @@ class VirtioNet(VirtioDevice):
         """Under the transport's lock: let C place frames (C itself looks at the transport's live flag and the
         receive queue's `ready` for every frame; `activate` pointed the link at them)."""
         link = self._link
-        link.armed = self.rx_in_c and not self._closed and not self.needs_reset and link.rxq != _ffi.NULL
+        link.armed = self._rx_in_c and not self._closed and not self.needs_reset and link.rxq != _ffi.NULL
 
     def _disarm_link(self) -> None:
-        """Still under the lock: C places nothing more; count what it placed and interrupt for it."""
+        """Still under the lock: C places nothing more; the interrupt for what it placed (counted by the link)."""
         link = self._link
         link.armed = 0
-        placed = link.rx_frames - self._rx_link_counted
-        if placed:
-            self._rx_link_counted += placed
-            self.stats["rx_frames"] += placed
-            self.rx_frames_in_c += placed
-            self.rx_frames_by_link += placed
+        if link.rx_frames != self._rx_link_signalled:
+            self._rx_link_signalled = link.rx_frames
             self.transport.signal_used(RX_QUEUE)
 
     def process(self, queue_index: int, queue: Virtqueue) -> bool:
@@ -274,19 +312,15 @@ class VirtioNet(VirtioDevice):
         code = self.backend.send_native(lambda: queue.run_native(_lib.ckvm_net_tx, link))
         if code is None:
             return None
-        sent = link.tx_frames - self._tx_link_counted
-        self._tx_link_counted += sent
-        self.stats["tx_frames"] += sent
-        self.tx_frames_in_c += sent
         return code, queue.used_idx != used_before
 
     def _transmit_chain(self, queue: Virtqueue, chain: Chain) -> None:
         frame = self._tx_frame(queue, chain)
         queue.push(chain.head, 0)                    # the device writes nothing into transmit buffers
         if frame is None:
-            self.stats["tx_dropped"] += 1
+            self._stats["tx_dropped"] += 1
             return
-        self.stats["tx_frames"] += 1
+        self._stats["tx_frames"] += 1
         try:
             self.backend.send(frame)
         except Exception as e:                       # the backend's trouble is not the guest's: drop, go on
@@ -372,15 +406,15 @@ class VirtioNet(VirtioDevice):
             return False
         n = len(frame)
         if n < ETH_HLEN or n > self._rx_limit(frame):
-            self.stats["rx_dropped"] += 1
+            self._stats["rx_dropped"] += 1
             self.warn_once("rx-size", "%s: backend delivered a %d-byte frame (limit %d); dropped", self.name, n,
                            self._rx_limit(frame))
             return True
         mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
         flags = self._rx_flags(frame)   # once: the checksum check is the costly part of a frame
-        if self.rx_in_c and self._receive_in_c(queue, frame, flags, mergeable):
-            self.stats["rx_frames"] += 1
-            self.rx_frames_in_c += 1
+        if self._rx_in_c and self._receive_in_c(queue, frame, flags, mergeable):
+            self._stats["rx_frames"] += 1
+            self._rx_placed_by_call += 1
             return True
         total = HDR_SIZE + n
         chains: list[Chain] = []
@@ -408,7 +442,7 @@ class VirtioNet(VirtioDevice):
             if not mergeable and capacity < total:
                 # §5.1.6.3: without MRG_RXBUF each buffer must hold a whole frame. Leave the buffer for a smaller one.
                 queue.last_avail = (queue.last_avail - 1) & 0xFFFF
-                self.stats["rx_dropped"] += 1
+                self._stats["rx_dropped"] += 1
                 self.warn_once("rx-too-big", "%s: a %d-byte frame does not fit the %d-byte receive buffer "
                                "(VIRTIO_NET_F_MRG_RXBUF not negotiated); dropped", self.name, n, capacity - HDR_SIZE)
                 return True
@@ -419,7 +453,7 @@ class VirtioNet(VirtioDevice):
         if room < total:
             return self._not_enough_buffers(queue, chains, tainted, n)
         self._write_frame(queue, chains, frame, flags, total)
-        self.stats["rx_frames"] += 1
+        self._stats["rx_frames"] += 1
         return True
 
     def _receive_in_c(self, queue: Virtqueue, frame, flags: int, mergeable: bool) -> bool:
@@ -446,18 +480,18 @@ class VirtioNet(VirtioDevice):
             # Chains already consumed sit between the ones popped for this frame: hand those back empty too.
             for chain in chains:
                 queue.push(chain.head, 0)
-            self.stats["rx_no_buffer"] += 1
+            self._stats["rx_no_buffer"] += 1
             return False
         if len(chains) >= queue.size:
             # Every descriptor is posted and still the frame does not fit: waiting cannot help.
             queue.last_avail = (queue.last_avail - len(chains)) & 0xFFFF
-            self.stats["rx_dropped"] += 1
+            self._stats["rx_dropped"] += 1
             self.warn_once("rx-ring-too-small", "%s: a %d-byte frame does not fit the whole receive queue; "
                            "dropped", self.name, n)
             return True
         # Put the chains back (they are still the driver's available entries, in order) and wait for more.
         queue.last_avail = (queue.last_avail - len(chains)) & 0xFFFF
-        self.stats["rx_no_buffer"] += 1
+        self._stats["rx_no_buffer"] += 1
         return False
 
     def _write_frame(self, queue: Virtqueue, chains: list[Chain], frame, flags: int, total: int) -> None:

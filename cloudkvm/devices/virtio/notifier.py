@@ -52,6 +52,10 @@ class TransportState:
             lib.ckvm_transport_destroy(native)
 
 
+# Kinds served where libslirp lives, in the I/O thread's wait in C (iothread.py serve_in_c), not on this thread.
+_ON_IO_THREAD = {lib.CKVM_SERVE_NET_TX}
+
+
 class Notifier:
     """The C thread for one machine's queues. `add` each queue whose device serves it in C (before `start`);
     `serve(queue)` runs one notification synchronously as the thread would (tests)."""
@@ -64,27 +68,37 @@ class Notifier:
         self.watched: list = []         # (ioeventfd, transport, queue index) of each, for a caller taking over
         self._keep: list = []           # what the C structs point to: transports, queues, devices' contexts
 
-    def add(self, efd: int, transport, index: int) -> int | None:
-        """Serve queue `index` of `transport` from its ioeventfd `efd`. Returns the eventfd through which the
-        notifications C cannot finish reach Python (the caller watches it as it would have watched `efd`), or None
-        when the device has no C path for the queue, the transport no irqfd, or the table is full."""
+    def add(self, efd: int, transport, index: int, io=None) -> int | None:
+        """Serve queue `index` of `transport` from its ioeventfd `efd`: on this thread, or for a transmit queue into
+        libslirp, in `io`'s wait (`io.serve_in_c(nq)`, the machine's I/O thread). Returns the eventfd through which
+        the notifications C cannot finish reach Python (the caller watches it as it would have watched `efd`), or
+        None when the device has no C path for the queue, the transport no irqfd, or no table has room."""
         native = transport.device.native_serve(index)
         if native is None or transport.state.native.irqfd < 0 or len(self.queues) >= lib.CKVM_MAX_NOTIFY:
             return None
         if self.native.running:
             raise RuntimeError("queues are added before the notifier starts")
         kind, ctx = native
+        on_io = kind in _ON_IO_THREAD
+        if on_io and io is None:
+            return None
         queue = transport.queues[index]
         python_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._fds.append(python_fd)
         nq = ffi.new("struct ckvm_notify_queue *", {
             "efd": efd, "python_fd": python_fd, "kind": kind, "t": transport.state.native,
             "mem": transport.memory.native, "q": queue._native_vq, "w": queue._native_walk, "ctx": ctx})
-        self.native.queues[len(self.queues)] = nq
+        if on_io:
+            if not io.serve_in_c(nq):
+                self._fds.remove(python_fd)
+                os.close(python_fd)
+                return None
+        else:
+            self.native.queues[self.native.count] = nq
+            self.native.count += 1
+            self.watched.append((efd, transport, index))
         self.queues.append(nq)
-        self.native.count = len(self.queues)
         self._keep.append((transport, queue, native))
-        self.watched.append((efd, transport, index))
         return python_fd
 
     @property
@@ -99,7 +113,7 @@ class Notifier:
         return self.native.failed
 
     def start(self) -> None:
-        if self.queues and not self.native.running:
+        if self.native.count and not self.native.running:
             if self.native.stop_fd < 0:
                 self.native.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 self._fds.append(self.native.stop_fd)
@@ -125,7 +139,7 @@ class Notifier:
 
     @property
     def served(self) -> int:
-        """Notifications C finished, every queue's."""
+        """Notifications C finished, every queue's (on this thread and in the I/O thread's wait)."""
         return sum(nq.served for nq in self.queues)
 
     @property
