@@ -351,7 +351,7 @@ class IoThread:
     def _wait_in_c(self, native, timeout: int) -> list[tuple[int, int]]:
         """The turn's wait, with what is served in C served meanwhile (kvm/iowait.py). A libslirp owner whose hooks
         fail is logged and polled the Python way from then on; a wait that fails is logged and this turn's wait
-        made by Python."""
+        made by Python (at most 100 ms: what C serves waits meanwhile)."""
         if self._native_stale:
             native.set_fds(self._registered)
             self._native_stale = False
@@ -374,7 +374,7 @@ class IoThread:
                 self._slirp = None
                 native.set_slirp(None)
                 owner.source = self.add_poll_source(owner.fill, owner.dispatch)
-        return self._poll.poll(0)
+        return self._poll.poll(100 if timeout < 0 else min(timeout, 100))
 
     def _run_readers(self, revents: dict[int, int]) -> None:
         """The ready fds' reader callbacks, then their writer callbacks (each looked up when its turn comes: an

@@ -31,7 +31,8 @@ struct ckvm_slirp_hook {
 };
 
 struct ckvm_iowait {
-    struct pollfd *fds;                /* Python's fds [0, n_py), the queues' [n_py, +nqueues), libslirp's after */
+    struct pollfd *fds;                /* Python's fds [0, n_py), the queues' [n_py, +nqueues), libslirp's after;
+                                        * C's memory (ckvm_iowait_reserve, grown for libslirp as it asks) */
     uint32_t cap;
     uint32_t n_py, nqueues;
     struct ckvm_notify_queue *queues[CKVM_IOWAIT_MAX_QUEUES];
@@ -41,12 +42,35 @@ struct ckvm_iowait {
     int32_t failed_queue;              /* a queue's ioeventfd was found closed: its index, else -1 */
 };
 
+/* Room for `n` pollfds (what is there is kept): 0, or -ENOMEM (the array is as it was). */
+int ckvm_iowait_reserve(struct ckvm_iowait *w, uint32_t n)
+{
+    if (n <= w->cap)
+        return 0;
+    uint32_t cap = w->cap ? w->cap : 64;
+    while (cap < n)
+        cap *= 2;
+    struct pollfd *fds = realloc(w->fds, cap * sizeof(*fds));
+    if (fds == NULL)
+        return -ENOMEM;
+    w->fds = fds;
+    w->cap = cap;
+    return 0;
+}
+
+void ckvm_iowait_free(struct ckvm_iowait *w)
+{
+    free(w->fds);
+    w->fds = NULL;
+    w->cap = 0;
+}
+
 static int ckvm_slirp_add_poll(int fd, int events, void *opaque)
 {
     struct ckvm_iowait *w = opaque;
     uint32_t at = w->n_py + w->nqueues + w->n_slirp;
-    if (at >= w->cap)
-        return -1;                     /* no room: libslirp asks get_revents(-1), which says nothing happened */
+    if (ckvm_iowait_reserve(w, at + 1) < 0)
+        return -1;                     /* no memory: libslirp asks get_revents(-1), which says nothing happened */
     short ev = 0;
     if (events & CKVM_SLIRP_POLL_IN) ev |= POLLIN;
     if (events & CKVM_SLIRP_POLL_OUT) ev |= POLLOUT;
@@ -103,9 +127,10 @@ static int64_t ckvm_monotonic_ms(void)
 int ckvm_io_wait(struct ckvm_iowait *w, int timeout_ms)
 {
     int64_t deadline = timeout_ms >= 0 ? ckvm_monotonic_ms() + timeout_ms : -1;
-    struct ckvm_slirp_hook *h = w->slirp != NULL && w->slirp->slirp != NULL ? w->slirp : NULL;
     w->waits++;
     for (;;) {
+        /* looked at every turn: a callback may have closed the backend (slirp.py _destroy empties the hook) */
+        struct ckvm_slirp_hook *h = w->slirp != NULL && w->slirp->slirp != NULL ? w->slirp : NULL;
         int wait_ms = -1;
         if (deadline >= 0) {
             int64_t left = deadline - ckvm_monotonic_ms();
@@ -137,10 +162,10 @@ int ckvm_io_wait(struct ckvm_iowait *w, int timeout_ms)
                 }
             }
         }
-        if (h != NULL)
+        if (h != NULL && h->slirp != NULL)
             ckvm_slirp_poll(w, h, err != 0);
         w->turns++;
-        if (ready || err || (h != NULL && h->link->back_to_python)
+        if (ready || err || (h != NULL && (h->slirp == NULL || h->link->back_to_python))
                 || (deadline >= 0 && ckvm_monotonic_ms() >= deadline))
             return err ? -err : ready;
     }

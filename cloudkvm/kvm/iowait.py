@@ -12,7 +12,7 @@ import os
 from .native import ffi, lib
 
 log = logging.getLogger("cloudkvm.io")
-SLIRP_FDS = 256            # room for libslirp's sockets (a socket it gets no room for is not polled that turn)
+SLIRP_FDS = 64             # room for libslirp's sockets at first (C grows the array as libslirp asks for more)
 
 
 class NativeWait:
@@ -20,11 +20,11 @@ class NativeWait:
     `set_slirp` (a `struct ckvm_slirp_hook`), `set_fds` (Python's fds and events), then `wait`."""
 
     def __init__(self):
-        self.native = ffi.new("struct ckvm_iowait *")
+        # the array lives in C (grown there when libslirp asks for more room), freed with this struct
+        self.native = ffi.gc(ffi.new("struct ckvm_iowait *"), lib.ckvm_iowait_free)
         self.native.failed_queue = -1
         self.queues: list = []
         self._py: list[tuple[int, int]] = []
-        self._fds = None
         self._layout()
 
     @property
@@ -52,15 +52,14 @@ class NativeWait:
         self._layout()
 
     def _layout(self) -> None:
-        need = len(self._py) + len(self.queues) + SLIRP_FDS
-        if self._fds is None or self.native.cap < need:
-            self._fds = ffi.new("struct pollfd[]", need)
-            self.native.fds, self.native.cap = self._fds, need
+        if lib.ckvm_iowait_reserve(self.native, len(self._py) + len(self.queues) + SLIRP_FDS) < 0:
+            raise MemoryError("no memory for the I/O thread's poll set")
+        fds = self.native.fds
         for i, (fd, events) in enumerate(self._py):
-            self._fds[i].fd, self._fds[i].events = fd, events
+            fds[i].fd, fds[i].events = fd, events
         base = len(self._py)
         for i, nq in enumerate(self.queues):
-            self._fds[base + i].fd, self._fds[base + i].events = nq.efd, 1   # POLLIN
+            fds[base + i].fd, fds[base + i].events = nq.efd, 1   # POLLIN
         self.native.n_py = base
 
     def wait(self, timeout_ms: int) -> list[tuple[int, int]]:
@@ -72,7 +71,7 @@ class NativeWait:
             return []
         if n == 0:
             return []
-        fds = self._fds
+        fds = self.native.fds
         return [(fds[i].fd, fds[i].revents) for i in range(self.native.n_py) if fds[i].revents]
 
     def _failed(self, err: int) -> None:

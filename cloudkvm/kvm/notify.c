@@ -94,25 +94,29 @@ static int ckvm_raise_used(struct ckvm_transport *t, const struct ckvm_mem *mem,
  * the link armed while net.py allows (`arm_ok`); leaving, the receive queue's used buffer notification for the
  * frames C placed meanwhile (net.py counts them when it next looks). Re-entrant: the lock is recursive, and the
  * link is left as it was found. */
-struct ckvm_link_call { uint64_t rx_frames; uint32_t armed; };
+struct ckvm_link_call { struct ckvm_transport *t; uint64_t rx_frames; uint32_t armed; };
 
 static struct ckvm_link_call ckvm_link_enter(struct ckvm_netlink *l)
 {
-    if (l->t != NULL)
-        pthread_mutex_lock(&l->t->lock);
-    struct ckvm_link_call call = { l->rx_frames, l->armed };
-    l->armed = l->armed || (l->t != NULL && l->arm_ok && l->rxq != NULL);
+    struct ckvm_link_call call = { l->t, l->rx_frames, l->armed };   /* the transport locked: the one unlocked */
+    if (call.t != NULL)
+        pthread_mutex_lock(&call.t->lock);
+    l->armed = l->armed || (call.t != NULL && l->arm_ok && l->rxq != NULL);
     return call;
 }
 
 static void ckvm_link_leave(struct ckvm_netlink *l, struct ckvm_link_call call)
 {
     l->armed = call.armed;
-    if (l->t == NULL)
+    if (call.t == NULL)
         return;
-    if (l->rx_frames != call.rx_frames && l->rxq != NULL && l->live != NULL && *l->live && l->rxq->ready)
-        ckvm_raise_used(l->t, l->mem, l->rxq);
-    pthread_mutex_unlock(&l->t->lock);
+    if (l->rx_frames != call.rx_frames && l->rxq != NULL && l->live != NULL && *l->live && l->rxq->ready) {
+        if (call.t->irqfd < 0)
+            l->back_to_python = 1;      /* not C's to raise: Python decides it (slirp.py after_wait) */
+        else
+            ckvm_raise_used(call.t, l->mem, l->rxq);
+    }
+    pthread_mutex_unlock(&call.t->lock);
 }
 
 /* The transmit queue's plain chains into libslirp (virtio_net.c ckvm_net_tx) inside a link call: 0 the queue is

@@ -15,6 +15,7 @@ import pytest
 
 from cloudkvm.errors import CloudkvmError
 from cloudkvm.iothread import IoThread
+from cloudkvm.kvm.iowait import SLIRP_FDS
 from cloudkvm.net import slirp as slirp_mod
 from cloudkvm.net import slirp_ffi
 from cloudkvm.profile import Forward, Network
@@ -202,6 +203,18 @@ def test_frames_to_the_guest_are_as_large_as_the_mtu_lets_them_be(make_net, mtu)
         got += host.recv(1 << 20)
     assert bytes(got) == payload
     host.close()
+
+
+def test_the_oldest_forward_is_served_when_libslirp_has_more_sockets_than_the_first_poll_set(make_net):
+    """More listening sockets than the wait in C makes room for at first (kvm/iowait.py SLIRP_FDS): C grows the
+    array as libslirp asks, so the first forward, last in libslirp's socket list, is still polled."""
+    ports: set[int] = set()
+    while len(ports) < 4 * SLIRP_FDS:     # well past the first array (rounded up to a power of two)
+        ports.add(free_port())
+    ports_in_order = sorted(ports)
+    _, guest = make_net(forwards=[f"tcp:127.0.0.1:{port}-:22" for port in ports_in_order])
+    guest.listen(22)
+    round_trip_through_forward(ports_in_order[0], guest)
 
 
 def test_tcp_forward_to_an_explicit_guest_address(make_net):
