@@ -300,9 +300,32 @@ def _wait_gone(instance: Instance, timeout: float) -> bool:
     return True
 
 
+POWER_BUTTON_GRACE = 15.0  # seconds the board's power button has before `down` asks the guest over ssh as well
+
+
+def _poweroff_over_ssh(instance: Instance) -> bool:
+    """Ask the guest to power off over ssh, as its cloud-init user with the instance's own key and known_hosts
+    (ssh.py): for a guest whose kernel has no driver for the board's power button (Debian's arm64 cloud kernel has
+    no gpio-keys for the virt board's PL061 key). True when `systemctl poweroff` said it queued the power-off;
+    False when the instance has no ssh target or the request failed."""
+    import subprocess
+
+    from . import ssh
+
+    try:
+        argv = ssh.command(ssh.target(instance), ["sudo", "-n", "systemctl", "poweroff"], batch=True,
+                           connect_timeout=10)
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=30)
+    except (CloudkvmError, OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
 def down(instance: Instance, force: bool = False, timeout: float = 60.0) -> str:
-    """Graceful power-off (the board's power button: ACPI on x86), then a hard stop after `timeout`; --force stops
-    at once."""
+    """Graceful power-off (the board's power button: ACPI on x86, the PL061 key on arm64; after POWER_BUTTON_GRACE
+    seconds also `systemctl poweroff` over ssh for an instance cloudkvm can log into), then a hard stop after
+    `timeout`; --force stops at once."""
     if instance.state() != "running":
         return f"{instance.name} is not running"
     if not force:
@@ -310,8 +333,13 @@ def down(instance: Instance, force: bool = False, timeout: float = 60.0) -> str:
             reply = control.request(instance.control_socket, "shutdown")
         except OSError:
             reply = {"ok": False}
-        if reply.get("ok") and _wait_gone(instance, timeout):
-            return f"{instance.name} powered off"
+        if reply.get("ok"):
+            grace = min(timeout, POWER_BUTTON_GRACE)
+            if _wait_gone(instance, grace):
+                return f"{instance.name} powered off"
+            asked = grace < timeout and _poweroff_over_ssh(instance)
+            if _wait_gone(instance, timeout - grace):
+                return f"{instance.name} powered off" + (" (asked over ssh)" if asked else "")
     try:
         control.request(instance.control_socket, "stop", timeout=5)
     except OSError:

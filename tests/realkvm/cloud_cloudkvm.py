@@ -1,7 +1,7 @@
 """The test cloud image (tests/testhosts/cloudimage.py) under cloudkvm, the way a user runs a cloud image: a profile
 naming it by an http:// URL and its digest, `cloudkvm up --wait ssh`, `cloudkvm ssh NAME -- CHECK`, `cloudkvm down`.
 
-Run as a script inside the x86_64 test host (by tests/realkvm/test_cloud_image.py and `bench/boot_time
+Run as a script inside the x86_64 or arm64 test host (by tests/realkvm/test_cloud_image.py and `bench/boot_time
 --testhost`): it serves the image from a local HTTP server, points cloudkvm's cache and state at the test host's
 tmpfs, and writes `run.json` (each command's status, output and time, the base's digest afterwards) and the
 guest's console log to `--out`. The seed, the overlay and the ssh key are cloudkvm's own; the clock starts just
@@ -29,14 +29,14 @@ NAME = "cloudimg"
 MEMORY, CPUS, DISK = "1G", 1, "4G"
 
 
-def profile_text(url: str, digest: str, ssh_port: int) -> str:
+def profile_text(url: str, digest: str, ssh_port: int, arch: str = "x86_64") -> str:
     return f"""name: {NAME}
-arch: x86_64
+arch: {arch}
 cpus: {CPUS}
 memory: {MEMORY}
 images:
   - location: {url}
-    arch: x86_64
+    arch: {arch}
     digest: {digest}
 disk: {DISK}
 boot:
@@ -77,6 +77,7 @@ def main() -> int:
     parser.add_argument("--digest", required=True, help="sha256:HEX of the image, computed outside")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/cloudkvm-cloud"))
+    parser.add_argument("--arch", default="x86_64", choices=("x86_64", "aarch64"), help="the VM's (the host's)")
     parser.add_argument("--ssh-timeout", type=float, default=900)
     parser.add_argument("--prepull", action="store_true",
                         help="pull the image into the cache first (`cloudkvm image pull`), so that `up` is timed "
@@ -91,7 +92,7 @@ def main() -> int:
     result: dict = {}
     with HttpServer(args.image.parent) as server:
         profile = args.work / "cloud.yaml"
-        profile.write_text(profile_text(server.url(args.image.name), args.digest, free_port()))
+        profile.write_text(profile_text(server.url(args.image.name), args.digest, free_port(), args.arch))
         if args.prepull:
             result["pull"] = cloudkvm("image", "pull", server.url(args.image.name), "--digest", args.digest,
                                       timeout=900)

@@ -28,7 +28,7 @@ from cloudkvm.guests import debian
 from .kmod import index_modules, load_order
 from .recipes import HostRecipe
 
-RECIPE_VERSION = "1"  # bump when the build below changes, so cached hosts made by older code are not reused
+RECIPE_VERSION = "2"  # bump when the build below changes, so cached hosts made by older code are not reused
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 APPLETS = ("sh", "mount", "mkdir", "insmod", "chroot", "poweroff", "cat", "echo", "sync", "ip", "sleep")
 NINE_P = "-t 9p -o trans=virtio,version=9p2000.L,msize=512000"
@@ -147,6 +147,9 @@ def build_foreign_root(recipe: HostRecipe, rootfs: Path) -> None:
         (rootfs / d).mkdir(exist_ok=True)
     (rootfs / "bin" / "sh").unlink(missing_ok=True)
     (rootfs / "bin" / "sh").symlink_to("dash")  # dash's maintainer script makes this link; extract runs none
+    # base-passwd's maintainer script would make these: ssh and ssh-keygen refuse a user without a passwd entry
+    (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (rootfs / "etc" / "group").write_text("root:x:0:\n")
     site = rootfs / "usr" / "local" / "lib" / "python3.11" / "dist-packages"
     _sh([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile",
          "--target", str(site), "--platform", "manylinux2014_aarch64", "--only-binary=:all:",

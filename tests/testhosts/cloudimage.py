@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -57,7 +58,17 @@ class ArchRecipe:
 
 ARCHES = {
     "amd64": ArchRecipe("amd64", "linux-image-cloud-amd64", "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
+    "arm64": ArchRecipe("arm64", "linux-image-cloud-arm64", "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"),
 }
+# The serial console and what announces virtio-mmio per architecture: cloudkvm's x86 board in ACPI (LNRO0005), the
+# arm64 virt board in its device tree (compatible "virtio,mmio"), whose alias udev loads virtio_mmio by.
+CONSOLES = {"amd64": "ttyS0", "arm64": "ttyAMA0"}
+CONSOLE_CONFIG = {"amd64": "CONFIG_SERIAL_8250_CONSOLE", "arm64": "CONFIG_SERIAL_AMBA_PL011_CONSOLE"}
+FIRMWARE_CONFIG = {"amd64": "CONFIG_ACPI", "arm64": "CONFIG_OF"}
+VIRTIO_MMIO_ALIAS = {"amd64": "acpi*:LNRO0005:*", "arm64": "of:N*T*Cvirtio,mmio"}
+_HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+# A foreign architecture's maintainer scripts (mmdebstrap, update-initramfs, lsinitramfs) run through qemu-user
+BINFMT = {"arm64": "qemu-aarch64"}
 PACKAGES = ("systemd", "systemd-sysv", "systemd-resolved", "udev", "dbus", "kmod", "iproute2",
             "cloud-init", "openssh-server", "cloud-guest-utils", "fdisk", "netplan.io",
             "sudo", "e2fsprogs", "initramfs-tools")
@@ -67,8 +78,7 @@ MMDEBSTRAP_OPTIONS = ("--quiet", "--mode=root", "--variant=apt", "--hook-dir=/us
 # Kernel options and initramfs modules a firmware-less VMM's guest needs: its devices are virtio-mmio (announced
 # in ACPI on x86) or virtio-pci (QEMU q35), its disk virtio-blk, its NIC virtio-net, its root ext4.
 NEEDED_DRIVERS = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net")
-NEEDED_CONFIG = ("CONFIG_VIRTIO_MMIO", "CONFIG_VIRTIO_PCI", "CONFIG_VIRTIO_BLK", "CONFIG_VIRTIO_NET", "CONFIG_EXT4_FS",
-                 "CONFIG_ACPI", "CONFIG_SERIAL_8250_CONSOLE")
+NEEDED_CONFIG = ("CONFIG_VIRTIO_MMIO", "CONFIG_VIRTIO_PCI", "CONFIG_VIRTIO_BLK", "CONFIG_VIRTIO_NET", "CONFIG_EXT4_FS")
 
 # Run by mmdebstrap on the outside after the packages are installed ($1: the new root). LANG=C.UTF-8 spares a
 # locale build at first boot; no host keys, no machine-id: every instance makes its own at first boot.
@@ -95,9 +105,9 @@ class CloudImage:
     root_uuid: str        # the root ext4 file system's UUID (root=UUID=... on the command line)
     facts: dict           # what the build checked: kernel config of the virtio drivers, initramfs modules, sizes
 
-    def cmdline(self, console: str = CONSOLE) -> str:
-        """The kernel command line for a direct kernel boot of this image."""
-        return f"root=UUID={self.root_uuid} ro console={console}"
+    def cmdline(self, console: str | None = None) -> str:
+        """The kernel command line for a direct kernel boot of this image (its architecture's serial console)."""
+        return f"root=UUID={self.root_uuid} ro console={console or self.facts.get('console', CONSOLE)}"
 
 
 def apt_source_lines() -> list[str]:
@@ -161,6 +171,8 @@ def build_cloud_image(arch: str = "amd64", cache: Path | None = None) -> CloudIm
         raise RuntimeError("building the test cloud image needs root (mmdebstrap --mode=root, chroot, "
                            "mkfs.ext4 -d keeping the files' owners)")
     recipe = ARCHES[arch]
+    if arch != _HOST_ARCH.get(platform.machine()):
+        ensure_binfmt(arch)
     kernel_package = debian.resolve_kernel_package(recipe.kernel_metapackage)
     sources = apt_source_lines()
     base = (cache or cache_dir()) / "cloudimages"
@@ -239,7 +251,7 @@ def _build(recipe: ArchRecipe, sources: list[str], debs: Path, out: Path) -> Non
     version = vmlinuz.name.removeprefix("vmlinuz-")
     shutil.copyfile(vmlinuz, out / "vmlinuz")
     shutil.copyfile(root / "boot" / f"initrd.img-{version}", out / "initrd.img")
-    facts = firmware_less_facts(root, version)
+    facts = firmware_less_facts(root, version, recipe.debian_arch)
     start = time.monotonic()
     raw = work / "disk.raw"
     make_gpt_disk(root, raw, recipe.root_partition_type)
@@ -254,16 +266,37 @@ def _build(recipe: ArchRecipe, sources: list[str], debs: Path, out: Path) -> Non
     (out / "image.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def firmware_less_facts(root: Path, version: str) -> dict:
+def firmware_less_facts(root: Path, version: str, arch: str = "amd64") -> dict:
     """What a VMM without firmware relies on in the image (its kernel config, the initramfs' virtio modules, the
-    ACPI alias that loads virtio_mmio); an error when the initramfs lacks a virtio driver."""
-    facts = {"kernel_config": kernel_config(root / "boot" / f"config-{version}", NEEDED_CONFIG),
+    ACPI or device-tree alias that loads virtio_mmio, the serial console); an error when the initramfs lacks a
+    virtio driver."""
+    options = (*NEEDED_CONFIG, FIRMWARE_CONFIG[arch], CONSOLE_CONFIG[arch])
+    facts = {"kernel_config": kernel_config(root / "boot" / f"config-{version}", options),
              "initramfs_modules": initramfs_modules(root, version, NEEDED_DRIVERS),
-             "acpi_modalias_virtio_mmio": module_has_alias(root, version, "virtio_mmio", "acpi*:LNRO0005:*")}
+             "modalias_virtio_mmio": module_has_alias(root, version, "virtio_mmio", VIRTIO_MMIO_ALIAS[arch]),
+             "console": CONSOLES[arch]}
     missing = [m for m, present in facts["initramfs_modules"].items() if not present]
     if missing:
         raise RuntimeError(f"the image's initramfs lacks {', '.join(missing)}")
     return facts
+
+
+def ensure_binfmt(arch: str) -> None:
+    """Run `arch`'s programs through qemu-user (binfmt_misc), as mmdebstrap needs for a foreign architecture's
+    maintainer scripts: mount binfmt_misc and enable the qemu-user-static handler; an error saying what is missing."""
+    name = BINFMT.get(arch)
+    if name is None:
+        raise RuntimeError(f"no qemu-user handler known for {arch}")
+    folder = Path("/proc/sys/fs/binfmt_misc")
+    if not (folder / "register").exists():
+        _sh(["mount", "-t", "binfmt_misc", "binfmt_misc", str(folder)], "mounting binfmt_misc")
+    if not (folder / name).exists():
+        if shutil.which("update-binfmts") is None:
+            raise RuntimeError(f"building the {arch} image needs qemu-user-static and binfmt-support "
+                               "(scripts/install-deps --test installs them)")
+        _sh(["update-binfmts", "--enable", name], f"update-binfmts --enable {name}")
+    if "enabled" not in (folder / name).read_text():
+        raise RuntimeError(f"the binfmt_misc handler {name} is disabled")
 
 
 def _mmdebstrap(recipe: ArchRecipe, sources: list[str], debs: Path, root: Path) -> None:
@@ -322,4 +355,5 @@ def module_has_alias(root: Path, version: str, module: str, alias_pattern: str) 
 
 
 if __name__ == "__main__":
-    print(json.dumps(asdict(build_cloud_image()), indent=1, default=str))
+    import sys
+    print(json.dumps(asdict(build_cloud_image(*sys.argv[1:2])), indent=1, default=str))

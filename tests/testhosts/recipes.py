@@ -54,6 +54,7 @@ ARM64 = HostRecipe(
     own_root=False,
     rootfs_packages=("dash", "coreutils", "python3-minimal", "python3.11-minimal", "libpython3.11-stdlib",
                      "busybox-static", "libslirp0",
+                     "openssh-client",  # `cloudkvm ssh` and `up --wait ssh` of the arm64 cloud image
                      "qemu-system-arm"),  # the reference VMM of bench/boot_time --testhost (-M virt -enable-kvm)
 )
 
