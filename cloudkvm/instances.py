@@ -115,10 +115,12 @@ class Instance:
         return self.info_file.is_file()
 
     def info(self) -> dict:
+        """What `up` recorded in instance.json; {} when it is missing, unreadable or not a JSON object."""
         try:
-            return json.loads(read_regular(self.info_file))
+            info = json.loads(read_regular(self.info_file))
         except (OSError, ValueError):
             return {}
+        return info if isinstance(info, dict) else {}
 
     def write_json(self, path: Path, data: dict) -> None:
         atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)

@@ -74,3 +74,16 @@ def test_an_instance_without_an_ssh_target_is_stopped_after_the_timeout(rig, mon
     monkeypatch.setattr(ssh, "target", no_target)
     assert launcher.down(FakeInstance(), timeout=60) == "vm stopped"
     assert rig["ssh"] == [] and rig["requests"] == ["shutdown", "stop"]
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "\"ssh\"", "not json"])
+def test_an_instance_json_that_is_not_an_object_means_no_ssh_target(tmp_path, text):
+    """instance.json is cloudkvm's own file, but one that is not a JSON object reads as empty, not as a crash."""
+    from cloudkvm.instances import Instance
+
+    instance = Instance("vm", tmp_path / "vm")
+    instance.dir.mkdir()
+    instance.info_file.write_text(text)
+    assert instance.info() == {}
+    with pytest.raises(CloudkvmError, match="no cloud-init user"):
+        ssh.target(instance)
