@@ -258,6 +258,8 @@ struct ckvm_iowait { struct pollfd *fds; uint32_t cap; uint32_t n_py; uint32_t n
     uint64_t turns; uint64_t slirp_calls; int32_t failed_queue; };
 int ckvm_io_wait(struct ckvm_iowait *w, int timeout_ms);
 int ckvm_iowait_reserve(struct ckvm_iowait *w, uint32_t n);
+int ckvm_slirp_to_poll(int events);
+int ckvm_poll_to_slirp(int revents);
 void ckvm_iowait_free(struct ckvm_iowait *w);
 int64_t ckvm_clock_ns(void *opaque);
 void ckvm_slirp_no_op(void *opaque);

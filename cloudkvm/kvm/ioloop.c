@@ -65,19 +65,37 @@ void ckvm_iowait_free(struct ckvm_iowait *w)
     w->cap = 0;
 }
 
+/* libslirp's SLIRP_POLL_* events as poll(2) events, and poll(2)'s revents back (the one conversion: net/slirp.py's
+ * Python poll source builds its tables from these two). */
+int ckvm_slirp_to_poll(int events)
+{
+    int ev = 0;
+    if (events & CKVM_SLIRP_POLL_IN) ev |= POLLIN;
+    if (events & CKVM_SLIRP_POLL_OUT) ev |= POLLOUT;
+    if (events & CKVM_SLIRP_POLL_PRI) ev |= POLLPRI;
+    if (events & CKVM_SLIRP_POLL_ERR) ev |= POLLERR;
+    if (events & CKVM_SLIRP_POLL_HUP) ev |= POLLHUP;
+    return ev;
+}
+
+int ckvm_poll_to_slirp(int revents)
+{
+    int out = 0;
+    if (revents & POLLIN) out |= CKVM_SLIRP_POLL_IN;
+    if (revents & POLLOUT) out |= CKVM_SLIRP_POLL_OUT;
+    if (revents & POLLPRI) out |= CKVM_SLIRP_POLL_PRI;
+    if (revents & (POLLERR | POLLNVAL)) out |= CKVM_SLIRP_POLL_ERR;   /* a closed fd is an error for libslirp */
+    if (revents & POLLHUP) out |= CKVM_SLIRP_POLL_HUP;
+    return out;
+}
+
 static int ckvm_slirp_add_poll(int fd, int events, void *opaque)
 {
     struct ckvm_iowait *w = opaque;
     uint32_t at = w->n_py + w->nqueues + w->n_slirp;
     if (ckvm_iowait_reserve(w, at + 1) < 0)
         return -1;                     /* no memory: libslirp asks get_revents(-1), which says nothing happened */
-    short ev = 0;
-    if (events & CKVM_SLIRP_POLL_IN) ev |= POLLIN;
-    if (events & CKVM_SLIRP_POLL_OUT) ev |= POLLOUT;
-    if (events & CKVM_SLIRP_POLL_PRI) ev |= POLLPRI;
-    if (events & CKVM_SLIRP_POLL_ERR) ev |= POLLERR;
-    if (events & CKVM_SLIRP_POLL_HUP) ev |= POLLHUP;
-    w->fds[at] = (struct pollfd){ .fd = fd, .events = ev };
+    w->fds[at] = (struct pollfd){ .fd = fd, .events = (short)ckvm_slirp_to_poll(events) };
     return (int)w->n_slirp++;
 }
 
@@ -86,20 +104,12 @@ static int ckvm_slirp_get_revents(int idx, void *opaque)
     struct ckvm_iowait *w = opaque;
     if (idx < 0 || (uint32_t)idx >= w->n_slirp)
         return 0;
-    short rev = w->fds[w->n_py + w->nqueues + (uint32_t)idx].revents;
-    int out = 0;
-    if (rev & POLLIN) out |= CKVM_SLIRP_POLL_IN;
-    if (rev & POLLOUT) out |= CKVM_SLIRP_POLL_OUT;
-    if (rev & POLLPRI) out |= CKVM_SLIRP_POLL_PRI;
-    if (rev & (POLLERR | POLLNVAL)) out |= CKVM_SLIRP_POLL_ERR;   /* a closed fd is an error for libslirp */
-    if (rev & POLLHUP) out |= CKVM_SLIRP_POLL_HUP;
-    return out;
+    return ckvm_poll_to_slirp(w->fds[w->n_py + w->nqueues + (uint32_t)idx].revents);
 }
 
 static uint32_t ckvm_slirp_fill(struct ckvm_iowait *w, struct ckvm_slirp_hook *h)
 {
     uint32_t timeout = UINT32_MAX;
-    w->n_slirp = 0;
     struct ckvm_link_call call = ckvm_link_enter(h->link);
     h->fill(h->slirp, &timeout, ckvm_slirp_add_poll, w);
     ckvm_link_leave(h->link, call);

@@ -29,7 +29,6 @@ import itertools
 import math
 import logging
 import os
-import select
 import socket
 import struct
 import time
@@ -52,19 +51,16 @@ IPV6_PREFIX = "fec0::"     # QEMU's default user-network IPv6 prefix (net/slirp.
 IPV6_PREFIX_LEN = 64
 _GUEST_ERRORS_LOGGED = 32  # distinct guest_error messages logged per backend
 
-# SLIRP_POLL_IN/OUT/PRI/ERR/HUP <-> poll(2) events (a closed fd, POLLNVAL, is an error for libslirp).
-_POLL_BITS = ((1, select.POLLIN), (2, select.POLLOUT), (4, select.POLLPRI), (8, select.POLLERR | select.POLLNVAL),
-              (16, select.POLLHUP))
-_SLIRP_TO_POLL = [sum(poll_bit & ~select.POLLNVAL for slirp_bit, poll_bit in _POLL_BITS if bits & slirp_bit)
-                  for bits in range(32)]
+# SLIRP_POLL_IN/OUT/PRI/ERR/HUP <-> poll(2) events, as kvm/ioloop.c converts them (a closed fd, POLLNVAL, is an error
+# for libslirp): tables of its two functions, so the Python poll source calls no C per fd.
+_SLIRP_TO_POLL = [native_lib.ckvm_slirp_to_poll(bits) for bits in range(32)]
 _POLL_TO_SLIRP: dict[int, int] = {}
 
 
 def _to_slirp(revents: int) -> int:
     out = _POLL_TO_SLIRP.get(revents)
     if out is None:
-        out = sum(slirp_bit for slirp_bit, poll_bit in _POLL_BITS if revents & poll_bit)
-        _POLL_TO_SLIRP[revents] = out
+        out = _POLL_TO_SLIRP[revents] = native_lib.ckvm_poll_to_slirp(revents)
     return out
 
 

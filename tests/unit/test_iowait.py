@@ -135,3 +135,16 @@ def test_a_libslirp_owner_whose_hooks_fail_is_polled_the_python_way(caplog):
         assert io.run_sync(lambda: io.native.active) is False
     finally:
         io.stop()
+
+
+def test_libslirps_poll_events_convert_both_ways_as_libslirp_h_and_poll_2_define_them():
+    """SLIRP_POLL_IN/OUT/PRI/ERR/HUP are 1/2/4/8/16 (libslirp.h); a closed fd (POLLNVAL) is an error for libslirp."""
+    from cloudkvm.kvm.native import lib
+
+    pairs = ((1, select.POLLIN), (2, select.POLLOUT), (4, select.POLLPRI), (8, select.POLLERR), (16, select.POLLHUP))
+    for slirp_bit, poll_bit in pairs:
+        assert lib.ckvm_slirp_to_poll(slirp_bit) == poll_bit
+        assert lib.ckvm_poll_to_slirp(poll_bit) == slirp_bit
+    assert lib.ckvm_slirp_to_poll(31) == select.POLLIN | select.POLLOUT | select.POLLPRI | select.POLLERR | select.POLLHUP
+    assert lib.ckvm_poll_to_slirp(select.POLLNVAL) == 8
+    assert lib.ckvm_poll_to_slirp(select.POLLIN | select.POLLNVAL | select.POLLHUP) == 1 | 8 | 16
