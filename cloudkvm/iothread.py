@@ -192,7 +192,7 @@ class IoThread:
             if self._slirp is owner:
                 self._slirp = None
                 self._native.set_slirp(None)
-            elif getattr(owner, "source", None) is not None:
+            elif owner.source is not None:
                 self.remove_poll_source(owner.source)
                 owner.source = None
         self.now_or_soon(remove)

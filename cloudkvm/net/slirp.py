@@ -295,7 +295,6 @@ class SlirpBackend:
         self._link.fallback = _FALLBACK_SEND
         self.hook = native_ffi.new("struct ckvm_slirp_hook *")   # for the I/O thread's wait in C (attach)
         self.source = None                                       # the Python poll source, when polled that way
-        self._rx_seen = 0                                        # the link's rx_frames after the last wait in C
         self._section = contextlib.nullcontext()                # a natively connected device's (connect_native)
         self._opaque = ffi.cast("void *", address(self._link))
         _LIVE[self._opaque] = self
@@ -417,10 +416,9 @@ class SlirpBackend:
         self._busy = False
         if self._inbox:
             self._drain_inbox()
-        if self._link.rx_frames != self._rx_seen:
-            # frames C placed while waiting: the device counts them and decides their interrupt (C did, when the
-            # transport has an irqfd: then this finds nothing more to raise)
-            self._rx_seen = self._link.rx_frames
+        if self._link.back_to_python:
+            # C left Python work: frames it placed for a transport without an irqfd, whose interrupt the device's
+            # section decides on leaving (net.py _disarm_link)
             with self._section:
                 pass
 
