@@ -13,25 +13,23 @@ from pathlib import Path
 import pytest
 
 from cloud_qemu import USER, read_check
-from testhosts.cloudimage import build_cloud_image
+from testhosts.cloudimage import GUEST_ARCH, build_cloud_image
+from testhosts.recipes import RECIPES
 
 pytestmark = [pytest.mark.realkvm, pytest.mark.timeout(2400)]
 SCRIPT = Path(__file__).resolve().parent / "cloud_cloudkvm.py"
 GiB = 1 << 30
 
 
-# test host -> (the image's Debian architecture, the VM's architecture in a profile)
-HOSTS = {"x86_64": ("amd64", "x86_64"), "arm64": ("arm64", "aarch64")}
-
-
-@pytest.fixture(scope="module", params=list(HOSTS))
+@pytest.fixture(scope="module", params=list(RECIPES))
 def host(request) -> str:
+    """A test host's name (x86_64, arm64); its recipe's Debian architecture is the image's."""
     return request.param
 
 
 @pytest.fixture(scope="module")
 def image(host):
-    built = build_cloud_image(HOSTS[host][0])
+    built = build_cloud_image(RECIPES[host].arch)
     digest = subprocess.run(["sha256sum", built.qcow2], capture_output=True, text=True, check=True).stdout.split()[0]
     return built, f"sha256:{digest}"
 
@@ -42,7 +40,7 @@ def run(testhost, tmp_path_factory, image, host):
     out = tmp_path_factory.mktemp(f"cloud-cloudkvm-{host}")
     result = testhost(host).run(
         f"python3 {shlex.quote(str(SCRIPT))} --image {shlex.quote(str(built.qcow2))} --digest {digest} "
-        f"--arch {HOSTS[host][1]} --out {shlex.quote(str(out))}", writable=(out,), timeout=2400)
+        f"--arch {GUEST_ARCH[RECIPES[host].arch]} --out {shlex.quote(str(out))}", writable=(out,), timeout=2400)
     assert result.status == 0, result.describe()
     ran = json.loads((out / "run.json").read_text())
     console = (out / "console.log").read_text(errors="replace") if (out / "console.log").exists() else ""

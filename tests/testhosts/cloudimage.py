@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cloudkvm.boards import registry
 from cloudkvm.cache import cache_dir
 from cloudkvm.fsutil import install_dir
 from cloudkvm.guests import debian
@@ -60,13 +60,13 @@ ARCHES = {
     "amd64": ArchRecipe("amd64", "linux-image-cloud-amd64", "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
     "arm64": ArchRecipe("arm64", "linux-image-cloud-arm64", "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"),
 }
-# The serial console and what announces virtio-mmio per architecture: cloudkvm's x86 board in ACPI (LNRO0005), the
-# arm64 virt board in its device tree (compatible "virtio,mmio"), whose alias udev loads virtio_mmio by.
-CONSOLES = {"amd64": "ttyS0", "arm64": "ttyAMA0"}
+# The Debian architecture's name for cloudkvm (a profile's `arch`, the board that runs it: its console), and what
+# announces virtio-mmio: cloudkvm's x86 board in ACPI (LNRO0005), the arm64 virt board in its device tree
+# (compatible "virtio,mmio"), whose alias udev loads virtio_mmio by.
+GUEST_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
 CONSOLE_CONFIG = {"amd64": "CONFIG_SERIAL_8250_CONSOLE", "arm64": "CONFIG_SERIAL_AMBA_PL011_CONSOLE"}
 FIRMWARE_CONFIG = {"amd64": "CONFIG_ACPI", "arm64": "CONFIG_OF"}
 VIRTIO_MMIO_ALIAS = {"amd64": "acpi*:LNRO0005:*", "arm64": "of:N*T*Cvirtio,mmio"}
-_HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 # A foreign architecture's maintainer scripts (mmdebstrap, update-initramfs, lsinitramfs) run through qemu-user
 BINFMT = {"arm64": "qemu-aarch64"}
 PACKAGES = ("systemd", "systemd-sysv", "systemd-resolved", "udev", "dbus", "kmod", "iproute2",
@@ -171,7 +171,7 @@ def build_cloud_image(arch: str = "amd64", cache: Path | None = None) -> CloudIm
         raise RuntimeError("building the test cloud image needs root (mmdebstrap --mode=root, chroot, "
                            "mkfs.ext4 -d keeping the files' owners)")
     recipe = ARCHES[arch]
-    if arch != _HOST_ARCH.get(platform.machine()):
+    if GUEST_ARCH[arch] != registry.host_arch():
         ensure_binfmt(arch)
     kernel_package = debian.resolve_kernel_package(recipe.kernel_metapackage)
     sources = apt_source_lines()
@@ -274,7 +274,7 @@ def firmware_less_facts(root: Path, version: str, arch: str = "amd64") -> dict:
     facts = {"kernel_config": kernel_config(root / "boot" / f"config-{version}", options),
              "initramfs_modules": initramfs_modules(root, version, NEEDED_DRIVERS),
              "modalias_virtio_mmio": module_has_alias(root, version, "virtio_mmio", VIRTIO_MMIO_ALIAS[arch]),
-             "console": CONSOLES[arch]}
+             "console": registry.for_arch(GUEST_ARCH[arch]).default_console}
     missing = [m for m, present in facts["initramfs_modules"].items() if not present]
     if missing:
         raise RuntimeError(f"the image's initramfs lacks {', '.join(missing)}")
