@@ -15,6 +15,7 @@ from cffi import FFI
 VIRTQ_C_FILE = Path(__file__).with_name("virtq.c")
 C_FILES = tuple(Path(__file__).with_name(name)
                 for name in ("virtq.c", "virtio_blk.c", "checksum.c", "virtio_net.c", "notify.c", "ioloop.c"))
+LIBRARIES = ["z"]  # zlib: inflating compressed qcow2 clusters (virtio_blk.c)
 SOURCE_FILES = (Path(__file__), *C_FILES)  # what the compiled core is made from (a cache key for cross builds)
 
 COMMON_CDEF = r"""
@@ -207,8 +208,15 @@ int ckvm_vq_needs_interrupt(const struct ckvm_mem *mem, struct ckvm_vq *q);
 #define CKVM_MAP_WRITABLE ...
 #define CKVM_MAP_FILE_SHIFT ...
 #define CKVM_MAP_OFFSET_MASK ...
+#define CKVM_MAP_DEFLATE ...
+#define CKVM_MAP_DEFLATE_SECTORS_SHIFT ...
+#define CKVM_MAP_DEFLATE_SECTORS_MAX ...
+#define CKVM_MAP_DEFLATE_OFFSET_MASK ...
+#define CKVM_BLK_SCRATCH ...
 struct ckvm_blk { uint64_t capacity; uint32_t read_only; uint32_t granule_bits; uint64_t *map; int32_t fds[...];
-    uint32_t served; int32_t err; uint64_t miss_offset; uint64_t miss_length; };
+    uint8_t *cache; uint8_t *scratch; uint64_t *keys; uint32_t slots; uint32_t next_slot;
+    uint32_t served; int32_t err; uint64_t miss_offset; uint64_t miss_length; uint64_t served_total;
+    uint64_t inflated; };
 int ckvm_blk_serve(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_walk *w, struct ckvm_blk *b);
 
 /* virtio_net.c */
@@ -573,7 +581,8 @@ def make_ffibuilder(machine: str) -> FFI:
     """The cffi builder for one architecture (a cross build emits its C code and compiles it elsewhere)."""
     builder = FFI()
     builder.cdef(build_cdef(machine))
-    builder.set_source("cloudkvm.kvm._native", C_SOURCE + "".join(f.read_text() for f in C_FILES), extra_compile_args=["-O2"])
+    builder.set_source("cloudkvm.kvm._native", C_SOURCE + "".join(f.read_text() for f in C_FILES),
+                       extra_compile_args=["-O2"], libraries=LIBRARIES)
     return builder
 
 

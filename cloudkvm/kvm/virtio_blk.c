@@ -9,18 +9,24 @@
  *   simple, a failed system call: blk.py then retries the request and answers what it finds);
  * - CKVM_BLK_MISS: the map does not know [miss_offset, +miss_length): blk.py fills it and calls again;
  * - CKVM_BLK_BADQUEUE: the avail ring is not usable (blk.py's own pop says why);
- * or CKVM_BLK_IDLE when nothing more is available. `served` counts the requests completed.
+ * or CKVM_BLK_IDLE when nothing more is available. `served` counts the requests completed by the call.
  *
  * The map has one entry per 2^granule_bits bytes of the disk: 0 unknown, else KNOWN with ZERO (reads as zeros;
- * a write is blk.py's), SLOW (only blk.py handles it) or a place: the index of the file in `fds` and the byte offset
- * there of the granule's first byte, and WRITABLE when a write may go there in place. blk.py forgets entries around
- * every change it makes through the disk (storage decides where data goes).
+ * a write is blk.py's), SLOW (only blk.py handles it), a place: the index of the file in `fds` and the byte offset
+ * there of the granule's first byte, and WRITABLE when a write may go there in place; or DEFLATE: the granule is one
+ * compressed qcow2 cluster (qcow2 spec, "Compressed Clusters Descriptor"), raw deflate (RFC 1951) in file `fds[i]`
+ * from byte offset DEFLATE_OFFSET to the end of its sector DEFLATE_SECTORS - 1 sectors further, read and inflated
+ * here (zlib) into a small cache of whole clusters keyed by the entry (compressed data is never rewritten in place: a
+ * write goes to a new cluster, by blk.py). A cluster that does not inflate to exactly the granule is blk.py's, which
+ * then reports the corruption. blk.py forgets entries around every change it makes through the disk (storage decides
+ * where data goes).
  *
  * Guest RAM is touched only through the region table: data segments, the header and the status byte were
  * validated by the walk; the rings lie inside one region each (checked here again). */
 #include <errno.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #define CKVM_BLK_T_IN 0
 #define CKVM_BLK_T_OUT 1
@@ -33,8 +39,13 @@
 #define CKVM_MAP_ZERO (1ULL << 62)
 #define CKVM_MAP_SLOW (1ULL << 61)
 #define CKVM_MAP_WRITABLE (1ULL << 60)
-#define CKVM_MAP_FILE_SHIFT 56
-#define CKVM_MAP_OFFSET_MASK ((1ULL << 56) - 1)
+#define CKVM_MAP_DEFLATE (1ULL << 59)
+#define CKVM_MAP_FILE_SHIFT 52
+#define CKVM_MAP_OFFSET_MASK ((1ULL << 52) - 1)
+#define CKVM_MAP_DEFLATE_SECTORS_SHIFT 42       /* DEFLATE: sectors - 1 in bits 42-51, the offset in bits 0-41 */
+#define CKVM_MAP_DEFLATE_SECTORS_MAX 1024
+#define CKVM_MAP_DEFLATE_OFFSET_MASK ((1ULL << 42) - 1)
+#define CKVM_BLK_SCRATCH (CKVM_MAP_DEFLATE_SECTORS_MAX * CKVM_BLK_SECTOR)  /* the longest compressed cluster */
 
 enum { CKVM_BLK_IDLE = 0, CKVM_BLK_SLOW = 1, CKVM_BLK_MISS = 2, CKVM_BLK_BADQUEUE = 3 };
 
@@ -43,28 +54,40 @@ struct ckvm_blk {
     uint32_t read_only, granule_bits;
     uint64_t *map;                  /* one entry per granule, covering the capacity */
     int32_t fds[CKVM_BLK_MAX_FILES];
+    /* inflated clusters: `slots` granules at `cache`, slot i holding the cluster of DEFLATE entry keys[i] (0: none);
+     * `scratch` (CKVM_BLK_SCRATCH bytes) takes the compressed data */
+    uint8_t *cache, *scratch;
+    uint64_t *keys;
+    uint32_t slots, next_slot;
     /* out */
     uint32_t served;
     int32_t err;                    /* errno of the system call that failed, for CKVM_BLK_SLOW */
     uint64_t miss_offset, miss_length;
+    uint64_t served_total, inflated;    /* requests completed and clusters inflated, all told */
 };
 
-/* Where disk byte `pos` is: 0 for a place (file index, host offset), 1 for zeros, -1 unknown, -2 slow; `left`
- * gets the bytes to the end of its granule. */
+enum { CKVM_AT_PLACE = 0, CKVM_AT_ZEROS = 1, CKVM_AT_DEFLATE = 2, CKVM_AT_UNKNOWN = -1, CKVM_AT_SLOW = -2 };
+
+/* Where disk byte `pos` is: CKVM_AT_PLACE (file index, host offset), CKVM_AT_ZEROS, CKVM_AT_DEFLATE (the map entry,
+ * in *host), CKVM_AT_UNKNOWN or CKVM_AT_SLOW; `left` gets the bytes to the end of its granule. */
 static int ckvm_blk_locate(const struct ckvm_blk *b, uint64_t pos, int write, uint32_t *file, uint64_t *host,
                            uint64_t *left)
 {
     uint64_t g = pos >> b->granule_bits, e = b->map[g], within = pos - (g << b->granule_bits);
     *left = (1ULL << b->granule_bits) - within;
     if (!(e & CKVM_MAP_KNOWN))
-        return -1;
+        return CKVM_AT_UNKNOWN;
     if (e & CKVM_MAP_SLOW || (write && !(e & CKVM_MAP_WRITABLE)))
-        return -2;
-    if (e & CKVM_MAP_ZERO)
-        return write ? -2 : 1;          /* zeros are never written in place, whatever else the entry says */
+        return CKVM_AT_SLOW;
+    if (e & CKVM_MAP_ZERO)              /* zeros are never written in place, whatever else the entry says */
+        return write ? CKVM_AT_SLOW : CKVM_AT_ZEROS;
+    if (e & CKVM_MAP_DEFLATE) {         /* never written in place, whatever else the entry says */
+        *host = e;
+        return write ? CKVM_AT_SLOW : CKVM_AT_DEFLATE;
+    }
     *file = (uint32_t)(e >> CKVM_MAP_FILE_SHIFT) & (CKVM_BLK_MAX_FILES - 1);
     *host = (e & CKVM_MAP_OFFSET_MASK) + within;
-    return 0;
+    return CKVM_AT_PLACE;
 }
 
 /* The guest's buffers as a cursor: `take` fills iovecs with the next bytes. */
@@ -129,6 +152,67 @@ static int ckvm_blk_io(int fd, struct iovec *iov, int cnt, uint64_t off, int wri
     return 0;
 }
 
+/* The granule of DEFLATE entry `e`, inflated: from the cache, or read and inflated into the next slot. NULL (and
+ * b->err set when a system call failed) when the data cannot be read or does not inflate to exactly one granule. */
+static const uint8_t *ckvm_blk_inflated(struct ckvm_blk *b, uint64_t e)
+{
+    size_t granule = (size_t)1 << b->granule_bits;
+    for (uint32_t i = 0; i < b->slots; i++)
+        if (b->keys[i] == e)
+            return b->cache + i * granule;
+    if (!b->slots || !b->cache || !b->scratch)
+        return NULL;
+    int fd = b->fds[(e >> CKVM_MAP_FILE_SHIFT) & (CKVM_BLK_MAX_FILES - 1)];
+    uint64_t off = e & CKVM_MAP_DEFLATE_OFFSET_MASK;
+    uint64_t sectors = ((e & CKVM_MAP_OFFSET_MASK) >> CKVM_MAP_DEFLATE_SECTORS_SHIFT) + 1;
+    size_t want = (size_t)(sectors * CKVM_BLK_SECTOR - (off & (CKVM_BLK_SECTOR - 1))), got = 0;
+    if (fd < 0) {
+        b->err = EBADF;
+        return NULL;
+    }
+    while (got < want) {                /* short at the end of the file: the stream may well be whole */
+        ssize_t r = pread(fd, b->scratch + got, want - got, (off_t)(off + got));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            b->err = errno;
+            return NULL;
+        }
+        if (r == 0)
+            break;
+        got += (size_t)r;
+    }
+    uint32_t slot = b->next_slot % b->slots;
+    uint8_t *out = b->cache + slot * granule;
+    b->keys[slot] = 0;
+    z_stream z;
+    memset(&z, 0, sizeof(z));
+    if (inflateInit2(&z, -15) != Z_OK)  /* raw deflate, no zlib header (qcow2 spec; what QEMU writes) */
+        return NULL;
+    z.next_in = b->scratch;
+    z.avail_in = (uInt)got;
+    z.next_out = out;
+    z.avail_out = (uInt)granule;
+    int rc = inflate(&z, Z_FINISH);
+    int whole = z.avail_out == 0 && (rc == Z_STREAM_END || rc == Z_OK || rc == Z_BUF_ERROR);
+    inflateEnd(&z);
+    if (!whole)
+        return NULL;
+    b->keys[slot] = e;
+    b->next_slot = slot + 1;
+    b->inflated++;
+    return out;
+}
+
+/* Copy `len` bytes from `src` into the iovecs. */
+static void ckvm_iov_fill(const struct iovec *iov, int cnt, const uint8_t *src)
+{
+    for (int i = 0; i < cnt; i++) {
+        memcpy(iov[i].iov_base, src, iov[i].iov_len);
+        src += iov[i].iov_len;
+    }
+}
+
 /* Serve one validated chain; CKVM_BLK_IDLE when done (status OK written, *used_len set), else SLOW or MISS. */
 static int ckvm_blk_request(const struct ckvm_mem *mem, const struct ckvm_walk *w, struct ckvm_blk *b,
                             uint32_t *used_len)
@@ -173,12 +257,12 @@ static int ckvm_blk_request(const struct ckvm_mem *mem, const struct ckvm_walk *
         uint32_t file;
         uint64_t host, left;
         int kind = ckvm_blk_locate(b, pos, write, &file, &host, &left);
-        if (kind == -1) {
+        if (kind == CKVM_AT_UNKNOWN) {
             b->miss_offset = off;
             b->miss_length = length;
             return CKVM_BLK_MISS;
         }
-        if (kind == -2)
+        if (kind == CKVM_AT_SLOW)
             return CKVM_BLK_SLOW;
         pos += left < end - pos ? left : end - pos;
     }
@@ -192,18 +276,23 @@ static int ckvm_blk_request(const struct ckvm_mem *mem, const struct ckvm_walk *
         if (kind < 0)                   /* the map changed since the first pass (it cannot today): Python's */
             return CKVM_BLK_SLOW;
         uint64_t run = left < end - pos ? left : end - pos;
-        while (pos + run < end) {       /* join the granules that follow in the same place */
+        while (kind != CKVM_AT_DEFLATE && pos + run < end) {   /* join the granules that follow in the same place */
             int kind2 = ckvm_blk_locate(b, pos + run, write, &file2, &host2, &left2);
-            if (kind2 != kind || (kind == 0 && (file2 != file || host2 != host + run)))
+            if (kind2 != kind || (kind == CKVM_AT_PLACE && (file2 != file || host2 != host + run)))
                 break;
             run += left2 < end - pos - run ? left2 : end - pos - run;
         }
         int cnt = ckvm_cursor_take(&cur, run, iov, CKVM_BLK_MAX_IOV);
         if (cnt < 0)
             return CKVM_BLK_SLOW;
-        if (kind == 1) {
+        if (kind == CKVM_AT_ZEROS) {
             for (int i = 0; i < cnt; i++)
                 memset(iov[i].iov_base, 0, iov[i].iov_len);
+        } else if (kind == CKVM_AT_DEFLATE) {
+            const uint8_t *cluster = ckvm_blk_inflated(b, host);
+            if (!cluster)
+                return CKVM_BLK_SLOW;
+            ckvm_iov_fill(iov, cnt, cluster + (pos & ((1ULL << b->granule_bits) - 1)));
         } else {
             int fd = b->fds[file];
             int err = fd < 0 ? EBADF : ckvm_blk_io(fd, iov, cnt, host, write);
@@ -240,5 +329,6 @@ int ckvm_blk_serve(const struct ckvm_mem *mem, struct ckvm_vq *q, struct ckvm_wa
         ckvm_vq_used_elem(q, &r, 0, head, used_len);
         ckvm_vq_publish(q, &r, 1);
         b->served++;
+        b->served_total++;
     }
 }

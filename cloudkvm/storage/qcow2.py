@@ -69,7 +69,7 @@ from .backing import BackingPolicy, open_image
 from ._util import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, check_range, fallocate, lock_image, pread_full,
                     pwrite_full)
 from .errors import CorruptImage, DiskError, ReadOnlyDisk
-from .placement import ZEROS, Place
+from .placement import ZEROS, Deflated, Place
 
 __all__ = ["Qcow2Disk", "create", "grow"]
 
@@ -110,8 +110,9 @@ def _to_be(a: array) -> bytes:
 
 
 def _compressed(disk: "Qcow2Disk", e: int, off: int, n: int, decompress: bool) -> tuple:
-    """`_extents`' answer for guest bytes [off, off+n) in the compressed cluster of L2 entry `e`."""
-    return (_DATA, disk._read_compressed(e, off, n), None) if decompress else (_DATA, None, n)
+    """`_extents`' answer for guest bytes [off, off+n) in the compressed cluster of L2 entry `e` (without
+    `decompress`: the entry instead of the bytes)."""
+    return (_DATA, disk._read_compressed(e, off, n), None) if decompress else (_DATA, e, n)
 
 
 def _repeat_pattern(mask: int, n: int) -> int:
@@ -338,13 +339,22 @@ class Qcow2Disk:
                         pieces.append((start, size, Place(self._fd, a + start - pos, writable)))
                         if writable:   # written around _pwrite from now on: what `_write_piece` takes for past the
                             self._file_size = max(self._file_size, a + start - pos + size)  # end may now hold data
+                elif kind is _DATA:
+                    pieces.append((pos, n, self._deflated(a) if n == self._cs and not pos & self._cmask else None))
                 else:
-                    pieces.append((pos, n, ZEROS if kind is _ZERO else None if kind is _DATA else _BACKING))
+                    pieces.append((pos, n, ZEROS if kind is _ZERO else _BACKING))
                 pos += n
         out = []
         for start, size, answer in pieces:
             out += self._backing_runs(start, size) if answer is _BACKING else [(start, size, answer)]
         return out
+
+    def _deflated(self, e: int) -> Deflated | None:
+        """The placement of the whole compressed cluster of L2 entry `e`: a Deflated answer, or None for zstd."""
+        if self._zstd is not None:
+            return None
+        coff, csize = self._compressed_extent(e)
+        return Deflated(self._fd, coff, csize)
 
     def _backing_runs(self, start: int, size: int) -> list:
         """`runs` of guest bytes this image leaves to its backing chain: the backing file's own (never writable
@@ -551,7 +561,7 @@ class Qcow2Disk:
 
     def _extents(self, off: int, n: int, decompress: bool = True):
         """Where the guest bytes [off, off+n) are, in order: (_HOST, host offset, length) in this file, (_ZERO,
-        length, None), (_DATA, bytes, None) for decompressed data (without `decompress`: (_DATA, None, length)),
+        length, None), (_DATA, bytes, None) for decompressed data (without `decompress`: (_DATA, L2 entry, length)),
         (_BACKING, offset, length) for the backing chain (or zeros past it)."""
         end = off + n
         cb, cs, cmask, l1_shift, l2_mask = self._cb, self._cs, self._cmask, self._l1_shift, self._l2_mask
@@ -614,16 +624,21 @@ class Qcow2Disk:
         vectored.zero_fill(cursor.take(n - k))
 
     def _read_compressed(self, e: int, off: int, n: int) -> bytes:
-        coff = e & self._coff_mask
+        coff, csize = self._compressed_extent(e)
         cached_off, data = self._last_compressed
         if cached_off != coff:
-            nsectors = ((e >> self._csize_shift) & self._csize_mask) + 1
-            csize = nsectors * SECTOR - (coff & (SECTOR - 1))
             raw = os.pread(self._fd, csize, coff)
             data = self._decompress(raw, coff)
             self._last_compressed = (coff, data)
         start = off & self._cmask
         return data[start:start + n]
+
+    def _compressed_extent(self, e: int) -> tuple[int, int]:
+        """(host offset, byte length) of the compressed data of L2 entry `e`: from the offset to the end of its
+        last 512-byte sector (spec: Compressed Clusters Descriptor)."""
+        coff = e & self._coff_mask
+        nsectors = ((e >> self._csize_shift) & self._csize_mask) + 1
+        return coff, nsectors * SECTOR - (coff & (SECTOR - 1))
 
     def _decompress(self, raw: bytes, coff: int) -> bytes:
         cs = self._cs

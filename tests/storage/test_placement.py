@@ -1,13 +1,15 @@
 """`Disk.runs` and `locate` (storage/placement.py), what virtio-blk's C path reads and writes by: a Place holds
 the bytes the disk reads (checked with os.pread against qemu-img's view of the image), ZEROS only where qemu-img
-reads zeros, and `writable` only where a write in place is what the disk itself would do."""
+reads zeros, a Deflated cluster only where its bytes inflate (Python's zlib) to what qemu-img reads, and `writable`
+only where a write in place is what the disk itself would do."""
 import os
 import random
+import zlib
 
 import pytest
 
 from cloudkvm.storage import open_disk
-from cloudkvm.storage.placement import ZEROS, Place, locate
+from cloudkvm.storage.placement import ZEROS, Deflated, Place, locate
 
 MiB = 1 << 20
 CLUSTER = 65536
@@ -16,6 +18,11 @@ CLUSTER = 65536
 def bytes_at(place: Place, length: int) -> bytes:
     data = os.pread(place.fd, length, place.offset)
     return data + bytes(length - len(data))   # a cluster allocated at the end of the file may be written in part
+
+
+def inflated(cluster: Deflated) -> bytes:
+    """The bytes of a Deflated cluster: its data read from its file and inflated as raw deflate (RFC 1951)."""
+    return zlib.decompressobj(-15).decompress(os.pread(cluster.fd, cluster.length, cluster.offset), CLUSTER)
 
 
 @pytest.fixture
@@ -47,12 +54,17 @@ def test_runs_cover_any_range_with_pieces_holding_the_bytes_qemu_img_reads(overl
                 if isinstance(answer, Place):
                     assert bytes_at(answer, size) == want, start
                     assert answer.writable == (answer.fd == disk._fd)   # owned here, or the base's
+                elif isinstance(answer, Deflated):
+                    assert size == CLUSTER and start % CLUSTER == 0 and inflated(answer) == want, start
+                    assert answer.fd != disk._fd                        # the base's
                 elif answer == ZEROS:
                     assert want == bytes(size), start
                 else:
                     assert answer is None
         whole = disk.runs(0, disk.size)
-        assert {type(a).__name__ if a is not None else "None" for _, _, a in whole} >= {"Place", "str", "None"}
+        assert {type(a).__name__ if a is not None else "None" for _, _, a in whole} >= {"Place", "str", "Deflated"}
+        # part of a compressed cluster: only the disk's own code reads it
+        assert [a for _, _, a in disk.runs(2 * CLUSTER + 512, 4096)] == [None]
 
 
 def test_every_granule_of_a_qcow2_chain_is_located_where_its_bytes_are(overlay):
@@ -67,6 +79,9 @@ def test_every_granule_of_a_qcow2_chain_is_located_where_its_bytes_are(overlay):
                 owned = offset in (0, 192 * 1024, 256 * 1024)
                 assert place.writable == owned and (place.fd == disk._fd) == owned, offset
                 kinds.add("overlay" if owned else "base")
+            elif isinstance(place, Deflated):
+                assert inflated(place) == want, offset
+                kinds.add("compressed")
             elif place == ZEROS:
                 assert want == bytes(CLUSTER), offset
                 kinds.add("zeros")
@@ -76,9 +91,9 @@ def test_every_granule_of_a_qcow2_chain_is_located_where_its_bytes_are(overlay):
         assert locate(disk, 192 * 1024, 2 * CLUSTER) == Place(disk._fd, locate(disk, 192 * 1024, CLUSTER).offset, True)
         assert locate(disk, 0, 2 * CLUSTER) is None        # overlay then base: two places
         assert locate(disk, disk.size - 512, 1024) is None  # past the end
-    # the base's compressed clusters have no place, the ones qemu-img left uncompressed (random bytes) do; its
-    # all-zero clusters are unallocated (zeros)
-    assert kinds == {"overlay", "base", "zeros", "other"}
+    # the base's compressed clusters are Deflated, the ones qemu-img left uncompressed (random bytes) have a place;
+    # its all-zero clusters are unallocated (zeros); nothing else
+    assert kinds == {"overlay", "base", "zeros", "compressed"}
 
 
 def test_an_uncompressed_base_is_located_but_never_writable(tmp_path, qemu):
@@ -109,3 +124,13 @@ def test_raw_is_the_file_itself_except_a_probed_first_sector(tmp_path):
     with open_disk(path, format="raw", read_only=True) as disk:
         assert locate(disk, 4096, 512).writable is False
         assert locate(disk, MiB - 512, 1024) is None
+
+
+def test_zstd_clusters_are_left_to_the_disk(tmp_path, qemu):
+    """Only raw deflate is Deflated: a zstd-compressed image's clusters have no answer (the disk inflates them)."""
+    raw = tmp_path / "source.raw"
+    raw.write_bytes(bytes(range(256)) * 1024)
+    qemu.img("convert", "-q", "-c", "-O", "qcow2", "-o", "compression_type=zstd", raw, tmp_path / "zstd.qcow2")
+    with open_disk(tmp_path / "zstd.qcow2") as disk:
+        assert [a for _, _, a in disk.runs(0, disk.size)] == [None] * (disk.size // CLUSTER)
+        assert disk.pread(disk.size, 0) == raw.read_bytes()

@@ -199,11 +199,16 @@ def cross_compiled_core(recipe: HostRecipe, base: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="cloudkvm-cross-") as tmp:
         work = Path(tmp)
         headers = _extract(recipe.package("libpython3.11-dev"), work / "pydev")
+        # zlib (_build.LIBRARIES): its arm64 header, and the shared library itself to link against (the core then
+        # needs its soname, libz.so.1, which the test host's root has)
+        zlib_dev = _extract(recipe.package("zlib1g-dev"), work / "zlib-dev")
+        zlib_so = next(_extract(recipe.package("zlib1g"), work / "zlib").glob("**/libz.so.1.*"))
         c_file = work / "_native.c"
         with contextlib.redirect_stdout(io.StringIO()):  # cffi says "generating ..." on stdout
             _build.make_ffibuilder("aarch64").emit_c_code(str(c_file))
         _sh(["aarch64-linux-gnu-gcc", "-shared", "-fPIC", "-O2", f"-I{headers}/usr/include/python3.11",
-             f"-I{headers}/usr/include", "-o", str(work / "core.so"), str(c_file)],
+             f"-I{headers}/usr/include", f"-I{zlib_dev}/usr/include", "-o", str(work / "core.so"), str(c_file),
+             str(zlib_so)],
             "cross-compiling the cffi core (apt-get install gcc-aarch64-linux-gnu)")
         atomic_write(out, (work / "core.so").read_bytes(), mode=0o755)
     return out

@@ -2,15 +2,17 @@
 guest RAM): requests the way Linux makes them from scattered pages, checked against qemu-img — reads equal
 `qemu-img convert -O raw`, and after writes `qemu-img compare` finds the image equal to a raw twin that got the same
 bytes, `qemu-img check` finds it clean."""
+import os
 import random
 import shutil
 import struct
 import subprocess
+import zlib
 
 import pytest
 
 from cloudkvm.devices.virtio import VirtioBlk
-from cloudkvm.devices.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from cloudkvm.devices.virtio.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from cloudkvm.storage import open_disk
 from virtio_driver import MiB, Rig
 
@@ -126,3 +128,125 @@ def test_reads_follow_the_clusters_that_writes_and_zeroing_move(memory, tmp_path
     (tmp_path / "expected.raw").write_bytes(expected)
     qemu_img("compare", "-f", "qcow2", "-F", "raw", top, tmp_path / "expected.raw")
     qemu_img("check", top)
+
+
+# ---- compressed clusters, inflated by the C path (kvm/virtio_blk.c, zlib) -------------------------------------------
+
+CLUSTER = 65536
+
+
+def text_like(rng, size: int) -> bytes:
+    """Bytes every 64 KiB cluster of which compresses, and no two clusters alike."""
+    return b"".join(f"{i:08d} {rng.random()}\n".encode() for i in range(size // 16))[:size]
+
+
+def compressed_cluster(image, guest_offset: int) -> tuple[int, int]:
+    """(host offset, length) of the compressed data of the cluster at `guest_offset`, read from the image by the
+    qcow2 spec (header: cluster_bits at 20, l1_table_offset at 40; "Compressed Clusters Descriptor")."""
+    with open(image, "rb") as f:
+        raw = f.read()
+    cluster_bits, = struct.unpack_from(">I", raw, 20)
+    l1_offset, = struct.unpack_from(">Q", raw, 40)
+    l2_entries = 1 << (cluster_bits - 3)
+    l1e, = struct.unpack_from(">Q", raw, l1_offset + 8 * ((guest_offset >> cluster_bits) // l2_entries))
+    l2e, = struct.unpack_from(">Q", raw, (l1e & 0x00FFFFFFFFFFFE00) + 8 * ((guest_offset >> cluster_bits) % l2_entries))
+    assert l2e >> 62 & 1, "not a compressed cluster"
+    x = 62 - (cluster_bits - 8)
+    offset, sectors = l2e & ((1 << x) - 1), ((l2e >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1
+    return offset, sectors * 512 - offset % 512
+
+
+@pytest.fixture
+def compressed_chain(tmp_path):
+    """A qcow2 overlay over a base qemu-img compressed (4 MiB, every cluster compressed), and qemu-img's raw view."""
+    source = tmp_path / "source.raw"
+    source.write_bytes(text_like(random.Random(5), 4 * MiB))
+    qemu_img("convert", "-c", "-O", "qcow2", source, tmp_path / "base.qcow2")
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", tmp_path / "top.qcow2")
+    return tmp_path / "top.qcow2", tmp_path / "base.qcow2", source.read_bytes()
+
+
+@pytest.mark.parametrize("notifier", [False, True], ids=["process", "notifier"])
+def test_compressed_clusters_are_inflated_by_the_c_path(memory, compressed_chain, monkeypatch, notifier):
+    """Scattered reads across the base's compressed clusters equal qemu-img's bytes, every one served by C with
+    Python never inflating a cluster; a cluster read again comes from C's cache."""
+    from cloudkvm.storage.qcow2 import Qcow2Disk
+    top, _, expected = compressed_chain
+
+    def no_python(*_):
+        raise AssertionError("a compressed cluster inflated by the disk's Python code")
+    monkeypatch.setattr(Qcow2Disk, "_decompress", no_python)
+    rng = random.Random(6)
+    rig = Rig(memory, VirtioBlk(open_disk(top, format="qcow2")), notifier=notifier)
+    rig.driver.init()
+    try:
+        path = rig.device.data_path
+        for _ in range(30):
+            pages = rng.choice([1, 3, 16, 40])
+            sector = rng.randrange((len(expected) - pages * PAGE) // 512)
+            status, got = scattered_request(rig, rng, VIRTIO_BLK_T_IN, sector, pages)
+            assert status == VIRTIO_BLK_S_OK and got == expected[sector * 512:sector * 512 + pages * PAGE], sector
+        assert path.served_total == 30 and path.inflated >= 30
+        cluster = 7 * CLUSTER // 512
+        assert rig.blk(VIRTIO_BLK_T_IN, cluster, in_len=4096)[:2] == (VIRTIO_BLK_S_OK, expected[7 * CLUSTER:][:4096])
+        inflated = path.inflated
+        for sector in (cluster + 8, cluster + 120, cluster):            # the same cluster: from the cache
+            assert rig.blk(VIRTIO_BLK_T_IN, sector, in_len=4096)[:2] == \
+                (VIRTIO_BLK_S_OK, expected[sector * 512:sector * 512 + 4096])
+        assert path.inflated == inflated and path.served_total == 34
+    finally:
+        rig.device.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "short-stream"])
+def test_a_damaged_compressed_cluster_is_an_io_error_and_its_neighbours_still_read(memory, compressed_chain, damage):
+    """A malicious or damaged image: a compressed cluster whose data does not inflate, or inflates to less than a
+    cluster, is not served from C; the disk's own code reports it (IOERR), the VMM goes on, and the clusters around
+    it still read right, by C."""
+    top, base, expected = compressed_chain
+    offset, _ = compressed_cluster(base, 5 * CLUSTER)
+    length = compressed_cluster(base, 6 * CLUSTER)[0] - offset   # (the next cluster's data may share a sector)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bad = os.urandom(length) if damage == "garbage" else (packer.compress(b"x" * 1000) + packer.flush())
+    assert len(bad) <= length
+    with open(base, "r+b") as f:
+        f.seek(offset)
+        f.write(bad.ljust(length, b"\0"))
+    rig = Rig(memory, VirtioBlk(open_disk(top, format="qcow2")))
+    rig.driver.init()
+    try:
+        path = rig.device.data_path
+        assert rig.blk(VIRTIO_BLK_T_IN, 5 * CLUSTER // 512, in_len=4096)[0] == VIRTIO_BLK_S_IOERR
+        assert path.served_total == 0
+        for cluster in (4, 6):
+            sector = cluster * CLUSTER // 512
+            assert rig.blk(VIRTIO_BLK_T_IN, sector, in_len=8192)[:2] == \
+                (VIRTIO_BLK_S_OK, expected[cluster * CLUSTER:cluster * CLUSTER + 8192])
+        assert path.served_total == 2 and not rig.device.needs_reset
+    finally:
+        rig.device.close()
+
+
+def test_a_compressed_cluster_that_inflates_past_its_end_reads_as_its_first_cluster_of_bytes(memory, compressed_chain):
+    """Deflate data that inflates to more than a cluster: C takes the first cluster of bytes, as the disk's own
+    code does (and QEMU); the rest of the stream is never looked at."""
+    top, base, _ = compressed_chain
+    offset, _ = compressed_cluster(base, 5 * CLUSTER)
+    length = compressed_cluster(base, 6 * CLUSTER)[0] - offset
+    payload = bytes(range(256)) * (3 * CLUSTER // 256)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    stream = packer.compress(payload) + packer.flush()
+    assert len(stream) <= length
+    with open(base, "r+b") as f:
+        f.seek(offset)
+        f.write(stream)
+    with open_disk(top, format="qcow2") as disk:
+        by_python = disk.pread(CLUSTER, 5 * CLUSTER)
+    rig = Rig(memory, VirtioBlk(open_disk(top, format="qcow2")))
+    rig.driver.init()
+    try:
+        status, got, _ = rig.blk(VIRTIO_BLK_T_IN, 5 * CLUSTER // 512, in_len=CLUSTER)
+        assert (status, got) == (VIRTIO_BLK_S_OK, payload[:CLUSTER]) and got == by_python
+        assert rig.device.data_path.served_total == 1 and rig.device.data_path.inflated == 1
+    finally:
+        rig.device.close()

@@ -2,7 +2,8 @@
 
 The map has one entry per granule of the disk, filled on demand from the disk's own answer to `runs`
 (storage/placement.py) when C reports a miss, and forgotten by blk.py around every change it makes through the
-disk. C reads the files through duplicates of the disk's descriptors, owned here: closed by `close()` under the
+disk. A granule that is one whole deflate-compressed qcow2 cluster is inflated by C (zlib) into a small cache of
+clusters (CACHE_BYTES) kept here. C reads the files through duplicates of the disk's descriptors, owned here: closed by `close()` under the
 lock `serve` holds, so C never uses a descriptor number that may since name another file.
 """
 from __future__ import annotations
@@ -13,13 +14,15 @@ import threading
 from array import array
 
 from ...kvm.native import ffi, lib
-from ...storage.placement import ZEROS, Place
+from ...storage.placement import ZEROS, Deflated, Place
 
 MIN_GRANULE = 64 << 10
 FILL_WINDOW = 128       # granules learnt per miss (8 MiB at the smallest granule; a miss costs ~50 us natively
                         # of Python before its first granule, then ~1 us a granule)
 SLOW = lib.CKVM_MAP_KNOWN | lib.CKVM_MAP_SLOW
 MAX_ENTRIES = 1 << 24   # 128 MiB of address space at most for the map (an anonymous mapping: touched pages only)
+CACHE_BYTES = 1 << 20   # inflated clusters kept (at least two): a sequential reader's cluster across its requests
+SECTOR = 512
 
 
 class BlkDataPath:
@@ -44,11 +47,17 @@ class BlkDataPath:
         self._blk.map = self._map
         for i in range(lib.CKVM_BLK_MAX_FILES):
             self._blk.fds[i] = -1
+        slots = max(2, CACHE_BYTES // granule)
+        self._cache_mem = mmap.mmap(-1, slots * granule + lib.CKVM_BLK_SCRATCH)  # touched when a cluster is inflated
+        self._keys = ffi.new("uint64_t[]", slots)
+        self._blk.cache = ffi.from_buffer("uint8_t[]", self._cache_mem)
+        self._blk.scratch = self._blk.cache + slots * granule
+        self._blk.keys = self._keys
+        self._blk.slots = slots
         self._files: dict[int, int] = {}  # the disk's fd -> index of its duplicate in fds
         self._lock = threading.Lock()
         self._closed = False
         self.served = 0             # by the last serve()
-        self.served_total = 0
 
     def serve(self, queue) -> int:
         """Serve what C can from `queue` (CKVM_BLK_* says where it stopped); `served` counts the completions."""
@@ -58,8 +67,12 @@ class BlkDataPath:
                 return lib.CKVM_BLK_SLOW
             code = queue.run_native(lib.ckvm_blk_serve, self._blk)
         self.served = self._blk.served
-        self.served_total += self.served
         return code
+
+    @property
+    def served_total(self) -> int:
+        """Requests C has completed so far, from here and from notifications served in C (notifier.py)."""
+        return self._blk.served_total
 
     @property
     def native(self):
@@ -101,6 +114,8 @@ class BlkDataPath:
                 answer = answer._replace(offset=answer.offset + lo * g - start)
                 if answer.offset + (hi - lo) * g > lib.CKVM_MAP_OFFSET_MASK:
                     answer = None                                   # past what an entry can hold
+            elif isinstance(answer, Deflated) and (start != lo * g or length != g):
+                answer = None                                       # a cluster that is not exactly one granule
             entry = self._entry(answer)
             if isinstance(answer, Place) and entry != SLOW:
                 entries[lo - first:hi - first] = array("Q", range(entry, entry + (hi - lo) * g, g))
@@ -120,6 +135,8 @@ class BlkDataPath:
     def _entry(self, place) -> int:
         if place == ZEROS:
             return lib.CKVM_MAP_KNOWN | lib.CKVM_MAP_ZERO
+        if isinstance(place, Deflated):
+            return self._deflate_entry(place)
         if not isinstance(place, Place):
             return SLOW
         index = self._file_index(place.fd)
@@ -127,6 +144,25 @@ class BlkDataPath:
             return SLOW
         return (lib.CKVM_MAP_KNOWN | (lib.CKVM_MAP_WRITABLE if place.writable else 0)
                 | index << lib.CKVM_MAP_FILE_SHIFT | place.offset)
+
+    def _deflate_entry(self, cluster: Deflated) -> int:
+        """A DEFLATE entry (kvm/virtio_blk.c): the file, the offset and the sectors the data ends in; SLOW when the
+        data does not end at a sector's end as qcow2's does, or is beyond what an entry holds."""
+        end = cluster.offset + cluster.length
+        sectors = end // SECTOR - cluster.offset // SECTOR
+        if end % SECTOR or not 0 < sectors <= lib.CKVM_MAP_DEFLATE_SECTORS_MAX \
+                or end > lib.CKVM_MAP_DEFLATE_OFFSET_MASK + 1:
+            return SLOW
+        index = self._file_index(cluster.fd)
+        if index is None:
+            return SLOW
+        return (lib.CKVM_MAP_KNOWN | lib.CKVM_MAP_DEFLATE | index << lib.CKVM_MAP_FILE_SHIFT
+                | (sectors - 1) << lib.CKVM_MAP_DEFLATE_SECTORS_SHIFT | cluster.offset)
+
+    @property
+    def inflated(self) -> int:
+        """Compressed clusters C has inflated so far (a cluster read again from its cache is not counted)."""
+        return self._blk.inflated
 
     def _file_index(self, fd: int) -> int | None:
         index = self._files.get(fd)
