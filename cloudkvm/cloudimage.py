@@ -3,6 +3,7 @@ instance's qcow2 overlay on it grown to `disk:`, the kernel and initrd read out 
 the cloud-init NoCloud seed. Runs in the CLI before the daemon starts, so every problem is a one-line user error."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import uuid
@@ -22,6 +23,8 @@ INSTANCE_ID = "instance-id"
 INSTANCE_ID_TEXT = re.compile(r"iid-cloudkvm-[0-9a-f-]{36}")
 SSH_KEY = "ssh_key"
 DEFAULT_DISK = 10 << 30
+
+log = logging.getLogger("cloudkvm.cloudimage")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,24 @@ def pull(profile, warn: Callable[[str], None]):
         return store.pull(image.location, image.digest, warn=warn)
     except CloudkvmError as exc:
         raise CloudkvmError(f"{profile.where('images', index, 'location')}: {exc.message}", exc.hint) from None
+
+
+def ready_boot(image) -> None:
+    """Get a cached image (`store.CachedImage`) ready to boot with `from_image`: its kernel and initrd read out of it
+    (images/bootcache.py), then the host-side work this host's board repeats for them on every boot that misses its
+    cache (x86: the decompressed vmlinux, the expanded initramfs) done now. Quiet when any of it fails: `up` reads
+    the image and boots the kernel itself and says what is wrong."""
+    from .boards import registry
+    from .images import bootcache
+
+    bootcache.ensure(image)
+    found = bootcache.files(image.key)
+    if found is None:
+        return
+    try:
+        registry.host_board().prepare_boot(*found)
+    except (CloudkvmError, OSError, MemoryError) as exc:
+        log.info("%s: its kernel is not prepared ahead: %s", image.path, exc)
 
 
 def prepare_root(profile, instance_dir: Path, warn: Callable[[str], None],

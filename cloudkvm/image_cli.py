@@ -48,11 +48,12 @@ def pull(location: str = typer.Argument(..., help="http(s) URL, file:// URL or p
                                               help="sha256:HEX, sha512:HEX, or the URL or path of the distribution's "
                                                    "SHA256SUMS/SHA512SUMS file")) -> None:
     """Fetch an image into the cache (verified, unpacked if compressed), read its kernel and initrd out for
-    `boot: {from_image: true}`, and print its path."""
-    from .images import bootcache, store
+    `boot: {from_image: true}` and prepare them for this host's board, and print its path."""
+    from .cloudimage import ready_boot
+    from .images import store
 
     image = store.pull(location, digest, warn=_warn)
-    bootcache.ensure(image)
+    ready_boot(image)
     typer.echo(f"{image.digest[:image.digest.index(':') + 13]} {image.format} {_size(image.size)} "
                f"{printable(image.location)}", err=True)
     typer.echo(str(image.path))

@@ -81,6 +81,11 @@ class Board(abc.ABC):
         """Refuse a kernel this board cannot boot with a one-line CloudkvmError naming `path` (x86: bzImage or
         vmlinux; virt: an arm64 Image), before anything is created."""
 
+    @staticmethod
+    def prepare_boot(kernel: Path, initrd: Path | None) -> None:
+        """Do now, into the cache, the host-side work booting this kernel and initrd repeats on every boot that
+        misses it (`image pull` readies an image's own kernel this way). Nothing by default."""
+
     # --- building the VM, in the order the machine calls them ----------------------------------------------------
     @abc.abstractmethod
     def create_irqchip(self, vm) -> None:

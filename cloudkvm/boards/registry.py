@@ -89,6 +89,10 @@ class BoardInfo:
         """Refuse a kernel this board cannot boot (one line naming `path`)."""
         self.board_class().check_kernel(data, path)
 
+    def prepare_boot(self, kernel: Path, initrd: Path | None) -> None:
+        """Cache the host-side work of booting `kernel` and `initrd` (boards.base.Board.prepare_boot)."""
+        self.board_class().prepare_boot(kernel, initrd)
+
     # --- what profiles and QEMU command lines say ---------------------------------------------------------------
     def answers_to(self, qemu_name: str) -> bool:
         """Whether QEMU's `-M qemu_name` is this board (exactly or approximately)."""

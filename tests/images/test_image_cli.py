@@ -97,3 +97,40 @@ def test_errors_are_one_line_and_exit_2(env):
     done = subprocess.run([sys.executable, "-m", "cloudkvm", "image", "pull", str(env / "cloud.qcow2")],
                           capture_output=True, text=True, env=child_env)
     assert done.returncode == 0 and done.stderr.startswith("cloudkvm: warning: ") and "no digest" in done.stderr
+
+
+def test_pull_prepares_the_images_kernel_and_initrd_for_this_hosts_board(env, monkeypatch):
+    """`image pull` of an image with a kernel does ahead what booting it would do on the host (x86: the bzImage's
+    vmlinux decompressed, the initramfs expanded; both cached by content), so that `up` does none of it: the cache
+    then answers with the ELF inside the bzImage and the archive `cpio` wrote, with the decompressors unused."""
+    from cloudkvm.boards import registry
+    from cloudkvm.boot import initrd as initrd_module
+    from cloudkvm.boot import linux_x86
+    from diskmaker import Part, make_disk, make_fs, need_tools, qcow2, root_tree
+    from kernels import compress, make_bzimage, make_elf
+
+    need_tools()
+    if registry.host_board().name != "x86":
+        pytest.skip("the x86 board prepares kernels on the host (other boards have nothing to do ahead)")
+    elf = make_elf()
+    kernel = make_bzimage(compress("xz", elf))
+    tree = env / "initramfs"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "init").write_text("#!/bin/sh\n")
+    archive = subprocess.run("find . | sort | cpio -o -H newc --quiet", shell=True, cwd=tree, check=True,
+                             capture_output=True).stdout
+    initrd = compress("gzip", archive)
+    version = "6.1.0-99-cloud-amd64"
+    fs = make_fs(env / "root.fs", 24, root_tree({f"vmlinuz-{version}": kernel, f"initrd.img-{version}": initrd}),
+                 "6f0c1b2e-3d4a-4b5c-8d9e-0a1b2c3d4e5f")
+    disk = make_disk(env / "linux.raw", 32, "gpt", [Part(28, "0FC63DAF-8483-4772-8E79-3D69D8477DE4", fs)])
+    image = qcow2(disk.path, env / "linux.qcow2")
+    assert cli("pull", str(image)).exit_code == 0
+
+    def not_again(*_):
+        raise AssertionError("decompressed again: `image pull` did not prepare it")
+    monkeypatch.setattr(linux_x86, "decompress_payload", not_again)
+    monkeypatch.setattr(initrd_module, "expand", not_again)
+    (env / "vmlinuz").write_bytes(kernel)
+    assert linux_x86.vmlinux_cache(env / "vmlinuz").read_bytes() == elf
+    assert initrd_module.expanded_initrd(initrd, "initrd.img") == archive

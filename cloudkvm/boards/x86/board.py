@@ -1,6 +1,7 @@
 """The x86_64 board: a microvm-like PC (in-kernel PIC/IOAPIC/LAPIC + PIT, COM1, CMOS RTC, i8042, ACPI power)."""
 import logging
 import mmap
+from pathlib import Path
 
 from ...boot import linux_x86
 from ...boot import x86_longmode as lm
@@ -49,8 +50,6 @@ def _read(path: str, what: str) -> bytes:
 
 def write_acpi_tables(folder, cpus: int, virtio_slots: list[VirtioSlot] = ()) -> list:
     """The tables an x86 VM with `cpus` vCPUs gets, one `<name>.dat` file each (as `iasl -d` reads them)."""
-    from pathlib import Path
-
     if not 1 <= cpus <= X86Board.max_cpus:
         raise CloudkvmError(f"--cpus {cpus}: an x86 VM has 1 to {X86Board.max_cpus} vCPUs",
                             "pick a count in that range")
@@ -114,6 +113,13 @@ class X86Board(Board):
     def check_kernel(data: bytes, path: str) -> None:
         """A bzImage or an x86_64 vmlinux ELF (boot/linux_x86.parse_kernel's one-line errors otherwise)."""
         linux_x86.parse_kernel(data, path)
+
+    @staticmethod
+    def prepare_boot(kernel: Path, initrd: Path | None) -> None:
+        """The decompressed vmlinux of a bzImage and the expanded initramfs, cached as `boot_linux` finds them."""
+        linux_x86.vmlinux_cache(kernel)
+        if initrd is not None:
+            expanded_initrd(_read(str(initrd), "initrd"), str(initrd))
 
     def create_irqchip(self, vm) -> None:
         """PIC + IOAPIC + LAPIC in the kernel and the PIT (with KVM's Intel real-mode helper pages first)."""
