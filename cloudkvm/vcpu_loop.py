@@ -3,7 +3,6 @@ import errno
 import logging
 from dataclasses import dataclass
 
-from .kvm.fastpath import new_tx_buffer, take_tx
 from .kvm.native import ffi, lib
 
 log = logging.getLogger("cloudkvm.vcpu")
@@ -51,7 +50,6 @@ class VcpuLoop:
         self.vcpu = vcpu
         self.host = host
         self.exits = 0
-        self.tx = new_tx_buffer()  # console bytes the C loop took from a polled UART (tx.total: all so far)
         self._warned: set = set()
 
     def run(self) -> None:
@@ -64,15 +62,15 @@ class VcpuLoop:
         exit_io = EXIT_IO if pio is not None else None
         exits = ffi.new("uint64_t *")
         fast_uart = host.board.fast_uart
-        uart_state, tx = (fast_uart.state, self.tx) if fast_uart is not None else (ffi.NULL, ffi.NULL)
+        uart_state, tx = (fast_uart.state, fast_uart.tx) if fast_uart is not None else (ffi.NULL, ffi.NULL)
         pio_lookup, mmio_lookup = (pio.lookup if pio is not None else None), host.mmio_bus.lookup
         isr = host.isr_table.table if host.isr_table is not None else ffi.NULL
         stopping = host.stopping
         try:
             while not stopping.is_set():
                 rc = run_loop(fd, run, codes, exits, uart_state, tx, isr)
-                if fast_uart is not None and self.tx.len:  # before any other exit, so output keeps its order
-                    self._emit(fast_uart, take_tx(self.tx))
+                if fast_uart is not None and tx.len:  # before any other exit, so output keeps its order
+                    self._flush(fast_uart)
                 if rc == 1:  # a line (or a full buffer) of console output, passed on above
                     continue
                 if rc < 0:
@@ -128,11 +126,11 @@ class VcpuLoop:
         finally:
             self.exits = exits[0]
 
-    def _emit(self, fast_uart, data: bytes) -> None:
+    def _flush(self, fast_uart) -> None:
         try:
-            fast_uart.emit(data)
+            fast_uart.flush()
         except Exception:  # as for a device's own write: a console listener's failure must not end the VM
-            self._warn(("emit",), "console output of %d bytes failed", len(data))
+            self._warn(("emit",), "console output failed")
 
     def _read(self, hit, size: int, addr: int) -> int:
         offset, device = hit

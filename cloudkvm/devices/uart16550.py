@@ -86,13 +86,13 @@ class Uart16550:
         self._fast = None  # the C run loop's view of LSR/THR (kvm.fastpath.FastUart.state), if any
 
     def attach_fast_path(self, state) -> None:
-        """Keep `state.enabled`/`state.lsr` true so a run loop may complete polled LSR reads and THR writes."""
+        """Keep `state.enabled`/`state.lsr`/`state.thr` true so a run loop may complete LSR reads and THR writes."""
         with self._lock:
             self._fast = state
             self._publish()
 
     def emit(self, data: bytes) -> None:
-        """Bytes the guest wrote to THR while the fast path was enabled (so they go straight out)."""
+        """Bytes the guest wrote to THR while the fast path took them (so they go straight out)."""
         with self._tx_lock:
             self._on_output(data)
 
@@ -245,13 +245,16 @@ class Uart16550:
         self._publish()
 
     def _publish(self) -> None:
-        """Tell the fast path whether LSR reads and THR writes are plain now: no divisor latch, no loopback, no
-        THRE interrupt to raise, no latched error for a read to clear; and what LSR reads."""
+        """Tell the fast path whether LSR reads and THR writes are plain now, and what LSR reads. Both: no divisor
+        latch, no loopback, no latched error for a read to clear. THR writes also: no THRE interrupt to raise, so
+        polled transmit, or THRE already pending with the line already at the level it gives (Linux's
+        serial8250_tx_chars after the first byte of each burst)."""
         fast = self._fast
         if fast is None:
             return
-        if self._lcr & LCR_DLAB or self._mcr & MCR_LOOP or self._ier & IER_ETBEI or self._lsr_err:
-            fast.enabled = 0
-        else:
+        plain = not (self._lcr & LCR_DLAB or self._mcr & MCR_LOOP or self._lsr_err)
+        if plain:
             fast.lsr = self._lsr()
-            fast.enabled = 1
+        fast.enabled = int(plain)
+        fast.thr = int(plain and (not self._ier & IER_ETBEI
+                                  or self._thre_pending and self._irq_level == bool(self._mcr & MCR_OUT2)))

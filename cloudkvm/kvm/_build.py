@@ -157,8 +157,9 @@ int ioctl(int fd, unsigned long request, ...);
 /* cloudkvm helpers (see the C source below) */
 int ckvm_run(int vcpu_fd);
 #define CKVM_TX_MAX ...
-struct ckvm_uart_fast { uint8_t enabled; uint8_t lsr; uint32_t fr; uint64_t mmio_base; };
-struct ckvm_tx { uint32_t len; uint8_t polling; uint64_t total; uint8_t data[...]; };
+struct ckvm_uart_fast { uint8_t enabled; uint8_t lsr; uint8_t thr; uint32_t fr; uint64_t mmio_base; };
+struct ckvm_tx { uint32_t len; uint8_t polling; uint8_t lock; uint64_t total; uint8_t data[...]; };
+uint32_t ckvm_tx_take(struct ckvm_tx *tx, uint8_t *out);
 #define CKVM_MAX_ISR_WINDOWS ...
 struct ckvm_isr_window { uint64_t base; uint64_t size; uint32_t *status; };
 struct ckvm_isr_table { uint32_t count; uint64_t served; struct ckvm_isr_window windows[...]; };
@@ -420,18 +421,66 @@ int ckvm_run(int vcpu_fd)
 /* The C_* codes of devices/bus.py: what this loop completes at a port without returning to Python. */
 enum { CKVM_PYTHON = 0, CKVM_SINK = 1, CKVM_UART_THR = 2, CKVM_UART_LSR = 3 };
 
-/* A polled console UART's two busy registers, completed here while the Python model says they are plain:
- * - a 16550 on ports (codes UART_THR/UART_LSR; `mmio_base` 0): polled transmit, no loopback, no divisor latch, no
- *   latched line error; LSR reads get `lsr`, THR writes go to the vCPU's `ckvm_tx` buffer (PC16550D Table II);
+/* A console UART's two busy registers, completed here while the Python model says they are plain:
+ * - a 16550 on ports (codes UART_THR/UART_LSR; `mmio_base` 0): LSR reads get `lsr` while `enabled` (no loopback,
+ *   no divisor latch, no latched line error); THR writes go to `ckvm_tx` while `thr` (also: polled transmit, or a
+ *   THRE interrupt already pending and signalled, which a write leaves as it is) (PC16550D Table II);
  * - a PL011 at `mmio_base` (MMIO exits): no loopback, no transmit interrupt enabled; FR (offset 0x18) reads get
  *   `fr`, DR (offset 0) writes go to `ckvm_tx` (ARM DDI 0183 §3.3).
- * Linux's serial consoles write every byte as a status read and a data write, so a boot's log otherwise costs two
- * Python exits per byte. The model updates the fields after every register access it handles. */
+ * Linux's serial consoles write every byte as a status read and a data write, and its tty layer up to 16 bytes per
+ * THRE interrupt, so a boot's log otherwise costs one or two Python exits per byte. The model updates the fields
+ * after every register access it handles. One `ckvm_tx` serves every vCPU (a guest's transmit moves between
+ * vCPUs mid-line), under its own lock, so the bytes leave in the order the guest wrote them. */
 #define CKVM_TX_MAX 256
 #define CKVM_PL011_DR 0x00
 #define CKVM_PL011_FR 0x18
-struct ckvm_uart_fast { uint8_t enabled; uint8_t lsr; uint32_t fr; uint64_t mmio_base; };
-struct ckvm_tx { uint32_t len; uint8_t polling; uint64_t total; uint8_t data[CKVM_TX_MAX]; };
+struct ckvm_uart_fast { uint8_t enabled; uint8_t lsr; uint8_t thr; uint32_t fr; uint64_t mmio_base; };
+struct ckvm_tx { uint32_t len; uint8_t polling; uint8_t lock; uint64_t total; uint8_t data[CKVM_TX_MAX]; };
+
+static void ckvm_tx_lock(struct ckvm_tx *tx)
+{
+    while (__atomic_test_and_set(&tx->lock, __ATOMIC_ACQUIRE))
+        ;
+}
+
+static void ckvm_tx_unlock(struct ckvm_tx *tx) { __atomic_clear(&tx->lock, __ATOMIC_RELEASE); }
+
+/* Append one byte: 1 when it ends a line or fills the buffer (pass them on), 0 when appended, -1 when full. */
+static int ckvm_tx_put(struct ckvm_tx *tx, uint8_t byte)
+{
+    int rc = -1;
+    ckvm_tx_lock(tx);
+    if (tx->len < CKVM_TX_MAX) {
+        tx->polling = 0;
+        tx->data[tx->len++] = byte;
+        tx->total++;
+        rc = byte == '\n' || tx->len == CKVM_TX_MAX;
+    }
+    ckvm_tx_unlock(tx);
+    return rc;
+}
+
+/* 1 when the guest reads the status register a second time with bytes pending (it now waits for something else,
+ * so what it printed must be seen first); marks the read. */
+static int ckvm_tx_polled(struct ckvm_tx *tx)
+{
+    ckvm_tx_lock(tx);
+    int flush = tx->len && tx->polling;
+    tx->polling = 1;
+    ckvm_tx_unlock(tx);
+    return flush;
+}
+
+/* Move the pending bytes to `out` (CKVM_TX_MAX bytes) and empty the buffer; how many. */
+uint32_t ckvm_tx_take(struct ckvm_tx *tx, uint8_t *out)
+{
+    ckvm_tx_lock(tx);
+    uint32_t n = tx->len;
+    memcpy(out, tx->data, n);
+    tx->len = 0;
+    ckvm_tx_unlock(tx);
+    return n;
+}
 
 /* virtio-mmio's interrupt registers (virtio 1.2 §4.2.2: InterruptStatus at 0x60, InterruptACK at 0x64), completed
  * here for the transports in a `ckvm_isr_table`: a driver reads and acknowledges them on every interrupt (Linux's
@@ -504,19 +553,15 @@ int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_codes, ui
             if (off == CKVM_PL011_FR && !run->mmio.is_write && run->mmio.len <= 4) {
                 uint32_t fr = __atomic_load_n(&uart->fr, __ATOMIC_RELAXED);
                 memcpy(run->mmio.data, &fr, run->mmio.len);  /* little-endian on both x86 and arm64 */
-                /* a second status read in a row: the guest waits for something else, show what it printed */
-                if (tx->len && tx->polling)
+                if (ckvm_tx_polled(tx))
                     return 1;
-                tx->polling = 1;
                 continue;
             }
-            if (off != CKVM_PL011_DR || !run->mmio.is_write || run->mmio.len > 4 || tx->len >= CKVM_TX_MAX)
+            if (off != CKVM_PL011_DR || !run->mmio.is_write || run->mmio.len > 4)
                 return 0;
-            tx->polling = 0;
-            tx->data[tx->len++] = run->mmio.data[0];
-            tx->total++;
-            if (run->mmio.data[0] == '\n' || tx->len == CKVM_TX_MAX)
-                return 1;
+            int put = ckvm_tx_put(tx, run->mmio.data[0]);
+            if (put)
+                return put > 0;         /* a full buffer: Python passes it on, then takes this write itself */
             continue;
         }
         if (run->exit_reason != KVM_EXIT_IO)
@@ -529,25 +574,23 @@ int ckvm_run_loop(int vcpu_fd, struct kvm_run *run, const uint8_t *pio_codes, ui
                 memset(data, 0xff, (size_t)run->io.size * run->io.count);
             continue;
         }
-        if (code == CKVM_PYTHON || uart == NULL || uart->mmio_base != 0 || run->io.size != 1 || run->io.count != 1
-            || !__atomic_load_n(&uart->enabled, __ATOMIC_ACQUIRE))
+        if (code == CKVM_PYTHON || uart == NULL || uart->mmio_base != 0 || run->io.size != 1 || run->io.count != 1)
             return 0;
         if (code == CKVM_UART_LSR && in) {
+            if (!__atomic_load_n(&uart->enabled, __ATOMIC_ACQUIRE))
+                return 0;
             *data = __atomic_load_n(&uart->lsr, __ATOMIC_RELAXED);
             /* A transmitter reads LSR once per byte (THRE is always set here); a second read in a row means
              * the guest now waits for something else (input), so what it printed must be seen first. */
-            if (tx->len && tx->polling)
+            if (ckvm_tx_polled(tx))
                 return 1;
-            tx->polling = 1;
             continue;
         }
-        if (code != CKVM_UART_THR || in || tx->len >= CKVM_TX_MAX)
+        if (code != CKVM_UART_THR || in || !__atomic_load_n(&uart->thr, __ATOMIC_ACQUIRE))
             return 0;
-        tx->polling = 0;
-        tx->data[tx->len++] = *data;
-        tx->total++;
-        if (*data == '\n' || tx->len == CKVM_TX_MAX)
-            return 1;
+        int put = ckvm_tx_put(tx, *data);
+        if (put)
+            return put > 0;             /* a full buffer: Python passes it on, then takes this write itself */
     }
 }
 

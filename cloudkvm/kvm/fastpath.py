@@ -1,34 +1,45 @@
 """The C run loop's fast paths (kvm/_build.py `ckvm_run_loop`), accesses completed without returning to Python:
-a polled console UART's status reads and data writes (a 16550's LSR/THR ports, a PL011's FR/DR by MMIO; the device
-model keeps `state` true, the vCPU loop passes the bytes on), and the virtio-mmio interrupt registers (the
+a console UART's status reads and data writes (a 16550's LSR/THR ports, a PL011's FR/DR by MMIO; the device
+model keeps `state` true, the vCPU loops pass the bytes on), and the virtio-mmio interrupt registers (the
 transports keep their InterruptStatus in cells the table points to)."""
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 from .native import ffi, lib
 
 
 class FastUart:
-    """`state` is the C view the UART model updates (`enabled`; a 16550's `lsr`; a PL011's `fr` and `mmio_base`);
-    `emit(bytes)` takes the bytes C buffered. A 16550's THR and LSR ports are in the port bus's `c_table`
-    (devices/bus.py C_UART_THR, C_UART_LSR); a PL011 is found by `mmio_base` (non-zero)."""
+    """`state` is the C view the UART model updates (`enabled`; a 16550's `lsr` and `thr`; a PL011's `fr` and
+    `mmio_base`); `tx` the buffer every vCPU's run loop puts the data writes it completes in; `flush()` passes them
+    on to `emit(bytes)`. A 16550's THR and LSR ports are in the port bus's `c_table` (devices/bus.py C_UART_THR,
+    C_UART_LSR); a PL011 is found by `mmio_base` (non-zero)."""
 
     def __init__(self, emit: Callable[[bytes], None]):
         self.state = ffi.new("struct ckvm_uart_fast *")
+        self.tx = new_tx_buffer()
         self.emit = emit
+        self._out = ffi.new("uint8_t[]", lib.CKVM_TX_MAX)
+        self._lock = threading.Lock()   # one flush at a time: bytes taken are emitted before the next are taken
+
+    def flush(self) -> None:
+        """Pass on what the run loops buffered (before any other exit is handled, so output keeps its order)."""
+        with self._lock:
+            data = take_tx(self.tx, self._out)
+            if data:
+                self.emit(data)
 
 
 def new_tx_buffer():
-    """One vCPU's buffer of THR bytes completed in C (`len` pending, `total` ever)."""
+    """A buffer of data writes completed in C (`len` pending, `total` ever), shared by a machine's vCPUs."""
     return ffi.new("struct ckvm_tx *")
 
 
-def take_tx(tx) -> bytes:
-    """The bytes pending in `tx`, which is left empty."""
-    data = bytes(ffi.buffer(tx.data, tx.len))
-    tx.len = 0
-    return data
+def take_tx(tx, out=None) -> bytes:
+    """The bytes pending in `tx`, which is left empty (under its lock: run loops may be adding to it)."""
+    out = out if out is not None else ffi.new("uint8_t[]", lib.CKVM_TX_MAX)
+    return bytes(ffi.buffer(out, lib.ckvm_tx_take(tx, out)))
 
 
 class IsrTable:
