@@ -607,12 +607,12 @@ def decompress_payload(image: KernelImage, limit: int = MAX_VMLINUX_SIZE) -> byt
     return out
 
 
-def vmlinux_cache(kernel_path: str | os.PathLike) -> Path:
+def vmlinux_cache(kernel_path: str | os.PathLike, data: bytes | None = None) -> Path:
     """The decompressed vmlinux of a bzImage, cached as <cache>/vmlinux/<sha256[:24]>.elf (an ELF input is
-    returned as is)."""
+    returned as is). `data`: the file's bytes, when the caller has read them already."""
     path = Path(kernel_path)
     try:
-        data = path.read_bytes()
+        data = path.read_bytes() if data is None else data
     except OSError as exc:
         raise CloudkvmError(f"cannot read kernel {path}: {exc.strerror or exc}", "check the path and permissions") \
             from None

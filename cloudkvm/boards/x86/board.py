@@ -259,9 +259,10 @@ class X86Board(Board):
         try:
             vmlinux = _read(kernel_path, "kernel")
             image = original = linux_x86.parse_kernel(vmlinux, kernel_path)
-            elf_path = linux_x86.vmlinux_cache(kernel_path)
+            elf_path = kernel_path
             if original.kind != "elf":
-                vmlinux = _read(str(elf_path), "kernel")
+                elf_path = str(linux_x86.vmlinux_cache(kernel_path, vmlinux))
+                vmlinux = _read(elf_path, "kernel")
                 image = linux_x86.parse_kernel(vmlinux, f"{kernel_path} (decompressed)")
         except MemoryError:
             raise CloudkvmError(f"{kernel_path}: too large to load", "is this really a kernel?") from None
@@ -300,7 +301,7 @@ class X86Board(Board):
             self.assists.arm_zero_stores(vcpus[0], bss_clear_sites(vmlinux))
             self.tick_interval = TICK_SECONDS  # the syscall assist arms once the kernel has set up `syscall`
         return {"entry": image.entry, "cmdline": line, "initrd": initrd, "rsdp": tables.rsdp_addr,
-                "vmlinux": str(elf_path)}
+                "vmlinux": elf_path}
 
     # --- reporting --------------------------------------------------------------------------------------------
     def pc(self, vcpu) -> int | None:
