@@ -250,3 +250,34 @@ def test_a_compressed_cluster_that_inflates_past_its_end_reads_as_its_first_clus
         assert rig.device.data_path.served_total == 1 and rig.device.data_path.inflated == 1
     finally:
         rig.device.close()
+
+
+def test_a_sequential_reader_learns_the_map_in_growing_windows_a_random_one_in_small_ones(memory, tmp_path):
+    """Each map miss is a round trip to Python: a reader going straight on gets twice the window each time (64 MiB
+    of 1 MiB reads in 4 misses, not 8), a read elsewhere starts again at FILL_WINDOW; every read equals the base."""
+    from cloudkvm.devices.virtio.blk_native import FILL_WINDOW
+    base, rng, far = tmp_path / "base.raw", random.Random(9), 400 * MiB
+    with open(base, "wb") as f:
+        f.write(rng.randbytes(64 * MiB))
+        f.seek(far)
+        f.write(rng.randbytes(4096))
+        f.truncate(512 * MiB)
+    qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", tmp_path / "top.qcow2")
+    expected = base.read_bytes()
+    rig = Rig(memory, VirtioBlk(open_disk(tmp_path / "top.qcow2", format="qcow2")))
+    rig.driver.init()
+    try:
+        path = rig.device.data_path
+        misses = []
+        learn = path.fill
+        path.fill = lambda offset, length: misses.append(offset) or learn(offset, length)
+        for mib in range(64):
+            status, got, _ = rig.blk(VIRTIO_BLK_T_IN, mib * MiB // 512, in_len=MiB)
+            assert status == VIRTIO_BLK_S_OK and got == expected[mib * MiB:(mib + 1) * MiB], mib
+        window = FILL_WINDOW * path.granule
+        assert misses == [0, window, 3 * window, 7 * window]
+        assert path.served_total == 64
+        assert rig.blk(VIRTIO_BLK_T_IN, far // 512, in_len=4096)[:2] == (VIRTIO_BLK_S_OK, expected[far:far + 4096])
+        assert misses[-1] == far and path._window == FILL_WINDOW
+    finally:
+        rig.device.close()

@@ -18,7 +18,9 @@ from ...storage.placement import ZEROS, Deflated, Place
 
 MIN_GRANULE = 64 << 10
 FILL_WINDOW = 128       # granules learnt per miss (8 MiB at the smallest granule; a miss costs ~50 us natively
-                        # of Python before its first granule, then ~1 us a granule)
+                        # of Python before its first granule, then ~0.5 us a granule)
+FILL_WINDOW_MAX = 4096  # a sequential reader's window doubles per miss up to this (256 MiB at 64 KiB): each miss is a
+                        # round trip to Python, which under an emulated KVM costs more than the granules themselves
 SLOW = lib.CKVM_MAP_KNOWN | lib.CKVM_MAP_SLOW
 MAX_ENTRIES = 1 << 24   # 128 MiB of address space at most for the map (an anonymous mapping: touched pages only)
 CACHE_BYTES = 1 << 20   # inflated clusters kept (at least two): a sequential reader's cluster across its requests
@@ -57,6 +59,8 @@ class BlkDataPath:
         self._files: dict[int, int] = {}  # the disk's fd -> index of its duplicate in fds
         self._lock = threading.Lock()
         self._closed = False
+        self._window = FILL_WINDOW
+        self._filled_to = -1    # the granule after the last window learnt
         self.served = 0             # by the last serve()
 
     def serve(self, queue) -> int:
@@ -84,18 +88,27 @@ class BlkDataPath:
         return self._blk.miss_offset, self._blk.miss_length
 
     def fill(self, offset: int, length: int) -> bool:
-        """Learn where every granule of [offset, offset+length) is, and of the rest of the FILL_WINDOW granules
-        around it (a sequential reader's next requests, a random reader's neighbours), from the disk; False when
-        the disk failed to say (nothing is learnt: the request goes to blk.py, which meets the failure itself)."""
-        g, w = self.granule, FILL_WINDOW
-        first = (offset // g) // w * w
-        last = max((offset + length - 1) // g + 1, first + w)
+        """Learn where every granule of [offset, offset+length) is, and of the rest of a window of granules around
+        it, from the disk: the FILL_WINDOW granules around it (a random reader's neighbours), or, for a miss just
+        past the last window (a sequential reader), the next twice as many as last time, up to FILL_WINDOW_MAX.
+        False when the disk failed to say (nothing is learnt: the request goes to blk.py, which meets the failure
+        itself)."""
+        g = self.granule
+        miss = offset // g
+        if miss == self._filled_to:
+            self._window = min(self._window * 2, FILL_WINDOW_MAX)
+            first = miss
+        else:
+            self._window = FILL_WINDOW
+            first = miss // FILL_WINDOW * FILL_WINDOW
+        last = max((offset + length - 1) // g + 1, first + self._window)
         start, stop = first * g, min(last * g, self.size)
         try:
             entries = self._entries_of_runs(first, last, self.disk.runs(start, stop - start))
         except Exception:
             return False
         self._map_view[first:first + len(entries)] = entries
+        self._filled_to = first + len(entries)
         return True
 
     def _entries_of_runs(self, first: int, last: int, runs: list) -> array:
