@@ -3,8 +3,9 @@
 The map has one entry per granule of the disk, filled on demand from the disk's own answer to `runs`
 (storage/placement.py) when C reports a miss, and forgotten by blk.py around every change it makes through the
 disk. A granule that is one whole deflate-compressed qcow2 cluster is inflated by C (zlib) into a small cache of
-clusters (CACHE_BYTES) kept here. C reads the files through duplicates of the disk's descriptors, owned here: closed by `close()` under the
-lock `serve` holds, so C never uses a descriptor number that may since name another file.
+clusters (CACHE_BYTES) kept here. C reads the files through duplicates of the disk's descriptors, owned here:
+closed by `close()` under the lock `serve` holds, so C never uses a descriptor number that may since name another
+file.
 """
 from __future__ import annotations
 
