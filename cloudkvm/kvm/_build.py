@@ -252,7 +252,7 @@ struct ckvm_notify_queue { int32_t efd; int32_t python_fd; uint32_t kind; struct
     const struct ckvm_mem *mem; struct ckvm_vq *q; struct ckvm_walk *w; void *ctx; uint64_t served;
     uint64_t forwarded; };
 struct ckvm_notifier { uint32_t count; int32_t stop_fd; struct ckvm_notify_queue *queues[...]; uint32_t running;
-    int32_t failed; ...; };
+    int32_t failed; int32_t tid; ...; };
 int ckvm_notify_serve(struct ckvm_notify_queue *nq);
 int ckvm_notifier_start(struct ckvm_notifier *n);
 void ckvm_notifier_stop(struct ckvm_notifier *n);

@@ -7,10 +7,19 @@
  * the queue ready it runs the device's C path, decides the used buffer notification (`ckvm_vq_needs_interrupt`) and
  * raises it: InterruptStatus bit 0 set, the slot's irqfd written. Whenever the C path stops short (a request it
  * leaves to Python, a map miss, a queue it cannot use, a transport not live), the notification goes on to Python
- * through the queue's `python_fd`, an eventfd the I/O thread watches, where mmio.py handles it as any other. */
+ * through the queue's `python_fd`, an eventfd the I/O thread watches, where mmio.py handles it as any other.
+ *
+ * The thread runs at nice CKVM_NOTIFY_NICE where the host lets it (root, or RLIMIT_NICE): on a CPU it shares with
+ * the vCPU, it does all the copying and so, at the same weight, the scheduler lets the vCPU run on after a kick
+ * until the guest idles (a halt and a wake-up per request); favoured, it takes the CPU at the kick and the guest
+ * finds its request done, as with QEMU's pool of I/O threads (bench/RESULTS.md, guest_io 2026-12-05). */
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+
+#define CKVM_NOTIFY_NICE (-5)
 
 /* The transport's share: its lock, whether it is live, its InterruptStatus cell and irqfd (-1: none). */
 struct ckvm_transport {
@@ -66,6 +75,7 @@ struct ckvm_notifier {
     struct ckvm_notify_queue *queues[CKVM_MAX_NOTIFY];
     uint32_t running;
     int32_t failed;                        /* the thread ended by itself: errno (or -1); Python takes over */
+    int32_t tid;                           /* the thread's id, once it runs */
     pthread_t thread;
 };
 
@@ -172,6 +182,9 @@ static void *ckvm_notify_give_up(struct ckvm_notifier *n, uint32_t count, int er
 static void *ckvm_notify_thread(void *arg)
 {
     struct ckvm_notifier *n = arg;
+    pid_t tid = (pid_t)syscall(SYS_gettid);
+    __atomic_store_n(&n->tid, (int32_t)tid, __ATOMIC_RELEASE);
+    setpriority(PRIO_PROCESS, (id_t)tid, CKVM_NOTIFY_NICE);    /* EACCES unprivileged: it stays as it is */
     struct pollfd fds[CKVM_MAX_NOTIFY + 1];
     uint32_t count = n->count < CKVM_MAX_NOTIFY ? n->count : CKVM_MAX_NOTIFY;
     for (uint32_t i = 0; i < count; i++)

@@ -2,6 +2,7 @@
 notified through an eventfd (as KVM's ioeventfd would) is served and interrupted by C alone; what C leaves (a flush,
 a transport that is not live) reaches Python through the queue's python_fd; the lock is the transport's."""
 import os
+import resource
 import select
 import threading
 import time
@@ -65,6 +66,23 @@ def test_a_read_is_served_and_interrupted_by_the_thread_alone(threaded):
     assert t.notifier.served == 1 and t.handed_on == 0
     assert t.rig.irqs == irqs + 1                                   # C wrote the irqfd
     assert t.rig.transport.interrupt_status & mmio.INT_VRING         # and set InterruptStatus before it
+
+
+def test_the_thread_is_favoured_over_the_vcpus_where_the_host_allows(threaded):
+    """On a CPU it shares with a vCPU, the thread that copies every request must take the CPU at the guest's kick
+    (nice -5, notify.c): the nice /proc shows for its thread, when this process may lower a nice (root, as in CI),
+    else the one it had."""
+    t = threaded
+    t.notifier.start()
+    deadline = time.monotonic() + 10
+    while not t.notifier.thread_id:
+        assert time.monotonic() < deadline, "the thread never ran"
+        time.sleep(0.001)
+    with open(f"/proc/self/task/{t.notifier.thread_id}/stat") as f:
+        nice = int(f.read().rsplit(")", 1)[1].split()[16])   # proc(5): field 19, nice
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    may_lower = os.geteuid() == 0 or 20 - soft <= -5
+    assert nice == (-5 if may_lower else os.getpriority(os.PRIO_PROCESS, 0))
 
 
 def test_what_c_leaves_reaches_python_through_python_fd(threaded):

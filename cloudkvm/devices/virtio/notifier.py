@@ -121,6 +121,11 @@ class Notifier:
             if rc < 0:
                 raise OSError(-rc, f"cannot start the notification thread: {os.strerror(-rc)}")
 
+    @property
+    def thread_id(self) -> int:
+        """The thread's id (0 until it runs): its scheduling is the host's to read (/proc/self/task/ID)."""
+        return self.native.tid
+
     def stop(self) -> None:
         """Stop the thread and wait for it; call without any transport's lock held."""
         lib.ckvm_notifier_stop(self.native)
