@@ -134,10 +134,14 @@ class Pl011(PrimeCell):
             state.mmio_base = base
             self._publish()
 
-    def emit(self, data: bytes) -> None:
-        """Bytes the guest wrote to DR through the fast path: out, in order, and TXRIS raised as a DR write here
-        raises it (Linux enables TXIM after filling the FIFO and waits for it)."""
+    def emit(self, take) -> None:
+        """Bytes the guest wrote to DR through the fast path, `take()` under the output lock (so a DR write this
+        model handles meanwhile cannot go out first): out, in order, and TXRIS raised as a DR write here raises it
+        (Linux enables TXIM after filling the FIFO and waits for it)."""
         with self._tx_lock:
+            data = take()
+            if not data:
+                return
             self._on_output(data)
             with self._lock:
                 self._ris |= INT_TX

@@ -91,10 +91,13 @@ class Uart16550:
             self._fast = state
             self._publish()
 
-    def emit(self, data: bytes) -> None:
-        """Bytes the guest wrote to THR while the fast path took them (so they go straight out)."""
+    def emit(self, take) -> None:
+        """Bytes the guest wrote to THR while the fast path took them, `take()` under the output lock (so a THR write
+        this model handles meanwhile cannot go out first); straight out."""
         with self._tx_lock:
-            self._on_output(data)
+            data = take()
+            if data:
+                self._on_output(data)
 
     # --- host side -----------------------------------------------------------
 

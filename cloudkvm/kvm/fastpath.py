@@ -4,7 +4,6 @@ model keeps `state` true, the vCPU loops pass the bytes on), and the virtio-mmio
 transports keep their InterruptStatus in cells the table points to)."""
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
 from .native import ffi, lib
@@ -13,22 +12,20 @@ from .native import ffi, lib
 class FastUart:
     """`state` is the C view the UART model updates (`enabled`; a 16550's `lsr` and `thr`; a PL011's `fr` and
     `mmio_base`); `tx` the buffer every vCPU's run loop puts the data writes it completes in; `flush()` passes them
-    on to `emit(bytes)`. A 16550's THR and LSR ports are in the port bus's `c_table` (devices/bus.py C_UART_THR,
+    on through `emit(take)`, which the model calls `take()` in under its output lock. A 16550's THR and LSR ports are in the port bus's `c_table` (devices/bus.py C_UART_THR,
     C_UART_LSR); a PL011 is found by `mmio_base` (non-zero)."""
 
-    def __init__(self, emit: Callable[[bytes], None]):
+    def __init__(self, emit: Callable[[Callable[[], bytes]], None]):
         self.state = ffi.new("struct ckvm_uart_fast *")
         self.tx = new_tx_buffer()
         self.emit = emit
         self._out = ffi.new("uint8_t[]", lib.CKVM_TX_MAX)
-        self._lock = threading.Lock()   # one flush at a time: bytes taken are emitted before the next are taken
 
     def flush(self) -> None:
-        """Pass on what the run loops buffered (before any other exit is handled, so output keeps its order)."""
-        with self._lock:
-            data = take_tx(self.tx, self._out)
-            if data:
-                self.emit(data)
+        """Pass on what the run loops buffered (before any other exit is handled, so output keeps its order): taken
+        under the model's output lock, so bytes taken are out before any taken after them or written through the
+        model."""
+        self.emit(lambda: take_tx(self.tx, self._out))
 
 
 def new_tx_buffer():

@@ -9,10 +9,11 @@
  * leaves to Python, a map miss, a queue it cannot use, a transport not live), the notification goes on to Python
  * through the queue's `python_fd`, an eventfd the I/O thread watches, where mmio.py handles it as any other.
  *
- * The thread runs at nice CKVM_NOTIFY_NICE where the host lets it (root, or RLIMIT_NICE): on a CPU it shares with
- * the vCPU, it does all the copying and so, at the same weight, the scheduler lets the vCPU run on after a kick
- * until the guest idles (a halt and a wake-up per request); favoured, it takes the CPU at the kick and the guest
- * finds its request done, as with QEMU's pool of I/O threads (bench/RESULTS.md, guest_io 2026-12-05). */
+ * The thread runs at its process's nice plus CKVM_NOTIFY_NICE (favoured) where the host lets it (root, or
+ * RLIMIT_NICE): on a CPU it shares with the vCPU, it does all the copying and so, at the same weight, the scheduler
+ * lets the vCPU run on after a kick until the guest idles (a halt and a wake-up per request); favoured, it takes the
+ * CPU at the kick and the guest finds its request done, as with QEMU's pool of I/O threads (bench/RESULTS.md,
+ * guest_io 2026-12-05). */
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -184,7 +185,10 @@ static void *ckvm_notify_thread(void *arg)
     struct ckvm_notifier *n = arg;
     pid_t tid = (pid_t)syscall(SYS_gettid);
     __atomic_store_n(&n->tid, (int32_t)tid, __ATOMIC_RELEASE);
-    setpriority(PRIO_PROCESS, (id_t)tid, CKVM_NOTIFY_NICE);    /* EACCES unprivileged: it stays as it is */
+    errno = 0;
+    int nice = getpriority(PRIO_PROCESS, (id_t)tid);
+    if (errno == 0)     /* EACCES unprivileged: it stays as it is */
+        setpriority(PRIO_PROCESS, (id_t)tid, nice + CKVM_NOTIFY_NICE);
     struct pollfd fds[CKVM_MAX_NOTIFY + 1];
     uint32_t count = n->count < CKVM_MAX_NOTIFY ? n->count : CKVM_MAX_NOTIFY;
     for (uint32_t i = 0; i < count; i++)

@@ -17,8 +17,9 @@
  * compressed qcow2 cluster (qcow2 spec, "Compressed Clusters Descriptor"), raw deflate (RFC 1951) in file `fds[i]`
  * from byte offset DEFLATE_OFFSET to the end of its sector DEFLATE_SECTORS - 1 sectors further, read and inflated
  * here (zlib) into a small cache of whole clusters keyed by the entry (compressed data is never rewritten in place: a
- * write goes to a new cluster, by blk.py). A cluster that does not inflate to exactly the granule is blk.py's, which
- * then reports the corruption. blk.py forgets entries around every change it makes through the disk (storage decides
+ * write goes to a new cluster, by blk.py; the cache is keyed by file index, which is never reused). A cluster whose
+ * data does not inflate to a whole granule is blk.py's, which then reports the corruption; inflated bytes past the
+ * granule are never looked at (as blk.py and QEMU). blk.py forgets entries around every change it makes through the disk (storage decides
  * where data goes).
  *
  * Guest RAM is touched only through the region table: data segments, the header and the status byte were
@@ -153,7 +154,7 @@ static int ckvm_blk_io(int fd, struct iovec *iov, int cnt, uint64_t off, int wri
 }
 
 /* The granule of DEFLATE entry `e`, inflated: from the cache, or read and inflated into the next slot. NULL (and
- * b->err set when a system call failed) when the data cannot be read or does not inflate to exactly one granule. */
+ * b->err set when a system call failed) when the data cannot be read or does not inflate to a whole granule. */
 static const uint8_t *ckvm_blk_inflated(struct ckvm_blk *b, uint64_t e)
 {
     size_t granule = (size_t)1 << b->granule_bits;

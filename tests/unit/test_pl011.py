@@ -522,10 +522,10 @@ def test_the_fast_path_stops_while_transmit_interrupts_or_loopback_are_on():
 def test_bytes_written_through_the_fast_path_leave_in_order_and_raise_txris():
     u, line, out, _ = fast_pl011()
     writew(u, DR, ord("a"))  # through the model
-    u.emit(b"bc\n")          # what the C loop buffered
+    u.emit(lambda: b"bc\n")          # what the C loop buffered
     assert output(out) == b"abc\n"
     writew(u, ICR, TXIS)
-    u.emit(b"d")
+    u.emit(lambda: b"d")
     assert readw(u, RIS) & TXIS  # as if "d" had been written to DR here: Linux then enables TXIM and waits for it
     writew(u, IMSC, TXIM)
     assert line.level

@@ -526,5 +526,5 @@ def test_a_latched_overrun_keeps_lsr_reads_in_the_model_until_one_clears_it():
 def test_emit_passes_fast_path_bytes_on_in_order():
     u, _, out = fast_uart()
     wr(u, THR, ord("a"))
-    u.emit(b"bc")
+    u.emit(lambda: b"bc")
     assert b"".join(out) == b"abc"
