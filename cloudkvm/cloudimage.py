@@ -69,11 +69,11 @@ def ready_boot(image) -> None:
     from .images import bootcache
 
     bootcache.ensure(image)
-    found = bootcache.files(image.key)
+    found = bootcache.load(image.key)  # (bounded reads of regular files, checked against the entry's record)
     if found is None:
         return
     try:
-        registry.host_board().prepare_boot(*found)
+        registry.host_board().prepare_boot(found.kernel, found.initrd, f"{image.path}:{found.kernel_name}")
     except (CloudkvmError, OSError, MemoryError) as exc:
         log.info("%s: its kernel is not prepared ahead: %s", image.path, exc)
 

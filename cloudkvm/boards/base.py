@@ -82,9 +82,9 @@ class Board(abc.ABC):
         vmlinux; virt: an arm64 Image), before anything is created."""
 
     @staticmethod
-    def prepare_boot(kernel: Path, initrd: Path | None) -> None:
+    def prepare_boot(kernel: bytes, initrd: bytes | None, name: str) -> None:
         """Do now, into the cache, the host-side work booting this kernel and initrd repeats on every boot that
-        misses it (`image pull` readies an image's own kernel this way). Nothing by default."""
+        misses it (`image pull` readies an image's own kernel this way; `name` for messages). Nothing by default."""
 
     # --- building the VM, in the order the machine calls them ----------------------------------------------------
     @abc.abstractmethod

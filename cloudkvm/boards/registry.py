@@ -89,9 +89,9 @@ class BoardInfo:
         """Refuse a kernel this board cannot boot (one line naming `path`)."""
         self.board_class().check_kernel(data, path)
 
-    def prepare_boot(self, kernel: Path, initrd: Path | None) -> None:
+    def prepare_boot(self, kernel: bytes, initrd: bytes | None, name: str) -> None:
         """Cache the host-side work of booting `kernel` and `initrd` (boards.base.Board.prepare_boot)."""
-        self.board_class().prepare_boot(kernel, initrd)
+        self.board_class().prepare_boot(kernel, initrd, name)
 
     # --- what profiles and QEMU command lines say ---------------------------------------------------------------
     def answers_to(self, qemu_name: str) -> bool:

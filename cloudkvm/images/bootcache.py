@@ -148,14 +148,6 @@ def ensure(image) -> None:
     save(key, found)
 
 
-def files(key: str) -> tuple[Path, Path | None] | None:
-    """The kernel and initrd (None without one) files of a whole entry, or None when there is no whole entry."""
-    meta = _meta(key)
-    if meta is None:
-        return None
-    return folder(key) / KERNEL, None if meta.get("initrd_name") is None else folder(key) / INITRD
-
-
 def remove(key: str) -> None:
     shutil.rmtree(folder(key), ignore_errors=True)
 

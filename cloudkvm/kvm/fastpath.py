@@ -25,18 +25,17 @@ class FastUart:
         """Pass on what the run loops buffered (before any other exit is handled, so output keeps its order): taken
         under the model's output lock, so bytes taken are out before any taken after them or written through the
         model."""
-        self.emit(lambda: take_tx(self.tx, self._out))
+        self.emit(self._take)
+
+    def _take(self) -> bytes:
+        """The bytes pending in `tx`, which is left empty (under its lock: run loops may be adding to it)."""
+        return bytes(ffi.buffer(self._out, lib.ckvm_tx_take(self.tx, self._out)))
 
 
 def new_tx_buffer():
     """A buffer of data writes completed in C (`len` pending, `total` ever), shared by a machine's vCPUs."""
     return ffi.new("struct ckvm_tx *")
 
-
-def take_tx(tx, out=None) -> bytes:
-    """The bytes pending in `tx`, which is left empty (under its lock: run loops may be adding to it)."""
-    out = out if out is not None else ffi.new("uint8_t[]", lib.CKVM_TX_MAX)
-    return bytes(ffi.buffer(out, lib.ckvm_tx_take(tx, out)))
 
 
 class IsrTable:

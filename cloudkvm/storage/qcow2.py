@@ -333,10 +333,8 @@ class Qcow2Disk:
             pos = offset
             for kind, a, b in self._extents(offset, length, decompress=False):
                 n = a if kind is _ZERO else b
-                if kind is _HOST and self.read_only:   # (a base: nothing is written in place, no ownership to read)
-                    pieces.append((pos, n, Place(self._fd, a, False)))
-                elif kind is _HOST:
-                    for start, size, owned in self._ownership(pos, n):
+                if kind is _HOST:   # (read-only, a base: nothing is written in place, no ownership to read)
+                    for start, size, owned in [(pos, n, False)] if self.read_only else self._ownership(pos, n):
                         writable = owned and not self.read_only
                         pieces.append((start, size, Place(self._fd, a + start - pos, writable)))
                         if writable:   # written around _pwrite from now on: what `_write_piece` takes for past the

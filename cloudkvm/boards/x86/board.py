@@ -115,11 +115,13 @@ class X86Board(Board):
         linux_x86.parse_kernel(data, path)
 
     @staticmethod
-    def prepare_boot(kernel: Path, initrd: Path | None) -> None:
-        """The decompressed vmlinux of a bzImage and the expanded initramfs, cached as `boot_linux` finds them."""
-        linux_x86.vmlinux_cache(kernel)
+    def prepare_boot(kernel: bytes, initrd: bytes | None, name: str) -> None:
+        """The decompressed vmlinux of a bzImage and the expanded initramfs, cached by content as `boot_linux`
+        finds them."""
+        if linux_x86.parse_kernel(kernel, name).kind != "elf":
+            linux_x86.vmlinux_cache(name, kernel)
         if initrd is not None:
-            expanded_initrd(_read(str(initrd), "initrd"), str(initrd))
+            expanded_initrd(initrd, f"{name} (initrd)")
 
     def create_irqchip(self, vm) -> None:
         """PIC + IOAPIC + LAPIC in the kernel and the PIT (with KVM's Intel real-mode helper pages first)."""
