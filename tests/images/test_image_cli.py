@@ -134,3 +134,35 @@ def test_pull_prepares_the_images_kernel_and_initrd_for_this_hosts_board(env, mo
     (env / "vmlinuz").write_bytes(kernel)
     assert linux_x86.vmlinux_cache(env / "vmlinuz").read_bytes() == elf
     assert initrd_module.expanded_initrd(initrd, "initrd.img") == archive
+
+
+def test_pull_prepares_nothing_a_boot_cache_entry_links_to_outside_the_cache(env, monkeypatch):
+    """A boot-file entry whose kernel is a symbolic link (its recorded size the link's own) is not followed: the
+    entry is put aside and the file it points to is never read, so nothing of it reaches the vmlinux cache."""
+    import hashlib
+    import json
+
+    from cloudkvm.boot import linux_x86
+    from cloudkvm.images import bootcache
+    from kernels import compress, make_bzimage, make_elf
+
+    elsewhere = env / "elsewhere-vmlinuz"
+    elsewhere.write_bytes(make_bzimage(compress("gzip", make_elf())))
+    image = env / "cloud.qcow2"
+    key = "sha256-" + hashlib.sha256(image.read_bytes()).hexdigest()
+    entry = env / "cache" / "images" / "boot" / key
+    entry.mkdir(parents=True)
+    (entry / "vmlinuz").symlink_to(elsewhere)
+    (entry / "boot.json").write_text(json.dumps({
+        "kernel_name": "/boot/vmlinuz-6.1.0-99-cloud-amd64", "initrd_name": None, "root_uuid": "0" * 8,
+        "root_partuuid": "", "root_partition": 1, "boot_partition": 1, "notes": [],
+        "kernel_size": len(str(elsewhere)), "initrd_size": None}))
+    assert bootcache._meta(key) is not None        # (the entry reads as whole without following the link)
+    assert cli("pull", str(image)).exit_code == 0
+    assert not entry.exists()
+
+    def not_cached(*_):
+        raise LookupError("not in the vmlinux cache")
+    monkeypatch.setattr(linux_x86, "decompress_payload", not_cached)
+    with pytest.raises(LookupError):
+        linux_x86.vmlinux_cache(elsewhere)
